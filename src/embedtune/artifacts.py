@@ -1,0 +1,251 @@
+"""The run directory: the contract between stages.
+
+Every file is written under a temporary name and renamed into place, and a stage's ``manifest.json`` is
+written last. So a stage that was killed midway has no manifest and is never mistaken for a finished one,
+and a file that is present is whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import BaseModel, Field
+
+from embedtune import __version__
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """A stage's input is missing or malformed."""
+
+
+# ------------------------------------------------------------------------------------------ atomic I/O
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success fsync and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    binary = "b" in mode
+    try:
+        with os.fdopen(fd, mode, encoding=None if binary else encoding) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_open(path) as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any] | BaseModel]) -> int:
+    """Write rows (dicts or pydantic models) atomically; returns the row count."""
+    n = 0
+    with atomic_open(path) as fh:
+        for row in rows:
+            if isinstance(row, BaseModel):
+                row = row.model_dump(mode="json", by_alias=True)
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Yield JSON objects; a malformed line raises :class:`ArtifactError` naming the file and line."""
+    for _, obj in read_jsonl_lines(path):
+        yield obj
+
+
+def read_jsonl_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Like :func:`read_jsonl`, with each object's 1-based line number (blank lines are skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"file not found: {path}")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ArtifactError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise ArtifactError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """Hash of a file, or of a folder's files (relative names and contents) in sorted order."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def config_hash(config: Any) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ manifests
+
+
+class Manifest(BaseModel):
+    stage: str
+    version: str = __version__
+    config: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, str] = Field(default_factory=dict, description="path -> sha256")
+    outputs: dict[str, str] = Field(default_factory=dict, description="path -> sha256")
+    counts: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    seconds: float = 0.0
+    finished_at: str = ""
+    skipped: bool = Field(False, exclude=True, description="set when a rerun found the stage up to date")
+
+
+class RunDir:
+    """``runs/<name>/``: one folder per stage, each with its artifacts and a manifest."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def path(self, stage: str, *parts: str) -> Path:
+        return self.stage_dir(stage).joinpath(*parts)
+
+    def manifest(self, stage: str) -> Manifest | None:
+        p = self.path(stage, MANIFEST)
+        if not p.is_file():
+            return None
+        return Manifest.model_validate(read_json(p))
+
+    def require(self, stage: str, *parts: str) -> Path:
+        """Path of a finished stage's artifact; a clear error when the stage has not run."""
+        if self.manifest(stage) is None:
+            raise ArtifactError(f"stage '{stage}' has not completed in {self.root}: run `embedtune {stage}` first")
+        p = self.path(stage, *parts)
+        if not p.exists():
+            raise ArtifactError(f"{p} is missing although stage '{stage}' completed; rerun it with --force")
+        return p
+
+    def stage(self, name: str, config: Any, inputs: Iterable[str | Path] = ()) -> Stage:
+        return Stage(self, name, config, list(inputs))
+
+
+class Stage:
+    """One execution of a stage: decides whether it is up to date, and writes its manifest last.
+
+    Usage::
+
+        st = run.stage("prep", recipe.prep.model_dump(), inputs=[chunks, queries])
+        if (done := st.up_to_date(force)) is not None:
+            return done
+        ... write artifacts under st.dir ...
+        return st.finish(outputs=[...], counts={...})
+    """
+
+    def __init__(self, run: RunDir, name: str, config: Any, inputs: list[str | Path]):
+        self.run = run
+        self.name = name
+        self.dir = run.stage_dir(name)
+        self.config = config if isinstance(config, dict) else _to_jsonable(config)
+        self.inputs = {str(p): sha256_path(p) for p in map(Path, inputs)}
+        self._t0 = time.perf_counter()
+
+    def up_to_date(self, force: bool = False) -> Manifest | None:
+        """The previous manifest if inputs and config are unchanged and outputs intact; else None.
+
+        When the stage must (re)run, its old manifest is removed first, so a crash during the rerun
+        cannot leave new partial files next to an old 'completed' marker.
+        """
+        old = self.run.manifest(self.name)
+        if old is not None and not force and self._matches(old):
+            old.skipped = True
+            return old
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / MANIFEST).unlink()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._t0 = time.perf_counter()
+        return None
+
+    def _matches(self, old: Manifest) -> bool:
+        if old.version != __version__ or old.inputs != self.inputs:
+            return False
+        if config_hash(old.config) != config_hash(self.config):
+            return False
+        return all(Path(p).exists() and sha256_path(p) == h for p, h in old.outputs.items())
+
+    def finish(
+        self,
+        outputs: Iterable[str | Path] = (),
+        counts: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> Manifest:
+        manifest = Manifest(
+            stage=self.name,
+            config=self.config,
+            inputs=self.inputs,
+            outputs={str(p): sha256_path(p) for p in map(Path, outputs)},
+            counts=counts or {},
+            metrics=metrics or {},
+            seconds=round(time.perf_counter() - self._t0, 3),
+            finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        write_json(self.dir / MANIFEST, manifest.model_dump(mode="json"))
+        return manifest
+
+
+def _to_jsonable(config: Any) -> Any:
+    if isinstance(config, BaseModel):
+        return config.model_dump(mode="json")
+    return json.loads(json.dumps(config, default=str))

@@ -1,0 +1,75 @@
+"""The typer app and the options every stage command shares."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from embedtune.artifacts import ArtifactError, RunDir, write_text
+from embedtune.config import Recipe, RecipeError, dump_recipe, load_recipe
+from embedtune.console import console, setup_logging
+from embedtune.models import ModelNotFoundError
+
+app = typer.Typer(
+    name="embedtune",
+    help="Turn domain documents into a retrieval embedding model that knows the domain.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="recipe YAML file", exists=False)]
+OverrideOpt = Annotated[
+    list[str] | None, typer.Option("--override", "-o", help="section.key=value (repeatable)")
+]
+RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", "-r", help="run directory [runs/<name>]")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="rerun even when inputs and config are unchanged")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
+
+# Errors a user can fix; shown as one clear message instead of a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, ArtifactError, ModelNotFoundError, ValueError,
+                                                FileNotFoundError)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(func: F) -> F:
+    """Turn the errors a user can fix into a red message and exit code 1 (2 for a bad recipe)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RecipeError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+        except USER_ERRORS as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load(config: Path | None, overrides: list[str] | None, verbose: bool = False, **sets: Any) -> Recipe:
+    """Load the recipe, apply -o overrides, then CLI flags given as ``section__key=value``."""
+    setup_logging(verbose)
+    items = list(overrides or [])
+    items += [f"{k.replace('__', '.')}={v}" for k, v in sets.items() if v is not None]
+    return load_recipe(config, items)
+
+
+def open_run(recipe: Recipe, run_dir: Path | None) -> RunDir:
+    run = RunDir(run_dir or Path("runs") / recipe.name)
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_text(run.root / "recipe.yaml", dump_recipe(recipe))
+    return run
+
+
+def report_stage(name: str, manifest: Any) -> None:
+    state = "[dim]up to date, skipped[/]" if manifest.skipped else f"done in {manifest.seconds:.1f}s"
+    counts = ", ".join(f"{k}={v}" for k, v in manifest.counts.items() if not isinstance(v, dict | list))
+    console.print(f"[bold green]{name}[/] {state}" + (f"  [dim]{counts}[/]" if counts else ""))

@@ -1,0 +1,80 @@
+"""`embedtune run` and one command per available stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from embedtune.cli._app import (
+    ConfigOpt,
+    ForceOpt,
+    OverrideOpt,
+    RunDirOpt,
+    VerboseOpt,
+    app,
+    load,
+    open_run,
+    report_stage,
+    user_errors,
+)
+from embedtune.console import console
+from embedtune.pipeline import STAGE_NAMES, StageResult, available_stages, run_pipeline, stage_info
+
+
+@app.command()
+@user_errors
+def run(
+    corpus: Annotated[Path | None, typer.Option(help="documents: folder, file or BEIR corpus.jsonl")] = None,
+    to: Annotated[str | None, typer.Option(help=f"last stage to run ({', '.join(STAGE_NAMES)})")] = None,
+    model: Annotated[str | None, typer.Option(help="model spec (default, a folder, a hub id)")] = None,
+    run_dir: RunDirOpt = None,
+    config: ConfigOpt = None,
+    override: OverrideOpt = None,
+    force: ForceOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the pipeline from documents to the last stage asked for."""
+    recipe = load(config, override, verbose, corpus__path=corpus, model__name=model)
+    if recipe.corpus.path is None:
+        raise ValueError("no documents given: pass --corpus PATH or set corpus.path in the recipe")
+    run_obj = open_run(recipe, run_dir)
+    results = run_pipeline(recipe, run_obj.root, to=to, force=force,
+                           on_stage=lambda s: console.rule(f"[bold]{s}"))
+    _summary(results)
+
+
+def _summary(results: list[StageResult]) -> None:
+    table = Table(title="embedtune run")
+    for col in ("stage", "status", "seconds", "counts"):
+        table.add_column(col)
+    for r in results:
+        counts = ", ".join(f"{k}={v}" for k, v in r.manifest.counts.items() if not isinstance(v, dict | list))
+        table.add_row(r.name, "skipped" if r.manifest.skipped else "done", f"{r.seconds:.1f}", counts)
+    console.print(table)
+
+
+def _stage_command(name: str, summary: str) -> None:
+    @user_errors
+    def command(
+        run_dir: RunDirOpt = None,
+        config: ConfigOpt = None,
+        override: OverrideOpt = None,
+        force: ForceOpt = False,
+        verbose: VerboseOpt = False,
+    ) -> None:
+        recipe = load(config, override, verbose)
+        run_obj = open_run(recipe, run_dir)
+        report_stage(name, stage_info(name).load()(recipe, run_obj, force=force))
+
+    command.__doc__ = summary[0].upper() + summary[1:] + "."
+    app.command(name)(command)
+
+
+# Stages with options of their own define their command in a module of this package instead.
+_CUSTOM = {"corpus", "prep", "eval", "export"}
+for _info in available_stages():
+    if _info.name not in _CUSTOM:
+        _stage_command(_info.name, _info.summary)

@@ -1,0 +1,274 @@
+"""The recipe: one pydantic model per stage, loaded from YAML, overridable with ``-o section.key=value``.
+
+Defaults follow NVIDIA's published recipe for llama-nemotron-embed-1b-v2 unless a comment says why not.
+Every model forbids unknown keys, so a typo is an error (with the closest valid name), never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used: unknown keys, bad values, unreadable YAML."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    """Which embedding model to start from (see :mod:`embedtune.models`)."""
+
+    name: str = Field("default", description="'default', 'multilingual-default', a local folder or a hub id")
+    query_prompt: str | None = Field(None, description="overrides the spec's query prompt")
+    passage_prompt: str | None = Field(None, description="overrides the spec's passage prompt")
+    max_seq_length: int | None = Field(None, gt=0)
+    pooling: Literal["mean", "cls", "lasttoken"] | None = None
+
+
+class CorpusConfig(StrictModel):
+    path: str | None = Field(None, description="folder, file or BEIR corpus.jsonl with the documents")
+    chunk_tokens: int | None = Field(
+        None, gt=16, description="chunk size in the model's tokens; None fits the model's max length"
+    )
+    overlap_sentences: int = Field(0, ge=0, description="sentences repeated at the start of the next chunk")
+    min_chars: int = Field(20, ge=0, description="documents shorter than this are dropped")
+    language: str = Field("en", description="sentence splitter language (ISO 639-1), e.g. en, de, zh, ar, hi")
+    max_documents: int | None = Field(None, gt=0)
+
+
+class LLMGeneratorConfig(StrictModel):
+    base_url: str = "http://localhost:8000/v1"
+    model: str = "meta/llama-3.3-70b-instruct"
+    api_key_env: str = Field("OPENAI_API_KEY", description="name of the environment variable holding the key")
+    temperature: float = Field(0.6, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(2048, gt=0)
+    timeout: float = Field(120.0, gt=0)
+    concurrency: int = Field(8, ge=1)
+    max_retries: int = Field(5, ge=0)
+    structured_output: bool = True
+    judge_model: str | None = Field(None, description="defaults to `model`")
+
+
+class LocalGeneratorConfig(StrictModel):
+    model_path: str | None = Field(None, description="GGUF file or HF folder; None = shipped SmolLM2-135M")
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(40, gt=0)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+
+
+class QueryFilterConfig(StrictModel):
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(64, ge=1)
+    max_ngram_overlap: float = Field(0.8, ge=0, le=1, description="share of query n-grams copied verbatim")
+    roundtrip: bool | None = Field(None, description="None: on for `local`, off for `llm`")
+    roundtrip_top_k: int = Field(20, ge=1)
+
+
+class SdgConfig(StrictModel):
+    generator: str = Field("local", description="registered generator name: local, llm or a plug-in")
+    queries_per_chunk: int = Field(2, ge=1)
+    max_chunks: int | None = Field(None, gt=0, description="sample at most this many chunks")
+    seed: int = 42
+    query_mix: dict[str, float] = Field(
+        default_factory=lambda: {"multi_hop": 0.2, "structural": 0.3, "contextual": 0.5}
+    )
+    reasoning_types: list[str] = Field(
+        default_factory=lambda: ["factual", "relational", "inferential", "temporal", "procedural", "causal"]
+    )
+    min_complexity: int = Field(2, ge=1, le=5)
+    max_complexity: int = Field(5, ge=1, le=5)
+    min_hops: int = Field(1, ge=1, le=3)
+    max_hops: int = Field(3, ge=1, le=3)
+    dedup_threshold: float = Field(0.9, gt=0, le=1)
+    judge_threshold: float = Field(7.0, ge=0, le=10)
+    llm: LLMGeneratorConfig = Field(default_factory=LLMGeneratorConfig)
+    local: LocalGeneratorConfig = Field(default_factory=LocalGeneratorConfig)
+    filters: QueryFilterConfig = Field(default_factory=QueryFilterConfig)
+
+
+class PrepConfig(StrictModel):
+    test_ratio: float = Field(0.2, ge=0, lt=1)
+    seed: int = 42
+    max_pos_docs: int = Field(5, ge=1)
+    hard_negatives_to_mine: int = Field(5, ge=0)
+    negatives_used: int = Field(4, ge=0)
+    margin: float = Field(0.95, ge=0)
+    margin_type: Literal["perc", "abs"] = "perc"
+    fill_missing: Literal["random", "drop"] = "random"
+    test_chunks_as_negatives: bool = False
+    mining_batch_size: int = Field(64, ge=1)
+    query_max_length: int | None = Field(None, gt=0)
+    passage_max_length: int | None = Field(None, gt=0)
+
+
+class LoraConfig(StrictModel):
+    rank: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="None: chosen per architecture")
+
+
+class FinetuneConfig(StrictModel):
+    finetuning_type: Literal["all_weights", "lora_merged"] = "all_weights"
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    learning_rate: float = Field(1e-5, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    lr_scheduler: str = "cosine"
+    weight_decay: float = Field(0.01, ge=0)
+    global_batch_size: int = Field(128, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1, description="None: whole batch (cached loss bounds memory)")
+    auto_scale_batch: bool = True
+    passages_per_query: int = Field(5, ge=1, description="1 positive + (n-1) hard negatives")
+    temperature: float = Field(0.02, gt=0)
+    in_batch_negatives: bool = True
+    matryoshka_dims: list[int] | Literal["auto"] | None = "auto"
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    eval_steps: int | None = Field(None, gt=0)
+    checkpoint_steps: int = Field(50, gt=0)
+    seed: int = 42
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class EvalConfig(StrictModel):
+    k_values: list[int] = Field(default_factory=lambda: [1, 5, 10, 100])
+    top_k: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=1)
+    ignore_identical_ids: bool = False
+    bm25: bool = True
+    matryoshka_sweep: bool = True
+    dataset: str | None = Field(None, description="BEIR folder to evaluate on instead of prep/eval")
+    split: str = "test"
+
+
+class ExportConfig(StrictModel):
+    opset: int = Field(17, ge=14)
+    int8: bool = True
+    gpu_precisions: list[Literal["fp16", "fp8"]] = Field(default_factory=lambda: ["fp16"])
+    parity_min_cosine: float = Field(0.9999, gt=0, le=1)
+    tolerance_low_k: float = Field(0.03, ge=0, description="allowed metric drift at k < 5")
+    tolerance_high_k: float = Field(0.01, ge=0, description="allowed metric drift at k >= 5")
+    allow_parity_failure: bool = False
+
+
+class ServeConfig(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key_env: str | None = Field(None, description="environment variable with the Bearer key")
+    max_batch_tokens: int = Field(16384, gt=0)
+    max_queue: int = Field(256, ge=1)
+    max_inputs: int = Field(2048, ge=1)
+    max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    backend: Literal["auto", "onnx", "torch"] = "auto"
+
+
+class Recipe(StrictModel):
+    name: str = "run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    sdg: SdgConfig = Field(default_factory=SdgConfig)
+    prep: PrepConfig = Field(default_factory=PrepConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _ranges_are_ordered(self) -> Recipe:
+        s = self.sdg
+        if s.min_complexity > s.max_complexity:
+            raise ValueError("sdg.min_complexity must be <= sdg.max_complexity")
+        if s.min_hops > s.max_hops:
+            raise ValueError("sdg.min_hops must be <= sdg.max_hops")
+        if self.prep.negatives_used > self.prep.hard_negatives_to_mine and self.prep.fill_missing == "drop":
+            raise ValueError("prep.negatives_used exceeds prep.hard_negatives_to_mine with fill_missing=drop")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (or start from defaults), apply ``section.key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for item in overrides or []:
+        apply_override(data, item)
+    return validate_recipe(data)
+
+
+def validate_recipe(data: dict[str, Any]) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_explain(exc)) from None
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override {item!r} is not of the form section.key=value")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            hint = _closest_field(err["loc"])
+            lines.append(f"unknown key '{loc}'" + (f" — did you mean '{hint}'?" if hint else ""))
+        else:
+            allowed = err.get("ctx", {}).get("expected")
+            msg = f"'{loc}': {err['msg']}" if loc else err["msg"]
+            if allowed:
+                msg += f" (allowed: {allowed})"
+            lines.append(msg + f" [got {err.get('input')!r}]")
+    return "invalid recipe:\n  " + "\n  ".join(lines)
+
+
+def _closest_field(loc: tuple[Any, ...]) -> str | None:
+    """Walk the models along ``loc`` and return the dotted path of the nearest valid name."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
+    return ".".join([*map(str, loc[:-1]), match[0]]) if match else None

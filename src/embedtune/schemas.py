@@ -1,0 +1,90 @@
+"""Typed rows of the artifacts that stages hand to each other (see DESIGN.md, run directory)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from embedtune.artifacts import ArtifactError, read_jsonl_lines
+
+
+class Row(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Chunk(Row):
+    """``corpus/chunks.jsonl``: a passage of a document; BEIR-compatible (_id, title, text)."""
+
+    id: str = Field(alias="_id")
+    doc_id: str
+    title: str = ""
+    text: str
+    source: str = ""
+    start: int = 0
+    end: int = 0
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    def beir(self) -> dict[str, str]:
+        return {"_id": self.id, "title": self.title, "text": self.text}
+
+
+class QueryScores(Row):
+    relevance: float | None = None
+    accuracy: float | None = None
+    context_support: float | None = None
+    clarity: float | None = None
+    overall: float | None = None
+
+
+class GeneratorInfo(Row):
+    kind: str
+    model: str = ""
+
+
+class SyntheticQuery(Row):
+    """``sdg/queries.jsonl``: a generated query and the chunk ids that answer it."""
+
+    id: str = Field(alias="_id")
+    text: str
+    answer: str = ""
+    positive_ids: list[str]
+    doc_id: str = ""
+    query_type: str = ""
+    reasoning_type: str = ""
+    complexity: int | None = None
+    hops: int = 1
+    scores: QueryScores = Field(default_factory=QueryScores)
+    generator: GeneratorInfo
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class TrainExample(Row):
+    """``prep/train.jsonl``: the inline training format (NeMo AutoModel compatible, plus ids and scores)."""
+
+    query: str
+    pos_doc: list[str]
+    neg_doc: list[str]
+    query_id: str
+    pos_ids: list[str]
+    neg_ids: list[str]
+    pos_scores: list[float] = Field(default_factory=list)
+    neg_scores: list[float] = Field(default_factory=list)
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def read_rows(path: str | Path, model: type[R]) -> Iterator[R]:
+    """Read JSONL as typed rows; a malformed or invalid line raises ArtifactError naming file and line."""
+    for lineno, obj in read_jsonl_lines(path):
+        try:
+            yield model.model_validate(obj)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "row"
+            raise ArtifactError(f"{path}:{lineno}: {where}: {first['msg']}") from None
