@@ -1,0 +1,3 @@
+from embedtune.cli import app
+
+app()

@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random models built in-process, small corpora, the shared data folder."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TOPICS = {
+    "astronomy": "stars planets galaxies telescopes orbit comets nebula gravity light years",
+    "cooking": "recipes ovens flour butter baking sauces knives spices simmer dough",
+    "finance": "stocks bonds interest rates inflation markets dividends banks loans",
+    "medicine": "patients doctors vaccines diagnosis symptoms therapy hospitals dosage",
+    "sailing": "boats wind sails harbour knots tides rudder mast anchor crew",
+    "computing": "processors memory compilers software kernels threads caches networks",
+}
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (BEIR folders); tests that need it skip where it is absent (a user's clone)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not present at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from embedtune.models import resolve
+
+    return Path(resolve("default").path)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A 2-layer random BERT saved as a sentence-transformers folder (mean pooling, 32 dims)."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    base = tmp_path_factory.mktemp("tiny-bert-hf")
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(base)
+    _copy_tokenizer(default_model_dir, base)
+    word = models.Transformer(str(base), max_seq_length=64)
+    st = SentenceTransformer(modules=[word, models.Pooling(32, pooling_mode="mean"), models.Normalize()])
+    out = tmp_path_factory.mktemp("tiny-bert")
+    st.save(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A 2-layer random Llama saved as a plain transformers folder (to be made bidirectional)."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      pad_token_id=0)
+    LlamaModel(cfg).save_pretrained(out)
+    _copy_tokenizer(default_model_dir, out)
+    return out
+
+
+def make_documents(n_per_topic: int = 4, seed: int = 0) -> list[dict[str, str]]:
+    """Small topical documents: each a few sentences drawn from one topic's vocabulary."""
+    rng = random.Random(seed)
+    docs = []
+    for topic, words in TOPICS.items():
+        vocab = words.split()
+        for i in range(n_per_topic):
+            sentences = [" ".join(rng.sample(vocab, 6)).capitalize() + "." for _ in range(4)]
+            docs.append({"_id": f"{topic}-{i}", "title": f"{topic} {i}", "text": " ".join(sentences)})
+    return docs
+
+
+@pytest.fixture
+def topical_docs() -> list[dict[str, str]]:
+    return make_documents()
