@@ -1,0 +1,75 @@
+"""Run directory: atomic writes, manifests, skip when unchanged, rerun when inputs or config change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from embedtune.artifacts import ArtifactError, RunDir, atomic_open, read_jsonl, write_jsonl
+
+
+def test_atomic_write_leaves_old_file_intact_on_failure(tmp_path):
+    target = tmp_path / "data.jsonl"
+    write_jsonl(target, [{"a": 1}])
+    with pytest.raises(RuntimeError), atomic_open(target) as fh:
+        fh.write('{"a": 2}\n{"half')
+        raise RuntimeError("killed midway")
+    assert list(read_jsonl(target)) == [{"a": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]  # no temp file left behind
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": \n')
+    with pytest.raises(ArtifactError, match=r"x.jsonl:3: malformed JSON"):
+        list(read_jsonl(path))
+    path.write_text('[1, 2]\n')
+    with pytest.raises(ArtifactError, match=r"x.jsonl:1: expected a JSON object"):
+        list(read_jsonl(path))
+
+
+def _run_stage(run, src, config, force=False):
+    st = run.stage("demo", config, inputs=[src])
+    if (done := st.up_to_date(force)) is not None:
+        return done
+    out = st.dir / "out.jsonl"
+    write_jsonl(out, [{"n": len(src.read_text())}])
+    return st.finish(outputs=[out], counts={"rows": 1})
+
+
+def test_stage_skips_when_unchanged_and_reruns_otherwise(tmp_path):
+    run = RunDir(tmp_path / "run")
+    src = tmp_path / "in.txt"
+    src.write_text("hello")
+    first = _run_stage(run, src, {"k": 1})
+    assert not first.skipped and first.counts == {"rows": 1}
+    assert _run_stage(run, src, {"k": 1}).skipped
+    assert not _run_stage(run, src, {"k": 2}).skipped  # config changed
+    assert not _run_stage(run, src, {"k": 2}, force=True).skipped
+    src.write_text("hello again")
+    assert not _run_stage(run, src, {"k": 2}).skipped  # input changed
+    (run.path("demo", "out.jsonl")).write_text("tampered\n")
+    assert not _run_stage(run, src, {"k": 2}).skipped  # output no longer what the manifest recorded
+
+
+def test_interrupted_rerun_leaves_no_manifest(tmp_path):
+    run = RunDir(tmp_path / "run")
+    src = tmp_path / "in.txt"
+    src.write_text("x")
+    _run_stage(run, src, {"k": 1})
+    st = run.stage("demo", {"k": 99}, inputs=[src])
+    assert st.up_to_date() is None  # must rerun: the old manifest is gone before any new file is written
+    assert run.manifest("demo") is None
+    with pytest.raises(ArtifactError, match="has not completed"):
+        run.require("demo", "out.jsonl")
+
+
+def test_manifest_records_hashes_counts_and_time(tmp_path):
+    run = RunDir(tmp_path / "run")
+    src = tmp_path / "in.txt"
+    src.write_text("abc")
+    _run_stage(run, src, {"k": 1})
+    data = json.loads(run.path("demo", "manifest.json").read_text())
+    assert set(data) >= {"stage", "version", "config", "inputs", "outputs", "counts", "seconds"}
+    assert data["inputs"][str(src)] and data["config"] == {"k": 1} and data["seconds"] >= 0
