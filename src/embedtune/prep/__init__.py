@@ -2,7 +2,8 @@
 
 Reads ``corpus/chunks.jsonl`` and ``sdg/queries.jsonl``; writes under ``prep/``:
 ``train.jsonl`` (inline), ``train.automodel.json`` + ``corpus/`` (NeMo AutoModel corpus-ID format),
-``eval/{corpus.jsonl,queries.jsonl,qrels/test.tsv}`` (BEIR), ``report.md`` and ``scores.png``.
+``eval/{corpus.jsonl,queries.jsonl,qrels/test.tsv}`` (BEIR), ``split.json`` (which documents and queries
+were held out), ``report.md`` and ``scores.png``.
 
 Negatives per training query: up to ``hard_negatives_to_mine`` mined ones, best first (the trainer takes
 the first ``passages_per_query - 1``). A query left with fewer than ``negatives_used`` is topped up with
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from embedtune.artifacts import ArtifactError, Manifest, RunDir
+from embedtune.artifacts import ArtifactError, Manifest, RunDir, write_json
 from embedtune.config import PrepConfig, Recipe
 from embedtune.console import console, log, track
 from embedtune.prep.formats import (
@@ -61,8 +62,11 @@ def run_prep(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     examples, counts = build_examples(recipe, split, chunks)
     counts = {**split.counts, **counts}
 
-    outputs = [stage.dir / "train.jsonl"]
+    outputs = [stage.dir / "train.jsonl", stage.dir / "split.json"]
     counts["train_examples"] = write_inline(outputs[0], examples)
+    write_json(outputs[1], {"seed": cfg.seed, "train_documents": sorted(split.train_docs),
+                            "test_documents": sorted(split.test_docs),
+                            "test_queries": [q.id for q in split.test]})
     outputs += write_automodel(stage.dir, examples)
     outputs += write_beir(stage.dir / "eval", chunks, split.test)
     metrics = {"scores": score_report(examples)}
@@ -185,5 +189,5 @@ def _encode(fn: Callable[..., np.ndarray], model, texts: list[str], batch_size: 
                  for s in track(range(0, len(texts), step), description, total=-(-len(texts) // step))]
     finally:
         model.max_seq_length = old
-    dim = model.get_sentence_embedding_dimension() or 0
+    dim = model.get_embedding_dimension() or 0
     return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)

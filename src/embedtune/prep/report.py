@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+from rich import box
 from rich.table import Table
 
 from embedtune.artifacts import write_text
@@ -33,10 +34,10 @@ def score_report(examples: list[TrainExample]) -> dict[str, dict[str, float]]:
 
 
 def stats_table(report: dict[str, dict[str, float]], title: str = "prep: base-model scores") -> Table:
-    table = Table(title=title)
-    table.add_column("")
+    table = Table(title=title, box=box.SIMPLE, pad_edge=False)
+    table.add_column("", no_wrap=True)
     for name in STATS:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", no_wrap=True)
     for row, stats in report.items():
         table.add_row(row, *(_fmt(stats.get(s)) for s in STATS))
     return table
