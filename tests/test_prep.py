@@ -77,7 +77,9 @@ def chunks() -> list[Chunk]:
 def prepared(tmp_path_factory, tiny_bert_dir, chunks):
     """One full run_prep on a run directory written by the test (shared by the read-only tests)."""
     run = make_run(tmp_path_factory.mktemp("run"), chunks, make_queries(chunks))
-    recipe = recipe_for(tiny_bert_dir, test_ratio=0.25, margin=0.95, mining_query_block=3)
+    # fill_missing=drop: every negative in the output was mined, so the margin rule can be checked on all
+    recipe = recipe_for(tiny_bert_dir, test_ratio=0.25, margin=0.95, mining_query_block=3,
+                        fill_missing="drop", negatives_used=1)
     manifest = run_prep(recipe, run)
     return run, recipe, manifest
 
@@ -290,15 +292,29 @@ def test_manifest_reports_score_distributions(prepared):
     assert run.path("prep", "scores.png").stat().st_size > 0
 
 
-def test_mined_negatives_obey_margin_in_full_run(prepared):
+def test_full_run_mines_the_best_candidates_below_the_margin(prepared, chunks):
+    """Brute force with the same model: the kept negatives are exactly the top survivors of the rule."""
+    from embedtune.models import encode_passages, encode_queries, load_model
+
     run, recipe, manifest = prepared
-    assert manifest.counts["mined_negatives"] > 0
-    for ex in read_rows(run.path("prep", "train.jsonl"), TrainExample):
-        assert not set(ex.neg_ids) & set(ex.pos_ids)
-        mined = ex.neg_scores[: recipe.prep.hard_negatives_to_mine]
-        if manifest.counts["random_negatives"] == 0:
-            assert all(s < recipe.prep.margin * min(ex.pos_scores) + 1e-6 for s in mined)
-        assert len(ex.neg_ids) >= recipe.prep.negatives_used or manifest.counts["still_short"]
+    cfg = recipe.prep
+    assert manifest.counts["mined_negatives"] > 0 and manifest.counts["random_negatives"] == 0
+    train_docs = set(read_json(run.path("prep", "split.json"))["train_documents"])
+    pool = [c for c in chunks if c.doc_id in train_docs]
+    model = load_model(recipe.model)
+    p_emb = encode_passages(model, [c.text for c in pool])
+    examples = list(read_rows(run.path("prep", "train.jsonl"), TrainExample))
+    q_emb = encode_queries(model, [e.query for e in examples])
+    for ex, q in zip(examples, q_emb, strict=True):
+        scores = dict(zip([c.id for c in pool], (p_emb @ q).tolist(), strict=True))
+        assert ex.pos_scores == pytest.approx([scores[p] for p in ex.pos_ids], abs=1e-5)
+        threshold = cfg.margin * min(scores[p] for p in ex.pos_ids)
+        pos_docs = {c.doc_id for c in pool if c.id in ex.pos_ids}
+        survivors = sorted((s, cid) for cid, s in scores.items() if s < threshold
+                           and cid not in ex.pos_ids and cid.split("#")[0] not in pos_docs)
+        expected = [cid for _, cid in reversed(survivors)][: cfg.hard_negatives_to_mine]
+        assert ex.neg_ids == expected
+        assert ex.neg_scores == pytest.approx([scores[n] for n in ex.neg_ids], abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ errors, resume
@@ -341,9 +357,11 @@ def test_cli_audit_prints_sample(prepared):
     from embedtune.cli import app
 
     run, recipe, _ = prepared
-    result = CliRunner().invoke(app, ["prep", "--run-dir", str(run.root), "-o", f"model.name={recipe.model.name}",
-                                      "-o", "prep.test_ratio=0.25", "-o", "prep.mining_query_block=3",
-                                      "--audit", "2"])
+    # the same recipe as the fixture's, so the stage is up to date and only the audit runs
+    sets = [f"model.name={recipe.model.name}"]
+    sets += [f"prep.{k}={v}" for k, v in recipe.prep.model_dump().items() if v is not None]
+    args = ["prep", "--run-dir", str(run.root), "--audit", "2"]
+    result = CliRunner().invoke(app, args + [x for kv in sets for x in ("-o", kv)])
     assert result.exit_code == 0, result.output
     train_ids = [e.query_id for e in read_rows(run.path("prep", "train.jsonl"), TrainExample)]
     shown = [qid for qid in train_ids if qid in result.output]
