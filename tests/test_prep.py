@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_documents
 
+from conftest import make_documents
 from embedtune.artifacts import ArtifactError, RunDir, read_json, read_jsonl, write_jsonl
 from embedtune.config import PrepConfig, Recipe
 from embedtune.prep import run_prep
@@ -124,6 +124,24 @@ def test_full_run_has_no_test_document_in_training(prepared, chunks):
         assert not {doc_of[p] for p in ex.pos_ids} & test_docs
         # switch off: held-out chunks are not negatives either
         assert not {doc_of[n] for n in ex.neg_ids} & test_docs
+
+
+def test_switch_lets_held_out_chunks_be_negatives(tmp_path, tiny_bert_dir, chunks):
+    run = make_run(tmp_path, chunks, make_queries(chunks))
+    manifest = run_prep(recipe_for(tiny_bert_dir, test_ratio=0.25, test_chunks_as_negatives=True), run)
+    test_docs = set(read_json(run.path("prep", "split.json"))["test_documents"])
+    doc_of = {c.id: c.doc_id for c in chunks}
+    train = list(read_rows(run.path("prep", "train.jsonl"), TrainExample))
+    assert manifest.counts["candidates"] == len(chunks)
+    assert any(doc_of[n] in test_docs for ex in train for n in ex.neg_ids)
+    assert not any(doc_of[p] in test_docs for ex in train for p in ex.pos_ids)  # positives never
+
+
+def test_all_queries_dropped_is_a_clear_error(tmp_path, tiny_bert_dir, chunks):
+    run = make_run(tmp_path, chunks, make_queries(chunks))
+    recipe = recipe_for(tiny_bert_dir, margin=10.0, margin_type="abs", fill_missing="drop")
+    with pytest.raises(ValueError, match="dropped for lack of negatives"):
+        run_prep(recipe, run)
 
 
 # ------------------------------------------------------------------------------------------ mining rule

@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -60,21 +61,31 @@ def run_prep(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
         raise ValueError(f"no training queries left after the document split ({split.counts}); "
                          "lower prep.test_ratio or generate queries for more documents")
     examples, counts = build_examples(recipe, split, chunks)
-    counts = {**split.counts, **counts}
-
-    outputs = [stage.dir / "train.jsonl", stage.dir / "split.json"]
-    counts["train_examples"] = write_inline(outputs[0], examples)
-    write_json(outputs[1], {"seed": cfg.seed, "train_documents": sorted(split.train_docs),
-                            "test_documents": sorted(split.test_docs),
-                            "test_queries": [q.id for q in split.test]})
-    outputs += write_automodel(stage.dir, examples)
-    outputs += write_beir(stage.dir / "eval", chunks, split.test)
-    metrics = {"scores": score_report(examples)}
-    outputs.append(write_markdown(stage.dir / "report.md", metrics["scores"], counts))
-    if (png := plot(examples, stage.dir / "scores.png")) is not None:
-        outputs.append(png)
+    if not examples:
+        raise ValueError(f"all {len(split.train)} training queries were dropped for lack of negatives "
+                         f"({counts}); set prep.fill_missing=random, or lower prep.negatives_used "
+                         "or the margin")
+    counts = {**split.counts, **counts, "train_examples": len(examples)}
+    outputs, metrics = write_outputs(stage.dir, examples, split, chunks, counts, cfg.seed)
     console.print(stats_table(metrics["scores"]))
     return stage.finish(outputs=outputs, counts=counts, metrics=metrics)
+
+
+def write_outputs(out: Path, examples: list[TrainExample], split: Split, chunks: list[Chunk],
+                  counts: dict, seed: int) -> tuple[list[Path], dict]:
+    """Training files (both formats), the split, BEIR eval files, the report; returns paths and metrics."""
+    outputs = [out / "train.jsonl", out / "split.json"]
+    write_inline(outputs[0], examples)
+    write_json(outputs[1], {"seed": seed, "train_documents": sorted(split.train_docs),
+                            "test_documents": sorted(split.test_docs),
+                            "test_queries": [q.id for q in split.test]})
+    outputs += write_automodel(out, examples)
+    outputs += write_beir(out / "eval", chunks, split.test)
+    metrics = {"scores": score_report(examples)}
+    outputs.append(write_markdown(out / "report.md", metrics["scores"], counts))
+    if (png := plot(examples, out / "scores.png")) is not None:
+        outputs.append(png)
+    return outputs, metrics
 
 
 def load_training(run: RunDir) -> list[TrainExample]:

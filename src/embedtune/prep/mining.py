@@ -64,8 +64,11 @@ def thresholds(weakest_positive: torch.Tensor, margin: float, margin_type: str) 
 
 def mine_from_scores(scores: torch.Tensor | np.ndarray, positives: Sequence[Sequence[int]],
                      excluded: Sequence[Sequence[int]] | None = None, *, k: int, margin: float,
-                     margin_type: str = "perc") -> Mined:
-    """Apply the margin rule to a ``queries x candidates`` score matrix (one block)."""
+                     margin_type: str = "perc", inplace: bool = False) -> Mined:
+    """Apply the margin rule to a ``queries x candidates`` score matrix (one block).
+
+    ``inplace`` lets the blocked caller overwrite its fresh score block instead of copying it.
+    """
     scores = torch.as_tensor(scores, dtype=torch.float32)
     n_rows, n_cands = scores.shape
     if len(positives) != n_rows:
@@ -73,12 +76,12 @@ def mine_from_scores(scores: torch.Tensor | np.ndarray, positives: Sequence[Sequ
     if any(len(p) == 0 for p in positives):
         raise ValueError("every query needs at least one positive to set its threshold")
     pos_scores = [scores[i, list(p)].tolist() for i, p in enumerate(positives)]
-    masked = scores.clone()
+    masked = scores if inplace else scores.clone()
+    weakest = torch.tensor([min(s) for s in pos_scores], dtype=torch.float32)
+    masked.masked_fill_(masked >= thresholds(weakest, margin, margin_type)[:, None], NEG_INF)
     _mask(masked, positives)
     if excluded is not None:
         _mask(masked, excluded)
-    weakest = torch.tensor([min(s) for s in pos_scores], dtype=torch.float32)
-    masked[masked >= thresholds(weakest, margin, margin_type)[:, None]] = NEG_INF
     take = min(k, n_cands)
     if take == 0:
         return Mined([[] for _ in positives], [[] for _ in positives], pos_scores)
@@ -108,11 +111,11 @@ def mine_negatives(query_emb: np.ndarray, cand_emb: np.ndarray, positives: Seque
     out = Mined()
     for start in track(starts, "mining negatives", total=len(starts)) if progress else starts:
         end = start + block
-        with torch.inference_mode():
+        with torch.inference_mode():  # the block is a fresh tensor: mask it in place, no copy
             scores = queries[start:end] @ cands_t
-        out.extend(mine_from_scores(scores, positives[start:end],
-                                    None if excluded is None else excluded[start:end],
-                                    k=k, margin=margin, margin_type=margin_type))
+            out.extend(mine_from_scores(scores, positives[start:end],
+                                        None if excluded is None else excluded[start:end],
+                                        k=k, margin=margin, margin_type=margin_type, inplace=True))
     return out
 
 
