@@ -25,7 +25,7 @@ from embedtune.cli._app import (
 def prep(
     audit: Annotated[int, typer.Option(help="print N random training queries with their positives and "
                                             "mined negatives (scores, texts) to check by eye", min=0)] = 0,
-    seed: Annotated[int, typer.Option(help="seed of the audit sample")] = 0,
+    audit_seed: Annotated[int, typer.Option(help="seed of the audit sample")] = 0,
     run_dir: RunDirOpt = None,
     config: ConfigOpt = None,
     override: OverrideOpt = None,
@@ -39,4 +39,4 @@ def prep(
     run = open_run(recipe, run_dir)
     report_stage("prep", run_prep(recipe, run, force=force))
     if audit:
-        print_audit(run, audit, seed)
+        print_audit(run, audit, audit_seed)

@@ -60,6 +60,8 @@ def run_prep(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     if not split.train:
         raise ValueError(f"no training queries left after the document split ({split.counts}); "
                          "lower prep.test_ratio or generate queries for more documents")
+    if not split.test and cfg.test_ratio > 0:
+        log.warning("no held-out queries: prep/eval has an empty query set (too few query-bearing documents)")
     examples, counts = build_examples(recipe, split, chunks)
     if not examples:
         raise ValueError(f"all {len(split.train)} training queries were dropped for lack of negatives "
