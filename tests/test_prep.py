@@ -384,3 +384,37 @@ def test_cli_audit_prints_sample(prepared):
     train_ids = [e.query_id for e in read_rows(run.path("prep", "train.jsonl"), TrainExample)]
     shown = [qid for qid in train_ids if qid in result.output]
     assert len(shown) == 2 and "neg" in result.output and "up to date" in result.output
+
+
+# ------------------------------------------------------------------------------------------ real data
+
+
+@pytest.mark.slow
+def test_scifact_subset_with_the_shipped_model(tmp_path, shared_data):
+    """Human SciFact claims and abstracts, the default model: no leakage, and positives outscore negatives."""
+    scifact = shared_data / "scifact"
+    qrels: dict[str, list[str]] = {}
+    for line in (scifact / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        qid, cid, _ = line.split("\t")
+        qrels.setdefault(qid, []).append(cid)
+    qids = sorted(qrels)[:60]
+    needed = {c for q in qids for c in qrels[q]}
+    docs = list(read_jsonl(scifact / "corpus.jsonl"))
+    extra = [d["_id"] for d in docs[:400] if d["_id"] not in needed][: 200 - len(needed)]
+    keep = needed | set(extra)
+    chunks = [Chunk(_id=f"{d['_id']}#0", doc_id=d["_id"], title=d["title"], text=d["text"])
+              for d in docs if d["_id"] in keep]
+    texts = {q["_id"]: q["text"] for q in read_jsonl(scifact / "queries.jsonl")}
+    queries = [{"_id": q, "text": texts[q], "positive_ids": [f"{c}#0" for c in qrels[q]],
+                "generator": {"kind": "human"}} for q in qids]
+    run = make_run(tmp_path, chunks, queries)
+    recipe = Recipe(prep={"fill_missing": "drop", "mining_query_block": 16})
+    manifest = run_prep(recipe, run)
+    scores = manifest.metrics["scores"]
+    assert scores["positives"]["median"] > scores["negatives"]["median"]
+    split = read_json(run.path("prep", "split.json"))
+    test_docs = set(split["test_documents"])
+    for ex in read_rows(run.path("prep", "train.jsonl"), TrainExample):
+        assert not {p.split("#")[0] for p in ex.pos_ids + ex.neg_ids} & test_docs
+        assert all(s < 0.95 * min(ex.pos_scores) + 1e-6 for s in ex.neg_scores)
+    assert manifest.counts["test_queries"] == len(split["test_queries"]) > 0

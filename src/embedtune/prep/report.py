@@ -34,12 +34,12 @@ def score_report(examples: list[TrainExample]) -> dict[str, dict[str, float]]:
 
 
 def stats_table(report: dict[str, dict[str, float]], title: str = "prep: base-model scores") -> Table:
-    table = Table(title=title, box=box.SIMPLE, pad_edge=False)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
     table.add_column("", no_wrap=True)
-    for name in STATS:
+    for name in STATS:  # fixed width: ten columns must fit an 80-column terminal
         table.add_column(name, justify="right", no_wrap=True)
     for row, stats in report.items():
-        table.add_row(row, *(_fmt(stats.get(s)) for s in STATS))
+        table.add_row(row, *(_fmt(s, stats.get(s)) for s in STATS))
     return table
 
 
@@ -48,16 +48,16 @@ def markdown(report: dict[str, dict[str, float]], counts: dict[str, object]) -> 
              "gap = weakest positive - best negative per query.", "",
              "| | " + " | ".join(STATS) + " |", "|---" * (len(STATS) + 1) + "|"]
     for row, stats in report.items():
-        lines.append(f"| {row} | " + " | ".join(_fmt(stats.get(s)) for s in STATS) + " |")
+        lines.append(f"| {row} | " + " | ".join(_fmt(s, stats.get(s)) for s in STATS) + " |")
     lines += ["", "| count | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in counts.items()]
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: float | None) -> str:
+def _fmt(stat: str, value: float | None) -> str:
     if value is None:
         return "-"
-    return str(int(value)) if float(value).is_integer() and abs(value) > 1 else f"{value:.3f}"
+    return str(int(value)) if stat == "count" else f"{value:.3f}"
 
 
 def plot(examples: list[TrainExample], path: Path) -> Path | None:
