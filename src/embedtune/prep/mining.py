@@ -23,6 +23,8 @@ For 200,000 chunks and 50,000 queries at 384 dims: candidates 200,000 x 384 x 4 
 50,000 x 384 x 4 B = 77 MB, one 256-query block 256 x 200,000 x 4 B = 205 MB, about 3 copies = 615 MB:
 about 1.0 GB in all. Even at 1,024 dims (819 MB + 205 MB + 615 MB = 1.6 GB) it fits 4 GB, while the
 full 50,000 x 200,000 score matrix would need 40 GB. The search stays exact (no approximate index).
+Measured with ``bench/prep_mining.py`` (200,000 x 384 candidates, 1,024 queries, 2 busy cores): blocks of
+256 peaked at 1.07 GB RSS (174 MB above the embeddings) in 28 s; one 1,024-query block at 2.38 GB in 29 s.
 """
 
 from __future__ import annotations
