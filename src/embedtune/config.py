@@ -96,16 +96,24 @@ class SdgConfig(StrictModel):
 
 
 class PrepConfig(StrictModel):
-    test_ratio: float = Field(0.2, ge=0, lt=1)
+    test_ratio: float = Field(0.2, ge=0, lt=1, description="share of query-bearing documents held out")
     seed: int = 42
-    max_pos_docs: int = Field(5, ge=1)
+    max_pos_docs: int = Field(5, ge=1, description="queries with more positives are dropped")
     hard_negatives_to_mine: int = Field(5, ge=0)
-    negatives_used: int = Field(4, ge=0)
+    negatives_used: int = Field(4, ge=0, description="minimum negatives per query (fill_missing)")
     margin: float = Field(0.95, ge=0)
-    margin_type: Literal["perc", "abs"] = "perc"
-    fill_missing: Literal["random", "drop"] = "random"
-    test_chunks_as_negatives: bool = False
-    mining_batch_size: int = Field(64, ge=1)
+    margin_type: Literal["perc", "abs"] = Field(
+        "perc", description="perc: negatives < margin x weakest positive; abs: < weakest positive - margin"
+    )
+    fill_missing: Literal["random", "drop"] = Field(
+        "random", description="queries short of negatives_used: add random allowed chunks, or drop the query"
+    )
+    test_chunks_as_negatives: bool = Field(False, description="allow held-out documents' chunks as negatives")
+    exclude_same_document: bool = Field(
+        True, description="never take a negative from a positive's own document (frequent false negatives)"
+    )
+    mining_batch_size: int = Field(64, ge=1, description="encoding batch size")
+    mining_query_block: int = Field(256, ge=1, description="queries scored at once against all candidates")
     query_max_length: int | None = Field(None, gt=0)
     passage_max_length: int | None = Field(None, gt=0)
 
