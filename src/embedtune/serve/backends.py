@@ -172,7 +172,11 @@ class OnnxBackend(Backend):
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(self.model_file), options, providers=_providers(ort))
-        self.input_names = list(meta.get("inputs") or [i.name for i in self.session.get_inputs()])
+        # The graph's own inputs are the truth (the manifest's "inputs" may or may not list "dimensions").
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        unknown = set(self.input_names) - {"input_ids", "attention_mask", "token_type_ids", "dimensions"}
+        if unknown:
+            raise ValueError(f"{self.model_file} has graph inputs this server does not know: {sorted(unknown)}")
         self.output_name = meta.get("output", "embeddings")
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
         tokenization = Tokenization(tokenizer, meta.get("prompts") or {}, int(meta["max_seq_length"]))
@@ -183,8 +187,7 @@ class OnnxBackend(Backend):
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "token_type_ids": np.zeros_like(input_ids),
                  "dimensions": np.array([self.dimension], dtype=np.int64)}
-        wanted = {name: feeds[name] for name in self.input_names if name in feeds}
-        (emb,) = self.session.run([self.output_name], wanted)
+        (emb,) = self.session.run([self.output_name], {name: feeds[name] for name in self.input_names})
         return np.asarray(emb, dtype=np.float32)
 
 
