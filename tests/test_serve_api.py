@@ -32,7 +32,8 @@ def reference(tiny_bert_dir):
 @pytest.fixture(scope="module")
 def server(tiny_bert_dir):
     entries = [
-        ModelEntry("tiny", str(tiny_bert_dir), lambda: TorchBackend(tiny(tiny_bert_dir), matryoshka_dims=[8, 16])),
+        ModelEntry("tiny", str(tiny_bert_dir),
+                   lambda: TorchBackend(tiny(tiny_bert_dir), matryoshka_dims=[8, 16])),
         ModelEntry("plain", str(tiny_bert_dir), lambda: TorchBackend(tiny(tiny_bert_dir, prompts=False))),
     ]
     with start_in_thread(create_app(entries, CONFIG, api_key=KEY)) as srv:
@@ -138,7 +139,8 @@ def test_truncate_none_is_a_nim_style_400(server):
 def test_truncate_end_equals_the_local_models_truncation(server, reference):
     got = vectors(post(server, {"model": "tiny", "input": LONG, "truncate": "END"}))
     np.testing.assert_allclose(got, encode_passages(reference, [LONG]), atol=1e-5)
-    assert post(server, {"model": "tiny", "input": LONG, "truncate": "END"}).json()["usage"]["prompt_tokens"] == 64
+    usage = post(server, {"model": "tiny", "input": LONG, "truncate": "END"}).json()["usage"]
+    assert usage["prompt_tokens"] == 64
 
 
 def test_truncate_start_keeps_the_prompt_and_the_end_of_the_text(server, reference):

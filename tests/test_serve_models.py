@@ -123,7 +123,8 @@ def bag_of_embeddings_graph(table: np.ndarray) -> onnx.ModelProto:
         helper.make_node("Div", ["cut", "norm"], ["embeddings"]),
     ]
     ints = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.int64), name)  # noqa: E731
-    inits = [numpy_helper.from_array(table, "table"), ints("minus1", [-1]), ints("one", [1]), ints("zero", [0])]
+    inits = [numpy_helper.from_array(table, "table"), ints("minus1", [-1]), ints("one", [1]),
+             ints("zero", [0])]
     io = lambda name, kind, shape: helper.make_tensor_value_info(name, kind, shape)  # noqa: E731
     graph = helper.make_graph(
         nodes, "bag", [io("input_ids", TensorProto.INT64, ["b", "s"]),
@@ -166,11 +167,11 @@ def test_onnx_backend_follows_the_export_contract(export_dir):
     texts = ["sails and wind", "a much longer text about harbours, tides and the crew of a boat"]
     auto = OnnxBackend(folder)  # CPU: the int8 graph when present
     assert auto.kind == "onnx-int8" and auto.matryoshka_dims == [4, 8] and auto.max_tokens == 64
-    np.testing.assert_allclose(auto.encode(texts, "query"),
-                               expected_bag(tokenizer, tables["model.int8.onnx"], texts, "query: "), atol=1e-5)
+    expected = expected_bag(tokenizer, tables["model.int8.onnx"], texts, "query: ")
+    np.testing.assert_allclose(auto.encode(texts, "query"), expected, atol=1e-5)
     fp32 = OnnxBackend(folder, precision="fp32")
-    np.testing.assert_allclose(fp32.encode(texts, "passage", dimensions=8),
-                               expected_bag(tokenizer, tables["model.onnx"], texts, "passage: ", 8), atol=1e-5)
+    expected = expected_bag(tokenizer, tables["model.onnx"], texts, "passage: ", 8)
+    np.testing.assert_allclose(fp32.encode(texts, "passage", dimensions=8), expected, atol=1e-5)
 
 
 def test_server_serves_an_export_folder(export_dir):
@@ -197,12 +198,48 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_shipped_default_model_is_served_like_it_encodes_locally():
+    with start_in_thread(create_app([model_entry("default")])) as srv:
+        srv.wait_ready()
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+        texts = ["What is the boiling point of water?", "Water boils at 100 degrees Celsius at sea level."]
+        queries = client.embeddings.create(model="default", input=texts, extra_body={"input_type": "query"})
+    model = load_model("default")
+    got = np.array([d.embedding for d in queries.data], dtype=np.float32)
+    assert got.shape == (2, 384)
+    np.testing.assert_allclose(got, encode_queries(model, texts), atol=1e-5)
+
+
+def test_cli_builds_the_server_from_flags_recipe_and_env(monkeypatch, tiny_bert_dir):
+    from typer.testing import CliRunner
+
+    import embedtune.serve
+    from embedtune.cli import app
+
+    started = {}
+    def fake_run_server(entries, cfg, key, log_level):
+        started.update(entries=entries, cfg=cfg, key=key)
+
+    monkeypatch.setattr(embedtune.serve, "run_server", fake_run_server)
+    monkeypatch.setenv("SERVE_TEST_KEY", "k3y")
+    result = CliRunner().invoke(app, ["serve", "--model", "default", "--model", f"tiny={tiny_bert_dir}",
+                                      "--port", "9123", "--max-batch-tokens", "512",
+                                      "-o", "serve.api_key_env=SERVE_TEST_KEY"])
+    assert result.exit_code == 0, result.output
+    assert [e.name for e in started["entries"]] == ["default", "tiny"]
+    assert started["entries"][1].source == str(tiny_bert_dir)
+    assert (started["cfg"].port, started["cfg"].max_batch_tokens, started["key"]) == (9123, 512, "k3y")
+    bad = CliRunner().invoke(app, ["serve", "--model", "/no/such/dir/anywhere", "--backend", "onnx"])
+    assert bad.exit_code == 1 and "no ONNX export" in bad.output
+
+
+@pytest.mark.slow
 def test_cli_serves_the_shipped_default_model_and_a_named_one(tiny_bert_dir):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SERVE_TEST_KEY": "k3y",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    cmd = [sys.executable, "-m", "embedtune", "serve", "--model", "default", "--model", f"tiny={tiny_bert_dir}",
-           "--port", str(port), "-o", "serve.api_key_env=SERVE_TEST_KEY"]
+    cmd = [sys.executable, "-m", "embedtune", "serve", "--model", "default",
+           "--model", f"tiny={tiny_bert_dir}", "--port", str(port), "-o", "serve.api_key_env=SERVE_TEST_KEY"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

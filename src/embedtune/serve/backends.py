@@ -176,7 +176,8 @@ class OnnxBackend(Backend):
         self.input_names = [i.name for i in self.session.get_inputs()]
         unknown = set(self.input_names) - {"input_ids", "attention_mask", "token_type_ids", "dimensions"}
         if unknown:
-            raise ValueError(f"{self.model_file} has graph inputs this server does not know: {sorted(unknown)}")
+            raise ValueError(f"{self.model_file} has graph inputs this server does not know: "
+                             f"{sorted(unknown)}")
         self.output_name = meta.get("output", "embeddings")
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
         tokenization = Tokenization(tokenizer, meta.get("prompts") or {}, int(meta["max_seq_length"]))
