@@ -262,3 +262,33 @@ def test_cli_serves_the_shipped_default_model_and_a_named_one(tiny_bert_dir):
         proc.wait(timeout=30)
     got = np.array([d.embedding for d in result.data], dtype=np.float32)
     np.testing.assert_allclose(got, encode_passages(load_model("default"), texts), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- readiness
+
+
+def test_ready_is_503_while_loading_and_after_a_failed_load_while_live_stays_200():
+    import threading
+
+    from embedtune.serve import ModelEntry
+
+    release = threading.Event()
+
+    def slow_broken_loader():
+        release.wait(30)
+        raise OSError("weights are corrupt")
+
+    with start_in_thread(create_app([ModelEntry("broken", "/nowhere", slow_broken_loader)])) as srv:
+        assert httpx.get(f"{srv.url}/v1/health/live").status_code == 200
+        loading = httpx.get(f"{srv.url}/v1/health/ready")
+        assert loading.status_code == 503 and loading.json()["error"]["message"] == "models are loading"
+        early = httpx.post(f"{srv.url}/v1/embeddings", json={"model": "broken", "input": "x"})
+        assert early.status_code == 503 and early.headers["retry-after"] == "5"
+        release.set()
+        deadline = time.monotonic() + 10
+        while "failed" not in httpx.get(f"{srv.url}/v1/health/ready").text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        failed = httpx.get(f"{srv.url}/v1/health/ready")
+        assert failed.status_code == 503 and "weights are corrupt" in failed.json()["error"]["message"]
+        late = httpx.post(f"{srv.url}/v1/embeddings", json={"model": "broken", "input": "x"})
+        assert late.status_code == 503 and "weights are corrupt" in late.json()["error"]["message"]
