@@ -6,7 +6,7 @@ then forms its own batch), drives each with concurrent clients for a fixed time 
 size (from the server's Prometheus metrics). Baselines measured in the same run: one client sending one
 request at a time over HTTP, and the backend encoding one request at a time in-process (no HTTP).
 
-    PYTHONPATH=src python bench/serve_load.py --model default --duration 8 --clients 16
+    PYTHONPATH=src python bench/serve_load.py --model default --duration 12 --rounds 3 --clients 16
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class Result:
     errors: int
     seconds: float
     mean_batch: float | None = None
+
+    def merge(self, other: Result) -> Result:
+        return Result(self.name, self.clients, self.latencies + other.latencies, self.errors + other.errors,
+                      self.seconds + other.seconds, None)
 
     def row(self, baseline_rps: float) -> str:
         lat = np.array(self.latencies) * 1000 if self.latencies else np.array([np.nan])
@@ -121,16 +125,32 @@ def batch_counts(url: str) -> tuple[float, float]:
     return samples.get("embedtune_batch_size_count", 0.0), samples.get("embedtune_batch_size_sum", 0.0)
 
 
-def measure(name: str, url: str, clients: int, pool: list[str], args) -> Result:
-    asyncio.run(drive(url, min(clients, 4), pool, 1.0, 50))  # warm-up, not counted
+def measure(name: str, url: str, clients: int, pool: list[str], args) -> tuple[Result, float, float]:
     before = batch_counts(url)
-    result = asyncio.run(drive(url, clients, pool, args.duration, args.max_requests))
+    result = asyncio.run(drive(url, clients, pool, args.duration / args.rounds, args.max_requests))
     after = batch_counts(url)
     result.name = name
-    batches, inputs = after[0] - before[0], after[1] - before[1]
-    result.mean_batch = inputs / batches if batches else None
     print(f"  {name}: {len(result.latencies)} requests in {result.seconds:.1f}s", file=sys.stderr)
-    return result
+    return result, after[0] - before[0], after[1] - before[1]
+
+
+def run_scenarios(scenarios: list[tuple[str, str, int]], pool: list[str], args) -> list[Result]:
+    """Round-robin over the scenarios (``--rounds`` times) so a change in machine load hits all alike."""
+    for _, url, clients in scenarios:
+        asyncio.run(drive(url, min(clients, 4), pool, 1.0, 50))  # warm-up, not counted
+    totals: dict[str, tuple[Result, float, float]] = {}
+    for _ in range(args.rounds):
+        for name, url, clients in scenarios:
+            result, batches, inputs = measure(name, url, clients, pool, args)
+            if name in totals:
+                seen, b, i = totals[name]
+                result, batches, inputs = seen.merge(result), b + batches, i + inputs
+            totals[name] = (result, batches, inputs)
+    out = []
+    for result, batches, inputs in totals.values():
+        result.mean_batch = inputs / batches if batches else None
+        out.append(result)
+    return out
 
 
 def in_process_baseline(model: str, pool: list[str], args) -> Result:
@@ -153,7 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="model for `embedtune serve --model`")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per scenario")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per scenario (all rounds)")
+    parser.add_argument("--rounds", type=int, default=2, help="round-robin passes over the scenarios")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
     parser.add_argument("--max-requests", type=int, default=20000, help="bound per scenario")
     parser.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget with batching on")
@@ -166,15 +187,14 @@ def main() -> None:
         off = start_server(args.model, 1, stack)
         wait_ready(on)
         wait_ready(off)
-        results = [
-            measure("HTTP, one request at a time (baseline)", on, 1, pool, args),
-            measure("HTTP, batching off", off, args.clients, pool, args),
-            measure("HTTP, dynamic batching", on, args.clients, pool, args),
-        ]
+        results = run_scenarios([("HTTP, one request at a time (baseline)", on, 1),
+                                 ("HTTP, batching off", off, args.clients),
+                                 ("HTTP, dynamic batching", on, args.clients)], pool, args)
     results.insert(0, in_process_baseline(args.model, pool, args))
     baseline_rps = len(results[1].latencies) / results[1].seconds
-    lines = [f"model `{args.model}`, {args.duration:g} s per scenario, single-text requests of 8-40 words, "
-             f"{os.cpu_count()} CPUs",
+    lines = [f"model `{args.model}`, {args.duration:g} s per scenario in {args.rounds} interleaved rounds, "
+             f"single-text requests of 8-40 words, {args.clients} clients, {os.cpu_count()} CPUs, "
+             f"load average {os.getloadavg()[0]:.1f} at the end",
              "",
              "| scenario | clients | requests | req/s | vs baseline | p50 ms | p99 ms | errors "
              "| inputs/batch |",
