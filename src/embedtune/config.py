@@ -176,7 +176,10 @@ class ServeConfig(StrictModel):
     max_queue: int = Field(256, ge=1)
     max_inputs: int = Field(2048, ge=1)
     max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
-    backend: Literal["auto", "onnx", "torch"] = "auto"
+    backend: Literal["auto", "onnx", "torch"] = Field(
+        "auto", description="auto = the ONNX export when the model folder or run has one, else torch")
+    onnx_precision: Literal["auto", "int8", "fp32"] = Field(
+        "auto", description="auto = int8 on CPU when exported, fp32 on GPU")
 
 
 class Recipe(StrictModel):

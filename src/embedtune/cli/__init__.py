@@ -3,7 +3,13 @@
 Each module below adds its commands to the shared app on import.
 """
 
-from embedtune.cli import config_cmd, corpus, pipeline, prep  # noqa: F401  (registers commands)
+from embedtune.cli import (  # noqa: F401  (registers commands)
+    config_cmd,
+    corpus,
+    pipeline,
+    prep,
+    serve,
+)
 from embedtune.cli._app import app
 
 __all__ = ["app"]
