@@ -33,11 +33,12 @@ def main() -> int:
     args = ap.parse_args()
 
     from embedtune.config import EvalConfig
-    from embedtune.console import console
+    from embedtune.console import console, setup_logging
     from embedtune.evaluate import EmbeddingCache, load_beir, load_encoder
     from embedtune.evaluate.report import rich_table
     from embedtune.evaluate.stage import compare_models
 
+    setup_logging()
     data = load_beir(args.data, args.split)
     cfg = EvalConfig(split=args.split)
     with tempfile.TemporaryDirectory() as tmp:

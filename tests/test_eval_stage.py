@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-from test_eval_core import _write_beir
 from typer.testing import CliRunner
 
 from embedtune.artifacts import RunDir, read_json
@@ -25,6 +24,7 @@ from embedtune.evaluate import (
 )
 from embedtune.evaluate.beir import BeirDataset
 from embedtune.models import load_model
+from test_eval_core import _write_beir
 
 # ------------------------------------------------------------------------------------------ fixtures
 

@@ -161,9 +161,9 @@ def plot_report(results: dict[str, Any], path: str | Path) -> Path:
         bars = ax.bar([x + i * width for x in range(len(HEADLINE))], values, width, label=_label(results, c))
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks([x + width * (len(cols) - 1) / 2 for x in range(len(HEADLINE))], [pretty(m) for m in HEADLINE])
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.18)  # head room for the legend above the bars
     ax.set_title(f"{results['dataset']}: {results['n_queries']} queries, {results['n_docs']} docs")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", ncol=len(cols), fontsize=8, frameon=False)
     if curve:
         ax2 = axes[0][1]
         for m in results["models"]:

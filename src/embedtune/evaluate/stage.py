@@ -39,6 +39,8 @@ def run_eval(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
         return done
 
     dataset = load_beir(data_dir, cfg.split, queries_dir)
+    if not cfg.dataset:
+        dataset.name = f"{run.root.name} held-out ({dataset.name})"
     _warn(dataset)
     cache = EmbeddingCache(Path(cfg.cache_dir) if cfg.cache_dir else stage.dir / "cache")
     models: dict[str, Callable[[], Encoder]] = {
