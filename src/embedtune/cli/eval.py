@@ -30,7 +30,7 @@ HEADLINE = ["ndcg@1", "ndcg@10", "recall@10", "recall@100", "precision@10", "map
 @user_errors
 def eval_command(
     dataset: Annotated[Path | None, typer.Option(help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")] = None,
-    split: Annotated[str | None, typer.Option(help="qrels split [test]")] = None,
+    split: Annotated[str | None, typer.Option(help="qrels split (default: test)")] = None,
     queries: Annotated[Path | None, typer.Option(help="take queries from this BEIR folder (cross-lingual)")] = None,
     model: Annotated[list[str] | None, typer.Option(
         help="model spec to evaluate without a run (repeatable; the first is the baseline)")] = None,
@@ -41,7 +41,8 @@ def eval_command(
     cache_dir: Annotated[Path | None, typer.Option(help="embedding cache folder")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="always encode (standalone mode)")] = False,
     endpoint: Annotated[str | None, typer.Option(help="also evaluate this OpenAI-compatible base URL")] = None,
-    endpoint_model: Annotated[str | None, typer.Option(help="model name at the endpoint [first served]")] = None,
+    endpoint_model: Annotated[str | None, typer.Option(
+        help="model name at the endpoint (default: the first it serves)")] = None,
     api_key_env: Annotated[str, typer.Option(help="env variable holding the endpoint's key")] = "OPENAI_API_KEY",
     fail_on_drift: Annotated[bool, typer.Option(
         help="exit 3 when the endpoint drifts beyond export.tolerance_low_k/high_k")] = False,
