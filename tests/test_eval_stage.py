@@ -107,6 +107,8 @@ def test_rerun_is_skipped_and_forced_rerun_encodes_nothing(run_with_finetune, ti
     again = run_eval(recipe, run, force=True)
     assert (again.counts["cache_hits"], again.counts["encoded"]) == (4, 0)
     assert again.metrics == first.metrics
+    assert read_json(run.path("eval", "results.json"))["base"]["docs_per_second"] is None  # no fake speed
+    assert "from cache" in run.path("eval", "report.md").read_text()
 
 
 def test_stage_without_finetune_evaluates_base_only(tmp_path, topical_docs, tiny_bert_dir):
