@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from embedtune.evaluate import compare_within_tolerance, evaluate_endpoint, evaluate_model, load_beir
 from embedtune.models import encode_passages, encode_queries, load_model
-from test_eval_stage import _topical_beir, finetuned_dir  # noqa: F401  (fixture)
+from test_eval_stage import _topical_beir, finetuned_dir, run_with_finetune  # noqa: F401  (fixtures)
 
 
 def _embeddings_app(models: dict, fail_first: int = 0):
@@ -107,6 +107,26 @@ def test_drifted_endpoint_fails_when_asked(server, tmp_path, topical_docs, tiny_
     assert violations and all(abs(v["diff"]) > v["tolerance"] for v in violations)
     assert "drift" in (tmp_path / "drifted" / "report.md").read_text()
     assert run("drifted", "--fail-on-drift").exit_code == 3
+
+
+def test_endpoint_checked_against_a_runs_finetuned_model(server, run_with_finetune, tiny_bert_dir):  # noqa: F811
+    from embedtune.artifacts import read_json
+    from embedtune.cli import app
+
+    url, _ = server
+    run = run_with_finetune
+    args = ["eval", "-r", str(run.root), "-o", f"model.name={tiny_bert_dir}", "--no-bm25", "--endpoint", url,
+            "--fail-on-drift"]
+    # The server's "drifted" model is the run's fine-tuned model: the reference the check picks.
+    res = CliRunner().invoke(app, [*args, "--endpoint-model", "drifted"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    report = read_json(run.path("eval", "endpoint.json"))
+    assert (report["reference"], report["violations"]) == ("finetuned", [])
+    assert read_json(run.path("eval", "results.json"))["finetuned"]["ndcg@10"] == pytest.approx(
+        report["metrics"]["ndcg@10"], abs=1e-6)
+    # Serving the base model instead of the fine-tuned one is caught.
+    res = CliRunner().invoke(app, [*args, "--endpoint-model", "tiny"], catch_exceptions=False)
+    assert res.exit_code == 3 and read_json(run.path("eval", "endpoint.json"))["violations"]
 
 
 def test_endpoint_rejects_a_short_answer(tmp_path):

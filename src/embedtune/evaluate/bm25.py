@@ -32,8 +32,8 @@ def bm25_search(queries: Sequence[str], passages: Sequence[str], top_k: int = 10
 def evaluate_bm25(dataset: BeirDataset, k_values: Sequence[int] = (1, 5, 10, 100), top_k: int = 100,
                   ignore_identical_ids: bool = False, stopwords: str | None = "en") -> dict[str, float]:
     qids, dids = list(dataset.queries), list(dataset.corpus)
-    scores, idx = bm25_search([dataset.queries[q] for q in qids], dataset.passages(dids),
-                              max(top_k, max(k_values)), stopwords)
+    k = max(top_k, max(k_values)) + int(ignore_identical_ids)  # room for the query's own id, dropped below
+    scores, idx = bm25_search([dataset.queries[q] for q in qids], dataset.passages(dids), k, stopwords)
     # BM25 gives zero to documents sharing no term with the query: they are not retrieved.
     run = to_run(qids, dids, scores, idx, ignore_identical_ids)
     run = {q: {d: s for d, s in hits.items() if s > 0} for q, hits in run.items()}
