@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from embedtune.evaluate.encoders import Encoder
 
+
 def evaluate_embeddings(
     dataset: BeirDataset,
     query_ids: list[str],
@@ -50,8 +51,8 @@ class ModelResult:
     dim: int
     metrics: dict[str, float]
     by_dim: dict[int, dict[str, float]] = field(default_factory=dict)
-    encode_seconds: float = 0.0  # 0 when everything came from the cache
-    docs_per_second: float | None = None
+    encode_seconds: float = 0.0  # wall time to get the embeddings (encoding or reading the cache)
+    docs_per_second: float | None = None  # None when the corpus came from the cache
 
     def to_json(self) -> dict[str, object]:
         return {"label": self.label, "dim": self.dim, **self.metrics,

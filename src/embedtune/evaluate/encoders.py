@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from embedtune.models import ModelSpec
 
 Kind = Literal["query", "passage"]
+PLURAL = {"query": "queries", "passage": "passages"}
 
 
 class Encoder(Protocol):
@@ -82,7 +83,7 @@ class LocalEncoder:
         out: np.ndarray | None = None
         t0 = time.perf_counter()
         with progress() as bar:
-            task = bar.add_task(f"{self.label}: {kind}s", total=len(texts), rate="")
+            task = bar.add_task(f"{self.label}: {PLURAL[kind]}", total=len(texts), rate="")
             for start in range(0, len(texts), self.block_size):
                 idx = order[start : start + self.block_size]
                 emb = fn(self.model, [texts[i] for i in idx], self.batch_size)
@@ -94,10 +95,10 @@ class LocalEncoder:
                     bar.update(task, rate=f"{speed:.1f}/s")
                 if bar.disable and len(texts) > self.block_size:  # no terminal (job logs): a line per block
                     done = min(start + self.block_size, len(texts))
-                    log.info("%s: %d/%d %ss (%.1f/s)", self.label, done, len(texts), kind,
+                    log.info("%s: %d/%d %s (%.1f/s)", self.label, done, len(texts), PLURAL[kind],
                              done / max(time.perf_counter() - t0, 1e-9))
         seconds = time.perf_counter() - t0
-        log.debug("%s: %d %ss in %.1fs (%.1f/s)", self.label, len(texts), kind, seconds,
+        log.debug("%s: %d %s in %.1fs (%.1f/s)", self.label, len(texts), PLURAL[kind], seconds,
                   len(texts) / max(seconds, 1e-9))
         if out is None:  # no texts
             dim = self.model.get_sentence_embedding_dimension() or 0
@@ -189,7 +190,7 @@ class EndpointEncoder:
         extra = {"dimensions": self.dimensions} if self.dimensions else {}
         rows: list[list[float]] = []
         with progress() as bar:
-            task = bar.add_task(f"{self.label}: {kind}s", total=len(texts), rate="")
+            task = bar.add_task(f"{self.label}: {PLURAL[kind]}", total=len(texts), rate="")
             for start in range(0, len(texts), self.batch_size):
                 batch = list(texts[start : start + self.batch_size])
                 resp = self.client.embeddings.create(model=self.model_name, input=batch,
