@@ -151,11 +151,18 @@ class EvalConfig(StrictModel):
     k_values: list[int] = Field(default_factory=lambda: [1, 5, 10, 100])
     top_k: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=1)
-    ignore_identical_ids: bool = False
-    bm25: bool = True
+    ignore_identical_ids: bool = Field(False, description="drop hits whose id equals the query id (BEIR)")
+    bm25: bool = Field(True, description="add BM25 (bm25s) as the lexical reference row")
+    bm25_stopwords: str | None = Field("en", description="bm25s stopword list; None for other languages")
     matryoshka_sweep: bool = True
+    matryoshka_dims: list[int] | None = Field(
+        None, description="dimensions to sweep; None: the fine-tune's Matryoshka dims, else 256/128/64"
+    )
+    search: Literal["exact", "faiss"] = Field("exact", description="exact: blocked torch; faiss: IndexFlatIP")
     dataset: str | None = Field(None, description="BEIR folder to evaluate on instead of prep/eval")
+    queries: str | None = Field(None, description="BEIR folder to take queries from (cross-lingual)")
     split: str = "test"
+    cache_dir: str | None = Field(None, description="embedding cache; None: <run>/eval/cache")
 
 
 class ExportConfig(StrictModel):

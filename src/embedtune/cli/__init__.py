@@ -6,6 +6,7 @@ Each module below adds its commands to the shared app on import.
 from embedtune.cli import (  # noqa: F401  (registers commands)
     config_cmd,
     corpus,
+    eval,
     pipeline,
     prep,
     serve,
