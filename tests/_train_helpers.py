@@ -17,18 +17,20 @@ TOPICS = ["stars planets galaxies telescopes orbit comets nebula gravity",
 
 
 def synthetic_examples(n: int, negatives: int = 4, seed: int = 0) -> list[dict]:
-    """``n`` TrainExample rows: a query of words from its passage, hard negatives from other topics."""
+    """``n`` TrainExample rows: a query of words from its passage, hard negatives (distinct per row) from
+    other topics, so that the no-duplicates batch sampler can fill whole batches as with real mined data."""
     rng = random.Random(seed)
-    passages = []
-    for i in range(max(n, negatives + 2)):
-        vocab = TOPICS[i % len(TOPICS)].split()
-        passages.append(f"doc {i}: " + " ".join(rng.choice(vocab) for _ in range(12)) + f" item{i}")
+
+    def passage(topic: int, tag: str) -> str:
+        vocab = TOPICS[topic % len(TOPICS)].split()
+        return f"{tag}: " + " ".join(rng.choice(vocab) for _ in range(12))
+
     rows = []
     for i in range(n):
-        negs = [passages[j] for j in rng.sample([j for j in range(len(passages)) if j != i], negatives)]
-        rows.append({"query": f"{passages[i].split(':')[1].split()[0]} item{i}?", "pos_doc": [passages[i]],
-                     "neg_doc": negs, "query_id": f"q{i}", "pos_ids": [f"p{i}"],
-                     "neg_ids": [f"p{passages.index(t)}" for t in negs]})
+        pos = passage(i, f"doc {i}")
+        negs = [passage(i + 1 + j, f"other {i}.{j}") for j in range(negatives)]
+        rows.append({"query": f"{pos.split()[2]} doc {i}?", "pos_doc": [pos], "neg_doc": negs,
+                     "query_id": f"q{i}", "pos_ids": [f"p{i}"], "neg_ids": [f"n{i}.{j}" for j in range(negatives)]})
     return rows
 
 
