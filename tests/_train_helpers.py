@@ -38,12 +38,14 @@ def make_run(root: Path, rows: list[dict]) -> RunDir:
     run = RunDir(root)
     st = run.stage("prep", {"test": True})
     st.up_to_date(force=True)
-    out = write_jsonl(run.path("prep", "train.jsonl"), rows) and run.path("prep", "train.jsonl")
+    out = run.path("prep", "train.jsonl")
+    write_jsonl(out, rows)
     st.finish(outputs=[out])
     return run
 
 
-def tiny_recipe(model_dir: Path, **finetune) -> Recipe:
-    ft = {"epochs": 1, "learning_rate": 1e-3, "checkpoint_steps": 50, "matryoshka_dims": None,
-          "val_corpus_size": 20, **finetune}
-    return validate_recipe({"model": {"name": str(model_dir)}, "finetune": ft})
+def tiny_recipe(model_dir: Path, model: dict | None = None, **finetune) -> Recipe:
+    """A recipe for a few fast steps on a tiny model (no Matryoshka unless asked, small validation corpus)."""
+    ft = {"epochs": 1, "learning_rate": 1e-3, "warmup_steps": 0, "checkpoint_steps": 50,
+          "matryoshka_dims": None, "val_corpus_size": 20, **finetune}
+    return validate_recipe({"model": {"name": str(model_dir), **(model or {})}, "finetune": ft})
