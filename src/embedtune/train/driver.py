@@ -144,7 +144,7 @@ def _finish(stage, model, trainer, cfg: FinetuneConfig, plan: BatchPlan, data: T
         "examples": n_examples, "train_examples": len(data.train), "val_queries": len(data.validation.queries),
         "steps": state.global_step, "epochs": round(float(state.epoch or 0), 3),
         "global_batch_size": plan.global_batch, "per_device_batch_size": plan.per_device,
-        "world_size": plan.world_size, "negatives": data.negatives, "filled_negatives": data.filled_negatives,
+        "world_size": plan.world_size, "gather_across_devices": plan.world_size > 1, "negatives": data.negatives, "filled_negatives": data.filled_negatives,
         "loss": plan.loss,
     }
     outputs = [out, write_log(history, stage.dir / "train_log.jsonl"),
