@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _train_helpers import make_run, synthetic_examples, tiny_recipe
 
+from _train_helpers import make_run, synthetic_examples, tiny_recipe
 from embedtune.models import load_model
 from embedtune.models.bidirectional import is_bidirectional
 
@@ -14,7 +14,7 @@ TEXTS = ["alpha beta gamma delta", "stars planets orbit", "a much longer sentenc
 
 
 def later_token_changes_earlier_state(model) -> bool:
-    """Change only the LAST word; does the FIRST content token's hidden state move? (No for causal attention.)"""
+    """Change only the LAST word; does the FIRST content token's state move? (Not with causal attention.)"""
     states = []
     for text in ("alpha beta gamma delta", "alpha beta gamma zebra"):
         features = model.preprocess([text])
@@ -56,8 +56,13 @@ def test_finetuned_llama_reloads_bidirectional(tmp_path, tiny_llama_dir, finetun
     from sentence_transformers import SentenceTransformer
 
     run = make_run(tmp_path / "run", synthetic_examples(24))
-    recipe = tiny_recipe(tiny_llama_dir, finetuning_type=finetuning_type, max_steps=2, learning_rate=5e-2,
-                         validation_fraction=0.0)
+    recipe = tiny_recipe(
+        tiny_llama_dir,
+        finetuning_type=finetuning_type,
+        max_steps=2,
+        learning_rate=5e-2,
+        validation_fraction=0.0,
+    )
     manifest = run_finetune_and_check(recipe, run)
     assert manifest.counts["steps"] == 2
     out = str(run.path("finetune", "model"))

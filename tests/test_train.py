@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from _train_helpers import make_run, synthetic_examples, tiny_recipe
 
+from _train_helpers import make_run, synthetic_examples, tiny_recipe
 from embedtune.artifacts import ArtifactError, read_jsonl
 from embedtune.models import ModelNotFoundError
 from embedtune.train import run_finetune
@@ -18,10 +18,17 @@ TEXTS = ["stars and planets", "flour and butter", "interest rates rise"]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_bert_dir):
-    """One full-weights run: 32 training rows, 8 held-out queries, 2 epochs of 2 steps, evaluated every step."""
+    """One full-weights run: 32 training rows, 8 held-out queries, 2 epochs x 2 steps, evaluated each step."""
     run = make_run(tmp_path_factory.mktemp("ft") / "run", synthetic_examples(40))
-    recipe = tiny_recipe(tiny_bert_dir, PROMPTS, epochs=2, checkpoint_steps=1, learning_rate=5e-3,
-                         validation_fraction=0.2, matryoshka_dims=[32, 16])
+    recipe = tiny_recipe(
+        tiny_bert_dir,
+        PROMPTS,
+        epochs=2,
+        checkpoint_steps=1,
+        learning_rate=5e-3,
+        validation_fraction=0.2,
+        matryoshka_dims=[32, 16],
+    )
     return recipe, run, run_finetune(recipe, run)
 
 
@@ -61,8 +68,13 @@ def test_keeps_the_best_checkpoint_not_the_last(trained):
     assert scores[manifest.metrics["best_step"]] == max(scores.values())
     # The saved model scores exactly the best value on the same held-out queries.
     cfg = recipe.finetune
-    data = prepare(load_examples(run.path("prep", "train.jsonl")), 4, cfg.validation_fraction,
-                   cfg.val_corpus_size, cfg.seed)
+    data = prepare(
+        load_examples(run.path("prep", "train.jsonl")),
+        4,
+        cfg.validation_fraction,
+        cfg.val_corpus_size,
+        cfg.seed,
+    )
     model = SentenceTransformer(str(run.path("finetune", "model")))
     evaluator = build_evaluator(data.validation, model, 16)
     assert evaluator(model)[evaluator.primary_metric] == pytest.approx(max(scores.values()), abs=1e-5)
@@ -79,8 +91,9 @@ def test_lora_merged_saves_a_plain_model_that_differs_from_base(tmp_path, tiny_b
     from embedtune.models import load_model
 
     run = make_run(tmp_path / "run", synthetic_examples(24))
-    recipe = tiny_recipe(tiny_bert_dir, finetuning_type="lora_merged", max_steps=2, learning_rate=5e-2,
-                         validation_fraction=0.0)
+    recipe = tiny_recipe(
+        tiny_bert_dir, finetuning_type="lora_merged", max_steps=2, learning_rate=5e-2, validation_fraction=0.0
+    )
     run_finetune(recipe, run)
     out = run.path("finetune", "model")
     names = {p.name for p in out.rglob("*")}

@@ -6,21 +6,24 @@ import json
 import logging
 
 import pytest
-from _train_helpers import synthetic_examples
 
+from _train_helpers import synthetic_examples
 from embedtune.artifacts import ArtifactError
 from embedtune.config import FinetuneConfig
 from embedtune.train.data import load_examples, prepare, to_dataset
 from embedtune.train.plan import matryoshka_dims, plan_batches
 
 
-@pytest.mark.parametrize(("dim", "expected"), [
-    (384, [384, 256, 128, 64]),
-    (768, [768, 512, 384, 256, 128]),
-    (1024, [1024, 768, 512, 384, 256]),
-    (2048, [2048, 1024, 768, 512, 384]),
-    (32, None),  # tiny models: nothing worth truncating to
-])
+@pytest.mark.parametrize(
+    ("dim", "expected"),
+    [
+        (384, [384, 256, 128, 64]),
+        (768, [768, 512, 384, 256, 128]),
+        (1024, [1024, 768, 512, 384, 256]),
+        (2048, [2048, 1024, 768, 512, 384]),
+        (32, None),  # tiny models: nothing worth truncating to
+    ],
+)
 def test_matryoshka_auto_rule(dim, expected):
     assert matryoshka_dims("auto", dim) == expected
 

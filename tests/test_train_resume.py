@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from _train_helpers import make_run, synthetic_examples, tiny_recipe
 
+from _train_helpers import make_run, synthetic_examples, tiny_recipe
 from embedtune.artifacts import read_json, read_jsonl
 from embedtune.config import dump_recipe
 from embedtune.train import run_finetune
@@ -21,8 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _start_cli(recipe_file: Path, run_dir: Path, log_file: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "embedtune", "finetune", "-c", str(recipe_file),
-                             "-r", str(run_dir)], env=env, stdout=log_file.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "embedtune", "finetune", "-c", str(recipe_file), "-r", str(run_dir)],
+        env=env,
+        stdout=log_file.open("w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, folder: Path, timeout: float = 240) -> Path:
@@ -42,8 +46,9 @@ def _wait_for_checkpoint(proc: subprocess.Popen, folder: Path, timeout: float = 
 def test_resume_after_kill_reaches_the_same_step_count(tmp_path, tiny_bert_dir):
     rows = synthetic_examples(64)
     # 64 rows, batch 16 -> 4 steps per epoch, 4 epochs -> 16 steps; a checkpoint every 2 steps.
-    recipe = tiny_recipe(tiny_bert_dir, epochs=4, checkpoint_steps=2, validation_fraction=0.0,
-                         save_total_limit=None)
+    recipe = tiny_recipe(
+        tiny_bert_dir, epochs=4, checkpoint_steps=2, validation_fraction=0.0, save_total_limit=None
+    )
 
     reference = run_finetune(recipe, make_run(tmp_path / "uninterrupted", rows))
     assert reference.counts["steps"] == 16
@@ -59,8 +64,11 @@ def test_resume_after_kill_reaches_the_same_step_count(tmp_path, tiny_bert_dir):
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert run.manifest("finetune") is None, "the killed run must not look finished"
-    killed_at = max(int(p.name.split("-")[1]) for p in run.path("finetune", "checkpoints").glob("checkpoint-*")
-                    if (p / "trainer_state.json").is_file())
+    killed_at = max(
+        int(p.name.split("-")[1])
+        for p in run.path("finetune", "checkpoints").glob("checkpoint-*")
+        if (p / "trainer_state.json").is_file()
+    )
     assert 2 <= killed_at < 16, f"killed too late to test resuming ({first.name})"
 
     resumed = run_finetune(recipe, run)

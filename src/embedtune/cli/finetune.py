@@ -23,10 +23,14 @@ from embedtune.cli._app import (
 @app.command()
 @user_errors
 def finetune(
-    model: Annotated[str | None, typer.Option(help="model spec to start from (default, a folder, a hub id)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="model spec to start from (default, a folder, a hub id)")
+    ] = None,
     finetuning_type: Annotated[str | None, typer.Option(help="all_weights or lora_merged")] = None,
     epochs: Annotated[float | None, typer.Option(help="training epochs")] = None,
-    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint of an interrupted run")] = True,
+    resume: Annotated[
+        bool, typer.Option(help="continue from the last checkpoint of an interrupted run")
+    ] = True,
     run_dir: RunDirOpt = None,
     config: ConfigOpt = None,
     override: OverrideOpt = None,
@@ -37,8 +41,14 @@ def finetune(
     from embedtune.train import run_finetune
     from embedtune.train.distributed import init_distributed
 
-    recipe = load(config, override, verbose, model__name=model, finetune__finetuning_type=finetuning_type,
-                  finetune__epochs=epochs)
+    recipe = load(
+        config,
+        override,
+        verbose,
+        model__name=model,
+        finetune__finetuning_type=finetuning_type,
+        finetune__epochs=epochs,
+    )
     dist = init_distributed()
     run = open_run(recipe, run_dir) if dist.is_main else _run_dir(recipe, run_dir)
     dist.barrier()

@@ -27,7 +27,7 @@ QUERY_PROMPT, PASSAGE_PROMPT = "query: ", "passage: "
 
 
 def load_bidirectional(spec: ModelSpec, device: str | None = None) -> SentenceTransformer:
-    """A plain transformers decoder folder -> SentenceTransformer: non-causal attention, mean pooling, prompts."""
+    """A plain transformers decoder folder -> SentenceTransformer: non-causal attention, mean pooling."""
     from sentence_transformers import SentenceTransformer, models
 
     word = models.Transformer(
@@ -40,7 +40,10 @@ def load_bidirectional(spec: ModelSpec, device: str | None = None) -> SentenceTr
     make_bidirectional(word.auto_model)
     pooling = models.Pooling(word.get_embedding_dimension(), pooling_mode=spec.pooling or "mean")
     st = SentenceTransformer(modules=[word, pooling, models.Normalize()], device=device)
-    st.prompts = {"query": spec.query_prompt or QUERY_PROMPT, "document": spec.passage_prompt or PASSAGE_PROMPT}
+    st.prompts = {
+        "query": spec.query_prompt or QUERY_PROMPT,
+        "document": spec.passage_prompt or PASSAGE_PROMPT,
+    }
     return st
 
 

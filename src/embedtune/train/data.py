@@ -94,8 +94,9 @@ def build_validation(val: list[TrainExample], train: list[TrainExample], extra: 
     return v
 
 
-def prepare(examples: list[TrainExample], negatives: int, val_fraction: float, val_corpus: int,
-            seed: int) -> TrainingData:
+def prepare(
+    examples: list[TrainExample], negatives: int, val_fraction: float, val_corpus: int, seed: int
+) -> TrainingData:
     train, val = split_by_query(examples, val_fraction, seed)
     filled = sum(1 for ex in train if len(ex.neg_doc) < negatives)
     return TrainingData(train, build_validation(val, train, val_corpus, seed), negatives, filled)

@@ -1,4 +1,4 @@
-"""torchrun / accelerate launch support: one process group, rank-0-only writes, decisions broadcast from rank 0.
+"""torchrun / accelerate launch: one process group, rank-0-only writes, decisions broadcast from rank 0.
 
 The process group is created here (before the HF trainer would create it) so that the stage can agree on
 "skip or run" and "resume from which checkpoint" across ranks before any training starts.

@@ -1,6 +1,6 @@
 """LoRA on the backbone (peft through sentence-transformers' adapter API), merged before saving.
 
-The merged output is a plain model: export and serving take it as is, with no adapter files or peft at runtime.
+The merged output is a plain model: export and serving take it as is, no adapter files or peft.
 """
 
 from __future__ import annotations
@@ -52,8 +52,15 @@ def add_lora(model: SentenceTransformer, cfg: LoraConfig) -> None:
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType
 
-    model.add_adapter(PeftLoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=cfg.rank, lora_alpha=cfg.alpha,
-                                     lora_dropout=cfg.dropout, target_modules=target_modules(model, cfg)))
+    model.add_adapter(
+        PeftLoraConfig(
+            task_type=TaskType.FEATURE_EXTRACTION,
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=target_modules(model, cfg),
+        )
+    )
 
 
 def merge_lora(model: SentenceTransformer) -> None:

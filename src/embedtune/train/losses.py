@@ -1,4 +1,4 @@
-"""The contrastive loss: InfoNCE over 1 positive + hard negatives + in-batch negatives, optionally Matryoshka."""
+"""The contrastive loss: InfoNCE over 1 positive + hard negatives + in-batch negatives (+ Matryoshka)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def build_loss(model: SentenceTransformer, plan: BatchPlan, temperature: float,
-               dims: list[int] | None) -> nn.Module:
+def build_loss(
+    model: SentenceTransformer, plan: BatchPlan, temperature: float, dims: list[int] | None
+) -> nn.Module:
     """MNRL (or its GradCache twin), scale = 1/temperature, negatives gathered across ranks under DDP."""
     from sentence_transformers.sentence_transformer import losses
 

@@ -1,4 +1,4 @@
-"""Decisions made before training: batch sizes, step counts, Matryoshka dims, precision/optimizer by hardware."""
+"""Decisions made before training: batch sizes, steps, Matryoshka dims, precision/optimizer by hardware."""
 
 from __future__ import annotations
 
@@ -48,20 +48,37 @@ def plan_batches(cfg: FinetuneConfig, n_train: int, world_size: int = 1) -> Batc
     steps_per_epoch = math.ceil(n_train / global_batch)
     total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
     if scaled and global_batch != cfg.global_batch_size:
-        log.info("small data (%d examples < %d): global batch %d -> %d", n_train, SMALL_DATA,
-                 cfg.global_batch_size, global_batch)
+        log.info(
+            "small data (%d examples < %d): global batch %d -> %d",
+            n_train,
+            SMALL_DATA,
+            cfg.global_batch_size,
+            global_batch,
+        )
     if total < FEW_STEPS:
-        log.warning("only %d optimizer steps (%d per epoch): the model will barely move; more data or epochs "
-                    "would help", total, steps_per_epoch)
-    return BatchPlan(global_batch, per_device, world_size, mini if kind == "cached_mnrl" else None, kind,
-                     steps_per_epoch, total, scaled)
+        log.warning(
+            "only %d optimizer steps (%d per epoch): the model will barely move; more data or epochs "
+            "would help",
+            total,
+            steps_per_epoch,
+        )
+    return BatchPlan(
+        global_batch,
+        per_device,
+        world_size,
+        mini if kind == "cached_mnrl" else None,
+        kind,
+        steps_per_epoch,
+        total,
+        scaled,
+    )
 
 
 def matryoshka_dims(setting: list[int] | str | None, dim: int) -> list[int] | None:
     """The truncation sizes MatryoshkaLoss trains, largest first; None means plain training.
 
     ``auto``: the full size plus the ladder sizes below it down to max(64, dim/6), e.g. 384 -> 384/256/128/64,
-    768 -> 768/512/384/256/128, 2048 -> 2048/1024/768/512/384. Models of fewer than 128 dims (tiny test models)
+    768 -> 768/512/384/256/128, 2048 -> 2048/1024/768/512/384. Models below 128 dims (tiny test models)
     get None: there is nothing worth truncating to.
     """
     if setting is None:
@@ -90,7 +107,9 @@ def hardware() -> Hardware:
     import torch
 
     if not torch.cuda.is_available():
-        log.info("no CUDA device: training in fp32 on CPU with torch AdamW (bf16/tf32/fused AdamW are GPU-only)")
+        log.info(
+            "no CUDA device: training in fp32 on CPU with torch AdamW (bf16/tf32/fused AdamW are GPU-only)"
+        )
         return Hardware(False, False, False, "adamw_torch")
     bf16 = torch.cuda.is_bf16_supported()
     tf32 = torch.cuda.get_device_capability()[0] >= 8

@@ -23,15 +23,27 @@ VAL_NAME = "val"
 STATE_FILE = "trainer_state.json"
 
 
-def build_evaluator(val: Validation, model: SentenceTransformer, batch_size: int) -> InformationRetrievalEvaluator:
+def build_evaluator(
+    val: Validation, model: SentenceTransformer, batch_size: int
+) -> InformationRetrievalEvaluator:
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     prompts = model.prompts or {}
     return InformationRetrievalEvaluator(
-        val.queries, val.corpus, val.relevant, name=VAL_NAME, batch_size=batch_size,
-        ndcg_at_k=[10], mrr_at_k=[10], map_at_k=[10], accuracy_at_k=[1, 5, 10],
-        precision_recall_at_k=[1, 5, 10], query_prompt=prompts.get("query") or None,
-        corpus_prompt=prompts.get("document") or None, write_csv=False, show_progress_bar=False,
+        val.queries,
+        val.corpus,
+        val.relevant,
+        name=VAL_NAME,
+        batch_size=batch_size,
+        ndcg_at_k=[10],
+        mrr_at_k=[10],
+        map_at_k=[10],
+        accuracy_at_k=[1, 5, 10],
+        precision_recall_at_k=[1, 5, 10],
+        query_prompt=prompts.get("query") or None,
+        corpus_prompt=prompts.get("document") or None,
+        write_csv=False,
+        show_progress_bar=False,
     )
 
 
@@ -39,20 +51,32 @@ def column_prompts(model: SentenceTransformer, negatives: int) -> dict[str, str]
     """The model's query prompt for the anchor, its passage prompt for positive and negatives."""
     prompts = model.prompts or {}
     query, passage = prompts.get("query", ""), prompts.get("document", "")
-    mapping = {"anchor": query, "positive": passage, **{f"negative_{i}": passage for i in range(1, negatives + 1)}}
+    mapping = {
+        "anchor": query,
+        "positive": passage,
+        **{f"negative_{i}": passage for i in range(1, negatives + 1)},
+    }
     mapping = {k: v for k, v in mapping.items() if v}
     return mapping or None
 
 
-def training_arguments(cfg: FinetuneConfig, plan: BatchPlan, hw: Hardware, out: Path, prompts: dict | None,
-                       best_metric: str | None) -> Any:
+def training_arguments(
+    cfg: FinetuneConfig,
+    plan: BatchPlan,
+    hw: Hardware,
+    out: Path,
+    prompts: dict | None,
+    best_metric: str | None,
+) -> Any:
     from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
 
     eval_steps = cfg.eval_steps or cfg.checkpoint_steps
     if best_metric and cfg.checkpoint_steps % eval_steps:
-        raise ValueError(f"finetune.checkpoint_steps ({cfg.checkpoint_steps}) must be a multiple of "
-                         f"finetune.eval_steps ({eval_steps}) so the best checkpoint can be kept")
+        raise ValueError(
+            f"finetune.checkpoint_steps ({cfg.checkpoint_steps}) must be a multiple of "
+            f"finetune.eval_steps ({eval_steps}) so the best checkpoint can be kept"
+        )
     return SentenceTransformerTrainingArguments(
         output_dir=str(out),
         num_train_epochs=cfg.epochs,
@@ -89,7 +113,7 @@ def training_arguments(cfg: FinetuneConfig, plan: BatchPlan, hw: Hardware, out: 
 
 
 class Throughput(TrainerCallback):
-    """Examples/s over optimizer steps only (evaluation and checkpoint writes excluded), logged with the loss."""
+    """Examples/s over optimizer steps only (evaluation and checkpoint writes excluded), logged."""
 
     def __init__(self, global_batch: int):
         self.global_batch = global_batch
@@ -113,15 +137,20 @@ class Throughput(TrainerCallback):
         if logs is not None and "loss" in logs and self.seconds:
             logs["examples_per_second"] = round(self.examples_per_second, 2)
             if state.is_world_process_zero:
-                log.info("step %d/%d  loss %.4f  %.1f examples/s", state.global_step, state.max_steps,
-                         float(logs["loss"]), self.examples_per_second)
+                log.info(
+                    "step %d/%d  loss %.4f  %.1f examples/s",
+                    state.global_step,
+                    state.max_steps,
+                    float(logs["loss"]),
+                    self.examples_per_second,
+                )
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint whose trainer state was written completely (a kill -9 can leave half a folder)."""
+    """The newest checkpoint whose trainer state was written completely (kill -9 can leave half a folder)."""
     if not folder.is_dir():
         return None
     found = []
@@ -135,11 +164,16 @@ def last_checkpoint(folder: Path) -> Path | None:
 def clean_checkpoints(folder: Path, fingerprint: str, resume: bool) -> None:
     """Drop checkpoints of a different config/input (or all, without resume) and incomplete ones (rank 0)."""
     marker = folder / "fingerprint.txt"
-    stale = folder.is_dir() and (not resume or not marker.is_file() or marker.read_text().strip() != fingerprint)
+    stale = folder.is_dir() and (
+        not resume or not marker.is_file() or marker.read_text().strip() != fingerprint
+    )
     if stale:
         if any(folder.glob("checkpoint-*")):
-            log.info("discarding checkpoints in %s (%s)", folder,
-                     "--no-resume/--force" if not resume else "config or input changed")
+            log.info(
+                "discarding checkpoints in %s (%s)",
+                folder,
+                "--no-resume/--force" if not resume else "config or input changed",
+            )
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(fingerprint + "\n")
