@@ -50,6 +50,8 @@ def test_manifest_reports_steps_throughput_and_validation(trained):
     assert manifest.metrics["matryoshka_dims"] == [32, 16]
     assert 0 <= manifest.metrics["best_val_ndcg@10"] <= 1
     assert run.path("finetune", "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = run.path("finetune", "summary.md").read_text()
+    assert "| steps | 4 |" in summary and "examples/s" in summary
     losses = [r for r in read_jsonl(run.path("finetune", "train_log.jsonl")) if "loss" in r]
     assert [r["step"] for r in losses] == [1, 2, 3, 4]
 

@@ -21,7 +21,7 @@ from embedtune.train.distributed import init_distributed
 from embedtune.train.lora import add_lora, merge_lora, target_modules
 from embedtune.train.losses import build_loss
 from embedtune.train.plan import BatchPlan, hardware, matryoshka_dims, plan_batches
-from embedtune.train.report import plot_curves, write_log
+from embedtune.train.report import plot_curves, write_log, write_summary
 from embedtune.train.trainer import (
     Throughput,
     build_evaluator,
@@ -216,6 +216,7 @@ def _finish(
         out,
         write_log(history, stage.dir / "train_log.jsonl"),
         plot_curves(history, metric, stage.dir / "loss_curve.png"),
+        write_summary(counts, metrics, stage.dir / "summary.md"),
     ]
     log.info(
         "finetune: %d steps, %.1f examples/s, best validation nDCG@10 %s (base %s)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from embedtune.artifacts import atomic_open, write_jsonl
+from embedtune.artifacts import atomic_open, write_jsonl, write_text
 
 
 def write_log(history: list[dict[str, Any]], path: Path) -> Path:
@@ -36,3 +36,27 @@ def plot_curves(history: list[dict[str, Any]], metric: str | None, path: Path) -
         fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
     return path
+
+
+def write_summary(counts: dict[str, Any], metrics: dict[str, Any], path: Path) -> Path:
+    """The run's figures as a Markdown table."""
+    rows = [
+        ("steps", counts["steps"]),
+        ("epochs", counts["epochs"]),
+        ("training examples", counts["train_examples"]),
+        ("validation queries", counts["val_queries"]),
+        (
+            "global batch",
+            f"{counts['global_batch_size']} ({counts['world_size']} x {counts['per_device_batch_size']})",
+        ),
+        ("loss", counts["loss"]),
+        ("Matryoshka dims", metrics.get("matryoshka_dims") or "off"),
+        ("examples/s", metrics["examples_per_second"]),
+        ("training seconds", metrics["train_seconds"]),
+        ("validation nDCG@10, base", metrics.get("base_val_ndcg@10")),
+        ("validation nDCG@10, best", metrics.get("best_val_ndcg@10")),
+        ("best step", metrics.get("best_step")),
+        ("resumed from step", metrics.get("resumed_from_step") or "-"),
+    ]
+    lines = ["# finetune", "", "| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+    return write_text(path, "\n".join(lines) + "\n")
