@@ -134,7 +134,12 @@ class FinetuneConfig(StrictModel):
     lr_scheduler: str = "cosine"
     weight_decay: float = Field(0.01, ge=0)
     global_batch_size: int = Field(128, ge=1)
-    micro_batch_size: int | None = Field(None, ge=1, description="None: whole batch (cached loss bounds memory)")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="GradCache mini-batch; None: whole per-device batch in one forward pass"
+    )
+    loss: Literal["auto", "mnrl", "cached_mnrl"] = Field(
+        "auto", description="auto: cached_mnrl (GradCache) if micro_batch_size < per-device batch, else mnrl"
+    )
     auto_scale_batch: bool = True
     passages_per_query: int = Field(5, ge=1, description="1 positive + (n-1) hard negatives")
     temperature: float = Field(0.02, gt=0)
@@ -143,6 +148,8 @@ class FinetuneConfig(StrictModel):
     validation_fraction: float = Field(0.1, ge=0, lt=1)
     eval_steps: int | None = Field(None, gt=0)
     checkpoint_steps: int = Field(50, gt=0)
+    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept (plus the best)")
+    val_corpus_size: int = Field(1000, ge=0, description="other passages added to the validation corpus")
     seed: int = 42
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
