@@ -131,3 +131,10 @@ def test_units_bundle_neighbouring_chunks_for_multi_hop():
     assert bundles[0].mix == {"multi_hop": 1} and bundles[0].min_hops == 2
     solo = next(u for u in singles if u.chunks[0].doc_id == "d2")
     assert sum(solo.mix.values()) == 2  # a one-chunk document gets the full quota as single-hop questions
+
+
+def test_generated_prose_is_not_a_query():
+    assert filters.check_is_query("The sun. The sun heats the earth, making it warm.") == "multi_sentence"
+    assert filters.check_is_query("what heats the earth?") is None
+    assert filters.looks_like_question("how do tides form") and filters.looks_like_question("tides?")
+    assert not filters.looks_like_question("money can only pay their money")

@@ -64,6 +64,9 @@ class LocalGeneratorConfig(StrictModel):
     samples_per_chunk: int = Field(4, ge=1, description="sampled queries per chunk, before filtering")
     max_passage_tokens: int = Field(256, gt=0, description="the passage is cut to this many tokens")
     max_new_tokens: int = Field(40, gt=0)
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads while generating; 1 is far faster on an oversubscribed CPU"
+    )
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
 

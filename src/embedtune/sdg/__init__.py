@@ -64,8 +64,11 @@ def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     try:
         generator = get_generator(recipe.sdg.generator)(recipe, cache, stage.dir)
         try:
+            t_gen = time.perf_counter()
             candidates = generator.generate(sample, counts)
+            t_filter = time.perf_counter()
             result = QueryFilter(recipe, generator, chunks, counts).apply(candidates)
+            t_done = time.perf_counter()
         finally:
             generator.close()
     finally:
@@ -87,7 +90,8 @@ def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     }
     metrics = {"queries_per_second": round(len(rows) / seconds, 4),
                "chunks_per_second": round(len(sample) / seconds, 4),
-               "queries_per_chunk": round(len(rows) / max(1, len(sample)), 4), "seconds": round(seconds, 2)}
+               "queries_per_chunk": round(len(rows) / max(1, len(sample)), 4), "seconds": round(seconds, 2),
+               "seconds_generate": round(t_filter - t_gen, 2), "seconds_filter": round(t_done - t_filter, 2)}
     if rows and result.ranks:
         metrics["roundtrip_rank_median"] = float(np.median(result.ranks))
     log.info("sdg: kept %d of %d candidates from %d chunks", len(rows), len(candidates), len(sample))
@@ -209,9 +213,12 @@ class QueryFilter:
         return kept
 
     def _quota(self, cands: list[Candidate]) -> list[Candidate]:
+        """At most ``queries_per_chunk`` per source chunk, preferring question-shaped queries, then those
+        whose positive the base model ranks higher (more likely answerable)."""
         per_source: Counter[str] = Counter()
         kept = []
-        for cand in cands:
+        ordered = sorted(cands, key=lambda c: (not filters.looks_like_question(c.text), c.roundtrip_rank or 0))
+        for cand in ordered:
             per_source[cand.source] += 1
             if per_source[cand.source] > self.recipe.sdg.queries_per_chunk:
                 self._reject(cand, "over_quota")

@@ -22,6 +22,12 @@ _CODE_HINTS = re.compile(
     r"```|</?[a-z]+[^>]*>|\bdef |\bimport |\breturn\b.*;|=>|::|\{\s*\"|;\s*$|^\s*[#$>] |https?://"
 )
 _PROMPT_LEAK = re.compile(r"^\s*(passage|query|question|answer)\s*:", re.IGNORECASE)
+# A sentence end followed by another sentence: generated prose, not a query (a query is one sentence).
+_SECOND_SENTENCE = re.compile(r"[.!?。！？]\s*\S+\s+\S+")
+_QUESTION_START = re.compile(
+    r"^(what|which|who|whom|whose|when|where|why|how|is|are|was|were|do|does|did|can|could|should|would|will|"
+    r"has|have|had|wie|was|wer|wo|warum|welche[rsn]?|ist|sind|qu[ée]|c[oó]mo|por qu[ée]|quel(le)?s?)\b",
+    re.IGNORECASE)
 
 
 def is_spaceless(text: str) -> bool:
@@ -56,7 +62,15 @@ def check_is_query(text: str) -> str | None:
         return "not_a_query"
     if _CODE_HINTS.search(stripped) or _PROMPT_LEAK.search(stripped):
         return "not_a_query"
+    if _SECOND_SENTENCE.search(stripped):
+        return "multi_sentence"
     return None
+
+
+def looks_like_question(text: str) -> bool:
+    """Ends with a question mark or starts with a question word (used to rank, never to reject)."""
+    stripped = text.strip()
+    return stripped.endswith(("?", "？")) or bool(_QUESTION_START.match(stripped))
 
 
 def normalize(text: str) -> str:

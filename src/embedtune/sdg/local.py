@@ -12,9 +12,11 @@ continuations, instead of recomputing the prompt for every sample. Generation st
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from embedtune.console import track
@@ -62,6 +64,9 @@ class LocalGenerator(Generator):
             raise SdgError(f"sdg.local.model_path does not exist: {self.path}")
         self._model = None
         self._tokenizer = None
+        #: Run the prompt once per chunk and copy its cache for the samples (off: the plain
+        #: ``num_return_sequences`` way, kept as the benchmark's baseline).
+        self.share_prompt_cache = True
 
     @property
     def model_name(self) -> str:
@@ -84,25 +89,23 @@ class LocalGenerator(Generator):
 
     def generate(self, chunks: Sequence[Chunk], counts: Counter[str]) -> list[Candidate]:
         settings = self.cfg.model_dump(mode="json") | {"model": str(self.path), "seed": self.seed}
-        keys = [request_key("local", settings, FEW_SHOT, c.title, c.text) for c in chunks]
-        cached = {k: self.cache.get(k) for k in keys}
-        todo = [c for c, k in zip(chunks, keys, strict=True) if cached[k] is None]
+        keys = {c.id: request_key("local", settings, FEW_SHOT, c.title, c.text) for c in chunks}
+        samples: dict[str, list[str]] = {}
+        for c in chunks:
+            if (hit := self.cache.get(keys[c.id])) is not None:
+                samples[c.id] = hit.split("\n") if hit else []
+        todo = [c for c in chunks if c.id not in samples]
         batches = [todo[i:i + self.cfg.batch_size] for i in range(0, len(todo), self.cfg.batch_size)]
-        done = {}
-        for batch in track(batches, "generating queries (local)", total=len(batches)):
-            for chunk, texts in zip(batch, self._sample(batch), strict=True):
-                key = keys[chunks.index(chunk)] if len(chunks) < 64 else None
-                done[chunk.id] = texts
-                self.cache.put(key or request_key("local", settings, FEW_SHOT, chunk.title, chunk.text),
-                               "\n".join(texts), "local")
+        with _torch_threads(self.cfg.threads):
+            for batch in track(batches, "generating queries (local)", total=len(batches)):
+                for chunk, texts in zip(batch, self._sample(batch), strict=True):
+                    samples[chunk.id] = texts
+                    self.cache.put(keys[chunk.id], "\n".join(texts), "local")  # resumable batch by batch
         out = []
-        for chunk, key in zip(chunks, keys, strict=True):
-            texts = done.get(chunk.id)
-            if texts is None:
-                texts = cached[key].split("\n") if cached[key] else []
-            counts["samples"] += len(texts)
-            out.extend(Candidate(text=t, positive_ids=[chunk.id], doc_id=chunk.doc_id, source=chunk.id,
-                                 query_type="contextual", hops=1) for t in texts)
+        for c in chunks:
+            counts["samples"] += len(samples[c.id])
+            out.extend(Candidate(text=t, positive_ids=[c.id], doc_id=c.doc_id, source=c.id,
+                                 query_type="contextual", hops=1) for t in samples[c.id])
         return out
 
     def _sample(self, batch: Sequence[Chunk]) -> list[list[str]]:
@@ -115,21 +118,32 @@ class LocalGenerator(Generator):
         enc = tok(prompts, return_tensors="pt", padding=True)
         n = self.cfg.samples_per_chunk
         stop = [tok.eos_token_id, *tok.encode("\n", add_special_tokens=False)[-1:]]
-        torch.manual_seed(self.seed + hash(tuple(c.id for c in batch)) % 10_000)
+        # Seeded per batch content, so a resumed run draws what an uninterrupted one would have.
+        torch.manual_seed(self.seed + zlib.crc32("\x00".join(c.id for c in batch).encode()))
+        # min_new_tokens: a newline as the very first token would end the query before it starts.
+        sampling = {"do_sample": True, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
+                    "max_new_tokens": self.cfg.max_new_tokens, "min_new_tokens": 2, "eos_token_id": stop,
+                    "pad_token_id": tok.pad_token_id}
+        if not self.share_prompt_cache:
+            with torch.inference_mode():
+                out = model.generate(**enc, num_return_sequences=n, **sampling)
+            return self._split(tok, out, enc.input_ids.shape[1], len(batch), n)
         with torch.inference_mode():
             # Prefill the shared prompt once, then sample n continuations from copies of its cache.
             cache = DynamicCache(config=model.config)
             model(input_ids=enc.input_ids[:, :-1], attention_mask=enc.attention_mask[:, :-1],
-                  past_key_values=cache, use_cache=True)
+                  past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(n)
-            out = model.generate(
-                input_ids=enc.input_ids.repeat_interleave(n, 0),
-                attention_mask=enc.attention_mask.repeat_interleave(n, 0),
-                past_key_values=cache, do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                max_new_tokens=self.cfg.max_new_tokens, eos_token_id=stop, pad_token_id=tok.pad_token_id)
-        texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(input_ids=enc.input_ids.repeat_interleave(n, 0),
+                                 attention_mask=enc.attention_mask.repeat_interleave(n, 0),
+                                 past_key_values=cache, **sampling)
+        return self._split(tok, out, enc.input_ids.shape[1], len(batch), n)
+
+    @staticmethod
+    def _split(tok, out, prompt_len: int, n_chunks: int, n: int) -> list[list[str]]:
+        texts = tok.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
         lines = [t.strip().split("\n")[0].strip() for t in texts]
-        return [lines[i * n:(i + 1) * n] for i in range(len(batch))]
+        return [lines[i * n:(i + 1) * n] for i in range(n_chunks)]
 
     def _passage(self, chunk: Chunk, tok) -> str:
         text = f"{chunk.title}. {chunk.text}" if chunk.title else chunk.text
@@ -138,3 +152,18 @@ class LocalGenerator(Generator):
 
     def close(self) -> None:
         self._model = self._tokenizer = None
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
