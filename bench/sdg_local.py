@@ -30,7 +30,10 @@ from embedtune.sdg import run_sdg  # noqa: E402
 from embedtune.sdg.cache import ResponseCache  # noqa: E402
 from embedtune.sdg.local import LocalGenerator  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact" / "corpus.jsonl"
+# ``shared/data`` beside the checkout (or beside the folder of worktrees).
+SCIFACT = Path("shared", "data", "scifact", "corpus.jsonl")
+DEFAULT_DATA = next((p / SCIFACT for p in Path(__file__).resolve().parents if (p / SCIFACT).is_file()),
+                    Path("..") / SCIFACT)
 
 
 def main() -> None:
@@ -42,7 +45,7 @@ def main() -> None:
     ap.add_argument("--queries-per-chunk", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--baseline-chunks", type=int, default=8, help="0 skips the baseline")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for generation (sdg.local.threads)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads while generating")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="run directory (default: a temporary one)")
     args = ap.parse_args()
@@ -54,7 +57,8 @@ def main() -> None:
     write_jsonl(corpus_file, docs[: args.corpus_docs])
     recipe = load_recipe(None, [
         f"corpus.path={corpus_file}", f"sdg.max_chunks={args.chunks}", f"sdg.seed={args.seed}",
-        f"sdg.queries_per_chunk={args.queries_per_chunk}", f"sdg.local.samples_per_chunk={args.samples_per_chunk}",
+        f"sdg.queries_per_chunk={args.queries_per_chunk}",
+        f"sdg.local.samples_per_chunk={args.samples_per_chunk}",
         f"sdg.local.batch_size={args.batch_size}",
         *([f"sdg.local.threads={args.threads}"] if args.threads else []),
     ])
@@ -97,7 +101,8 @@ def report(args, manifest, rows, baseline, load: float) -> str:
         "|---|---|",
         f"| chunks processed | {c['chunks_processed']} |",
         f"| samples generated | {c['generated']} |",
-        f"| usable (passed every filter, before the per-chunk cap) | {usable} ({usable / c['generated']:.0%}) |",
+        f"| usable (passed every filter, before the per-chunk cap) | {usable} "
+        f"({usable / c['generated']:.0%}) |",
         f"| usable per chunk | {usable / c['chunks_processed']:.2f} |",
         f"| kept (after cap) | {c['kept']} ({m['queries_per_chunk']:.2f}/chunk) |",
         f"| chunks without a query | {c['chunks_without_queries']} |",
@@ -111,7 +116,8 @@ def report(args, manifest, rows, baseline, load: float) -> str:
         "",
         "| rejected because | count | share of samples |",
         "|---|---|---|",
-        *(f"| {r} | {n} | {n / c['generated']:.0%} |" for r, n in sorted(rejected.items(), key=lambda x: -x[1])),
+        *(f"| {r} | {n} | {n / c['generated']:.0%} |"
+          for r, n in sorted(rejected.items(), key=lambda x: -x[1])),
     ]
     ranks = [r["roundtrip_rank"] for r in rows if r.get("roundtrip_rank")]
     if ranks:

@@ -25,15 +25,20 @@ CHUNKS = [
     Chunk(_id="sail#1", doc_id="sail", title="Sailing", start=100,
           text="At anchor the crew checks the tide tables so the keel stays clear of the harbour floor."),
     Chunk(_id="bake#0", doc_id="bake", title="Baking", start=0,
-          text="Bread dough rises in a warm kitchen for an hour before it is shaped and baked. MARK_MALFORMED"),
+          text="Bread dough rises in a warm kitchen for an hour before it is shaped and baked."
+               " MARK_MALFORMED"),
     Chunk(_id="stars#0", doc_id="stars", title="Astronomy", start=0,
-          text="A small telescope shows the moons of Jupiter and the rings of Saturn on clear nights. MARK_429"),
+          text="A small telescope shows the moons of Jupiter and the rings of Saturn on clear nights."
+               " MARK_429"),
     Chunk(_id="bank#0", doc_id="bank", title="Finance", start=0,
-          text="Central banks raise interest rates to slow inflation when prices climb too quickly. MARK_500"),
+          text="Central banks raise interest rates to slow inflation when prices climb too quickly."
+               " MARK_500"),
     Chunk(_id="med#0", doc_id="med", title="Medicine", start=0,
-          text="Doctors adjust the dosage of a vaccine for children according to their age and weight. MARK_SLOW"),
+          text="Doctors adjust the dosage of a vaccine for children according to their age and weight."
+               " MARK_SLOW"),
     Chunk(_id="cpu#0", doc_id="cpu", title="Computing", start=0,
-          text="Compilers turn source code into machine instructions that processors execute. MARK_GARBAGE"),
+          text="Compilers turn source code into machine instructions that processors execute."
+               " MARK_GARBAGE"),
 ]
 
 # Per chunk: a good question, its near-duplicate (one word more) and a weak one the judge scores low.
@@ -247,7 +252,8 @@ def test_llm_end_to_end_retries_parses_judges_dedups_and_caches(tmp_path, defaul
 def test_unreachable_endpoint_and_bad_key_fail_clearly_and_resume(tmp_path, tiny_bert_dir):
     run = make_run(tmp_path, CHUNKS[:2])
     with ScriptedLLM() as server:
-        recipe = recipe_for(server, tiny_bert_dir, **{"sdg.dedup_threshold": "1.0", "sdg.llm.concurrency": "1"})
+        recipe = recipe_for(server, tiny_bert_dir,
+                            **{"sdg.dedup_threshold": "1.0", "sdg.llm.concurrency": "1"})
         server.status_override = 401
         with pytest.raises(SdgError, match=r"rejected the API key from \$SDG_TEST_KEY") as err:
             run_sdg(recipe, run)

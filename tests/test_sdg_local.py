@@ -39,7 +39,7 @@ class Scripted(Generator):
             topic = c.doc_id.split("-")[0]
             words = c.text.split()
             for text in (f"which {topic} ideas relate to {words[1].lower()} and {words[3].lower()}",
-                         " ".join(words[:8]),            # copied from the passage
+                         " ".join(words[:6]),            # copied from the passage
                          "???",                           # not a query
                          f"{topic}?"):                    # too short
                 out.append(Candidate(text=text, positive_ids=[c.id], doc_id=c.doc_id, source=c.id))
@@ -54,7 +54,8 @@ def test_plugin_generator_runs_through_the_shared_filters(tmp_path, topical_docs
     chunks = topical_chunks(topical_docs)
     run = make_run(tmp_path, chunks)
     top_k = 8
-    recipe = load_recipe(None, ["sdg.generator=scripted", f"model.name={tiny_bert_dir}", "sdg.dedup_threshold=1.0",
+    recipe = load_recipe(None, ["sdg.generator=scripted", f"model.name={tiny_bert_dir}",
+                                "sdg.dedup_threshold=1.0",
                                 "sdg.filters.roundtrip=true", f"sdg.filters.roundtrip_top_k={top_k}",
                                 "sdg.filters.roundtrip_min_rank=2"])
     manifest = run_sdg(recipe, run)
@@ -121,4 +122,21 @@ def test_local_generator_writes_usable_queries(tmp_path, default_model_dir):
     # A forced rerun reuses the cached samples: same queries, no generation.
     again = run_sdg(recipe, run, force=True)
     assert again.counts["cache_hits"] == len(chunks)
-    assert {q.text for q in read_rows(run.path("sdg", "queries.jsonl"), SyntheticQuery)} == {q.text for q in rows}
+    rerun = read_rows(run.path("sdg", "queries.jsonl"), SyntheticQuery)
+    assert {q.text for q in rerun} == {q.text for q in rows}
+
+
+def test_cli_sdg_runs_a_plugin_and_reports_unknown_generators(tmp_path, topical_docs, tiny_bert_dir):
+    from typer.testing import CliRunner
+
+    from embedtune.cli import app
+
+    register_generator("scripted", Scripted)
+    run = make_run(tmp_path, topical_chunks(topical_docs))
+    runner = CliRunner()
+    common = ["sdg", "--run-dir", str(run.root), "-o", f"model.name={tiny_bert_dir}"]
+    bad = runner.invoke(app, [*common, "--generator", "nope"])
+    assert bad.exit_code == 1 and "unknown sdg.generator 'nope'" in bad.output
+    ok = runner.invoke(app, [*common, "--generator", "scripted", "--max-chunks", "5"])
+    assert ok.exit_code == 0, ok.output
+    assert run.manifest("sdg").counts["chunks_processed"] == 5

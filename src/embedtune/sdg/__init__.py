@@ -217,7 +217,8 @@ class QueryFilter:
         whose positive the base model ranks higher (more likely answerable)."""
         per_source: Counter[str] = Counter()
         kept = []
-        ordered = sorted(cands, key=lambda c: (not filters.looks_like_question(c.text), c.roundtrip_rank or 0))
+        ordered = sorted(cands, key=lambda c: (not filters.looks_like_question(c.text),
+                                               c.roundtrip_rank or 0))
         for cand in ordered:
             per_source[cand.source] += 1
             if per_source[cand.source] > self.recipe.sdg.queries_per_chunk:

@@ -92,7 +92,7 @@ _REGISTRY: dict[str, GeneratorFactory] = {}
 
 
 def register_generator(name: str, cls: GeneratorFactory) -> None:
-    """Make ``cls`` selectable as ``sdg.generator: <name>``; it is called as ``cls(recipe, cache, workdir)``."""
+    """Make ``cls`` selectable as ``sdg.generator: <name>``; called as ``cls(recipe, cache, workdir)``."""
     _REGISTRY[name] = cls
 
 
@@ -106,7 +106,8 @@ def get_generator(name: str) -> GeneratorFactory:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise SdgError(f"unknown sdg.generator {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+        names = ", ".join(sorted(_REGISTRY))
+        raise SdgError(f"unknown sdg.generator {name!r}; registered: {names}") from None
 
 
 def _load_builtins() -> None:

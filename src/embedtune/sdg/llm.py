@@ -44,7 +44,8 @@ class LLMGenerator(Generator):
         key = os.environ.get(self.cfg.api_key_env)
         if not key:
             # Local servers (vLLM, Ollama, llama.cpp) accept any key; the client insists on one.
-            log.info("environment variable %s is not set; sending a placeholder API key", self.cfg.api_key_env)
+            log.info("environment variable %s is not set; sending a placeholder API key",
+                     self.cfg.api_key_env)
         self._api_key = key or "not-set"
 
     @property
@@ -86,7 +87,8 @@ class LLMGenerator(Generator):
             counts["units_without_queries"] += 1
         return out
 
-    def _candidate(self, pair: Any, unit: Unit, labels: dict[str, str], counts: Counter[str]) -> Candidate | None:
+    def _candidate(self, pair: Any, unit: Unit, labels: dict[str, str],
+                   counts: Counter[str]) -> Candidate | None:
         if not isinstance(pair, dict) or not isinstance(pair.get("question"), str):
             counts["rejected_malformed_pair"] += 1
             return None
@@ -169,7 +171,8 @@ class LLMGenerator(Generator):
 
     async def _complete(self, client, sem, messages: list[dict[str, str]], model: str, attempt: int,
                         kind: str, counts: Counter[str]) -> str | None:
-        params = {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "max_tokens": self.cfg.max_tokens}
+        params = {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
+                  "max_tokens": self.cfg.max_tokens}
         key = request_key("chat", model, messages, params, self._json_mode, attempt)
         if (hit := self.cache.get(key)) is not None:
             return hit
@@ -189,7 +192,8 @@ class LLMGenerator(Generator):
                                f"in {self.cache.path})") from None
             except openai.NotFoundError as exc:
                 raise SdgError(f"{self.cfg.base_url}: model {model!r} or the chat-completions route was not "
-                               f"found (404: {_brief(exc)}); check sdg.llm.base_url and sdg.llm.model") from None
+                               f"found (404: {_brief(exc)}); check sdg.llm.base_url and sdg.llm.model"
+                               ) from None
             except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError,
                     openai.APIStatusError) as exc:
                 raise SdgError(f"{self.cfg.base_url} failed after {self.cfg.max_retries} retries "
@@ -266,8 +270,12 @@ def allocate(n: int, weights: dict[str, float]) -> dict[str, int]:
 
 
 def _valid_scores(value: Any) -> bool:
-    return isinstance(value, dict) and _number(value.get("overall")) is not None or (
-        isinstance(value, dict) and sum(_number(value.get(k)) is not None for k in SCORE_KEYS[:-1]) >= 3)
+    """An overall score, or at least three of the four criteria (overall is then their mean)."""
+    if not isinstance(value, dict):
+        return False
+    if _number(value.get("overall")) is not None:
+        return True
+    return sum(_number(value.get(k)) is not None for k in SCORE_KEYS[:-1]) >= 3
 
 
 def _scores(value: dict[str, Any]) -> QueryScores:

@@ -29,14 +29,19 @@ SHIPPED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Generic examples written for this prompt (not taken from any evaluation set): one scientific, one
 # everyday, so that the model learns "short question about the passage" rather than a domain's style.
-FEW_SHOT = """Passage: Regular physical activity lowers resting blood pressure in adults with hypertension. In a twelve-week trial, participants who walked briskly for thirty minutes a day saw their systolic pressure fall by about five points compared with controls.
-Query: does daily brisk walking lower blood pressure in people with hypertension
-
-Passage: The city closed the old river bridge after inspectors found corrosion in several of its steel cables. Repairs are expected to take two years and to cost about forty million dollars.
-Query: why was the river bridge closed and how long will the repairs take
-
-Passage: {passage}
-Query:"""
+FEW_SHOT = "\n".join([
+    "Passage: Regular physical activity lowers resting blood pressure in adults with hypertension. In a "
+    "twelve-week trial, participants who walked briskly for thirty minutes a day saw their systolic pressure "
+    "fall by about five points compared with controls.",
+    "Query: does daily brisk walking lower blood pressure in people with hypertension",
+    "",
+    "Passage: The city closed the old river bridge after inspectors found corrosion in several of its steel "
+    "cables. Repairs are expected to take two years and to cost about forty million dollars.",
+    "Query: why was the river bridge closed and how long will the repairs take",
+    "",
+    "Passage: {passage}",
+    "Query:",
+])
 
 
 def shipped_model_file() -> Path:
