@@ -220,7 +220,7 @@ def test_llm_end_to_end_retries_parses_judges_dedups_and_caches(tmp_path, defaul
         assert QUESTIONS["bake#0"] in rows
         # The always-garbage chunk is counted as rejected, not fatal.
         assert QUESTIONS["cpu#0"] not in rows
-        assert manifest.counts["generator"]["rejected_unparseable"] == 1
+        assert manifest.counts["rejected"]["unparseable"] == 1
         assert manifest.counts["generator"]["unparseable_questions_responses"] >= 3 + 1
         # Judge: the weak questions scored 4 < 7 were dropped; kept ones carry their scores.
         assert not any(t.startswith("Weak") for t in rows)

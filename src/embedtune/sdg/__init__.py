@@ -19,15 +19,17 @@ generate again (delete that file to draw new samples).
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from embedtune.artifacts import Manifest, RunDir, write_jsonl
+from embedtune.artifacts import Manifest, RunDir, atomic_open, write_jsonl
 from embedtune.config import Recipe
 from embedtune.console import log
 from embedtune.schemas import Chunk, GeneratorInfo, SyntheticQuery
@@ -67,12 +69,15 @@ def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
             t_gen = time.perf_counter()
             candidates = generator.generate(sample, counts)
             t_filter = time.perf_counter()
-            result = QueryFilter(recipe, generator, chunks, counts).apply(candidates)
+            result = QueryFilter(recipe, generator, chunks, counts, stage.dir / "cache").apply(candidates)
             t_done = time.perf_counter()
         finally:
             generator.close()
     finally:
         cache.close()
+    # Rejections a generator counted itself (e.g. unparseable answers) join the filters' reasons.
+    for key in [k for k in counts if k.startswith("rejected_")]:
+        result.reasons[key.removeprefix("rejected_")] += counts.pop(key)
     info = GeneratorInfo(kind=recipe.sdg.generator, model=generator.model_name)
     rows = [to_row(c, info) for c in result.kept]
     out = stage.dir / QUERIES
@@ -83,7 +88,7 @@ def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     sources = {c.source for c in result.kept}
     manifest_counts = {
         "chunks": len(chunks), "chunks_processed": len(sample), "generated": len(candidates),
-        "kept": len(rows), "rejected_total": len(result.rejected),
+        "kept": len(rows), "rejected_total": sum(result.reasons.values()),
         "chunks_without_queries": len(sample) - len({c.id for c in sample} & sources),
         "cache_hits": cache.hits, "rejected": dict(sorted(result.reasons.items())),
         "generator": dict(sorted(counts.items())),
@@ -125,14 +130,16 @@ class FilterResult:
 class QueryFilter:
     """The shared filter chain (see the module docstring for the order and the reasons)."""
 
-    def __init__(self, recipe: Recipe, generator: Generator, chunks: Sequence[Chunk], counts: Counter[str]):
-        self.recipe, self.generator, self.counts = recipe, generator, counts
+    def __init__(self, recipe: Recipe, generator: Generator, chunks: Sequence[Chunk], counts: Counter[str],
+                 cache_dir: Path | None = None):
+        self.recipe, self.generator, self.counts, self.cache_dir = recipe, generator, counts, cache_dir
         self.cfg = recipe.sdg.filters
         self.chunks = list(chunks)
         self.by_id = {c.id: c for c in chunks}
         self.rejected: list[tuple[Candidate, str]] = []
         self.reasons: Counter[str] = Counter()
         self._model = None
+        self._query_emb: np.ndarray | None = None
 
     def apply(self, candidates: list[Candidate]) -> FilterResult:
         kept = self._cheap(candidates)
@@ -198,8 +205,10 @@ class QueryFilter:
         from embedtune.models import encode_passages, encode_queries
 
         model = self._embedder()
-        q = self._query_emb if len(cands) >= 2 else encode_queries(model, [c.text for c in cands])
-        p = encode_passages(model, [c.text for c in self.chunks], show_progress=False)
+        q = self._query_emb
+        if q is None or len(q) != len(cands):
+            q = encode_queries(model, [c.text for c in cands])
+        p = self._passage_embeddings(model, encode_passages)
         row = {c.id: i for i, c in enumerate(self.chunks)}
         ranks = filters.roundtrip_ranks(q, p, [[row[i] for i in c.positive_ids] for c in cands])
         kept = []
@@ -211,6 +220,19 @@ class QueryFilter:
             else:
                 kept.append(cand)
         return kept
+
+    def _passage_embeddings(self, model, encode_passages) -> np.ndarray:
+        """All chunks' base-model embeddings, kept under sdg/cache/ so a resumed run does not redo them."""
+        digest = hashlib.sha256(json.dumps([self.recipe.model.model_dump(mode="json"),
+                                            [(c.id, c.text) for c in self.chunks]]).encode()).hexdigest()[:16]
+        path = self.cache_dir / f"passages-{digest}.npy" if self.cache_dir else None
+        if path is not None and path.is_file():
+            return np.load(path)
+        emb = encode_passages(model, [c.text for c in self.chunks], show_progress=len(self.chunks) > 1000)
+        if path is not None:
+            with atomic_open(path, "wb") as fh:
+                np.save(fh, emb)
+        return emb
 
     def _quota(self, cands: list[Candidate]) -> list[Candidate]:
         """At most ``queries_per_chunk`` per source chunk, preferring question-shaped queries, then those
