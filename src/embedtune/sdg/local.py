@@ -135,8 +135,12 @@ class LocalGenerator(Generator):
             return self._split(tok, out, enc.input_ids.shape[1], len(batch), n)
         with torch.inference_mode():
             # Prefill the shared prompt once, then sample n continuations from copies of its cache.
+            # Positions count real tokens only, as generate() does for left-padded rows; without them a
+            # short (heavily padded) prompt is encoded at shifted positions and the samples are garbage.
+            mask = enc.attention_mask[:, :-1]
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache(config=model.config)
-            model(input_ids=enc.input_ids[:, :-1], attention_mask=enc.attention_mask[:, :-1],
+            model(input_ids=enc.input_ids[:, :-1], attention_mask=mask, position_ids=positions,
                   past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(n)
             out = model.generate(input_ids=enc.input_ids.repeat_interleave(n, 0),
