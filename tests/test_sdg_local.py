@@ -108,7 +108,8 @@ def test_local_generator_writes_usable_queries(tmp_path, default_model_dir):
     chunks = [Chunk(_id=f"d{i}#0", doc_id=f"d{i}", title=t, text=x) for i, (t, x) in enumerate(texts)]
     run = make_run(tmp_path, chunks)
     recipe = load_recipe(None, [f"model.name={default_model_dir}", "sdg.local.samples_per_chunk=3",
-                                "sdg.local.batch_size=4", "sdg.filters.roundtrip_top_k=4"])
+                                "sdg.local.batch_size=4", "sdg.filters.roundtrip_top_k=4",
+                                "sdg.local.threads=1"])
     manifest = run_sdg(recipe, run)
     rows = list(read_rows(run.path("sdg", "queries.jsonl"), SyntheticQuery))
     assert manifest.counts["generated"] == 12
@@ -140,3 +141,51 @@ def test_cli_sdg_runs_a_plugin_and_reports_unknown_generators(tmp_path, topical_
     ok = runner.invoke(app, [*common, "--generator", "scripted", "--max-chunks", "5"])
     assert ok.exit_code == 0, ok.output
     assert run.manifest("sdg").counts["chunks_processed"] == 5
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_lm(tmp_path_factory):
+    """A 2-layer random Llama causal LM with SmolLM2's tokenizer (read from the shipped GGUF)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = shipped_model_file()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    out = tmp_path_factory.mktemp("tiny-causal-lm")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_shared_prompt_cache_matches_plain_generation(tmp_path, tiny_causal_lm):
+    """The prompt-cache path must give what plain generate() gives, also for short, left-padded prompts."""
+    import torch
+
+    from embedtune.sdg.cache import ResponseCache
+    from embedtune.sdg.local import LocalGenerator
+
+    recipe = load_recipe(None, [f"sdg.local.model_path={tiny_causal_lm}", "sdg.local.temperature=0",
+                                "sdg.local.samples_per_chunk=1", "sdg.local.max_new_tokens=6"])
+    chunks = [Chunk(_id=f"c{i}", doc_id=f"d{i}", text=" ".join(["tides and harbours"] * (1 + 6 * i)))
+              for i in range(3)]
+    gen = LocalGenerator(recipe, ResponseCache(tmp_path / "c.sqlite"), tmp_path)
+    model, tok = gen._load()
+    enc = tok([f"Passage: {c.text}\nQuery:" for c in chunks], return_tensors="pt", padding=True)
+    assert (enc.attention_mask == 0).any()  # some rows are left-padded
+    positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        full = model(**enc, position_ids=positions).logits[:, -1]
+        cache = gen._prefill(model, enc)
+        last = model(input_ids=enc.input_ids[:, -1:], attention_mask=enc.attention_mask,
+                     position_ids=positions[:, -1:], past_key_values=cache).logits[:, -1]
+    assert torch.allclose(full, last, atol=1e-4)
+
+    gen.share_prompt_cache = False
+    plain = gen._sample(chunks)
+    gen.share_prompt_cache = True
+    assert gen._sample(chunks) == plain
+    assert all(len(s) == 1 for s in plain)

@@ -67,7 +67,7 @@ class LocalGeneratorConfig(StrictModel):
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads while generating; 1 is far faster on an oversubscribed CPU"
     )
-    temperature: float = Field(0.7, gt=0)
+    temperature: float = Field(0.7, ge=0, description="0 = greedy (one sample per chunk makes sense then)")
     top_p: float = Field(0.95, gt=0, le=1)
 
 

@@ -116,7 +116,6 @@ class LocalGenerator(Generator):
     def _sample(self, batch: Sequence[Chunk]) -> list[list[str]]:
         """``samples_per_chunk`` sampled queries per chunk (one line each, whitespace-trimmed)."""
         import torch
-        from transformers import DynamicCache
 
         model, tok = self._load()
         prompts = [FEW_SHOT.format(passage=self._passage(c, tok)) for c in batch]
@@ -126,27 +125,40 @@ class LocalGenerator(Generator):
         # Seeded per batch content, so a resumed run draws what an uninterrupted one would have.
         torch.manual_seed(self.seed + zlib.crc32("\x00".join(c.id for c in batch).encode()))
         # min_new_tokens: a newline as the very first token would end the query before it starts.
-        sampling = {"do_sample": True, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
-                    "max_new_tokens": self.cfg.max_new_tokens, "min_new_tokens": 2, "eos_token_id": stop,
+        sampling = {"max_new_tokens": self.cfg.max_new_tokens, "min_new_tokens": 2, "eos_token_id": stop,
                     "pad_token_id": tok.pad_token_id}
+        if self.cfg.temperature > 0:
+            sampling |= {"do_sample": True, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p}
+        else:
+            sampling |= {"do_sample": False}
         if not self.share_prompt_cache:
             with torch.inference_mode():
                 out = model.generate(**enc, num_return_sequences=n, **sampling)
             return self._split(tok, out, enc.input_ids.shape[1], len(batch), n)
         with torch.inference_mode():
             # Prefill the shared prompt once, then sample n continuations from copies of its cache.
-            # Positions count real tokens only, as generate() does for left-padded rows; without them a
-            # short (heavily padded) prompt is encoded at shifted positions and the samples are garbage.
-            mask = enc.attention_mask[:, :-1]
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = DynamicCache(config=model.config)
-            model(input_ids=enc.input_ids[:, :-1], attention_mask=mask, position_ids=positions,
-                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = self._prefill(model, enc)
             cache.batch_repeat_interleave(n)
             out = model.generate(input_ids=enc.input_ids.repeat_interleave(n, 0),
                                  attention_mask=enc.attention_mask.repeat_interleave(n, 0),
                                  past_key_values=cache, **sampling)
         return self._split(tok, out, enc.input_ids.shape[1], len(batch), n)
+
+    @staticmethod
+    def _prefill(model, enc):
+        """Key/value cache of every prompt token but the last (generate() feeds that one).
+
+        Positions count real tokens only, as generate() does for left-padded rows: with default positions
+        a short (heavily padded) prompt would sit at shifted positions relative to the generated tokens.
+        """
+        from transformers import DynamicCache
+
+        mask = enc.attention_mask[:, :-1]
+        cache = DynamicCache(config=model.config)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        model(input_ids=enc.input_ids[:, :-1], attention_mask=mask, position_ids=positions,
+              past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache
 
     @staticmethod
     def _split(tok, out, prompt_len: int, n_chunks: int, n: int) -> list[list[str]]:
