@@ -53,15 +53,21 @@ class LLMGeneratorConfig(StrictModel):
     timeout: float = Field(120.0, gt=0)
     concurrency: int = Field(8, ge=1)
     max_retries: int = Field(5, ge=0)
-    structured_output: bool = True
+    structured_output: bool = Field(True, description="ask for response_format=json_object")
+    parse_retries: int = Field(2, ge=0, description="new attempts when an answer holds no valid JSON")
     judge_model: str | None = Field(None, description="defaults to `model`")
 
 
 class LocalGeneratorConfig(StrictModel):
     model_path: str | None = Field(None, description="GGUF file or HF folder; None = shipped SmolLM2-135M")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="chunks per forward pass")
+    samples_per_chunk: int = Field(4, ge=1, description="sampled queries per chunk, before filtering")
+    max_passage_tokens: int = Field(256, gt=0, description="the passage is cut to this many tokens")
     max_new_tokens: int = Field(40, gt=0)
-    temperature: float = Field(0.7, ge=0)
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads while generating; 1 is far faster on an oversubscribed CPU"
+    )
+    temperature: float = Field(0.7, ge=0, description="0 = greedy (one sample per chunk makes sense then)")
     top_p: float = Field(0.95, gt=0, le=1)
 
 
@@ -70,7 +76,16 @@ class QueryFilterConfig(StrictModel):
     max_words: int = Field(64, ge=1)
     max_ngram_overlap: float = Field(0.8, ge=0, le=1, description="share of query n-grams copied verbatim")
     roundtrip: bool | None = Field(None, description="None: on for `local`, off for `llm`")
-    roundtrip_top_k: int = Field(20, ge=1)
+    roundtrip_top_k: int = Field(20, ge=1, description="a positive must rank within this many chunks")
+    roundtrip_min_rank: int = Field(
+        1, ge=1, description="drop queries whose best positive ranks above this (2 drops rank-1 'easy' ones)"
+    )
+
+    @model_validator(mode="after")
+    def _rank_window(self) -> QueryFilterConfig:
+        if self.roundtrip_min_rank > self.roundtrip_top_k:
+            raise ValueError("sdg.filters.roundtrip_min_rank must be <= sdg.filters.roundtrip_top_k")
+        return self
 
 
 class SdgConfig(StrictModel):

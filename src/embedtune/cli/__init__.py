@@ -10,6 +10,7 @@ from embedtune.cli import (  # noqa: F401  (registers commands)
     finetune,
     pipeline,
     prep,
+    sdg,
     serve,
 )
 from embedtune.cli._app import app
