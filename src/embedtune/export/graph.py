@@ -125,7 +125,7 @@ def _takes_token_type_ids(model: SentenceTransformer) -> bool:
 
 def _backbone(model: SentenceTransformer) -> torch.nn.Module:
     first = model[0]
-    return getattr(first, "model", None) or getattr(first, "auto_model")
+    return getattr(first, "model", None) or first.auto_model
 
 
 def is_decoder(model: SentenceTransformer) -> bool:

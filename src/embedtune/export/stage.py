@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from embedtune.artifacts import Manifest, RunDir, write_json
-from embedtune.config import Recipe
+from embedtune.config import ModelConfig, Recipe
 from embedtune.console import log
 from embedtune.export import parity
 from embedtune.export.onnx_export import ExportResult, export_onnx
@@ -36,21 +36,30 @@ def run_export(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     if (done := st.up_to_date(force)) is not None:
         return done
 
-    from embedtune.models import load_model
-
-    model = load_model(model_cfg, device="cpu")
-    result = export_onnx(model, st.dir, cfg.opset, int8=cfg.int8, int8_per_channel=cfg.int8_per_channel,
-                         int8_reduce_range=cfg.int8_reduce_range,
-                         int8_exclude_sensitive=cfg.int8_exclude_sensitive, gpu_precisions=cfg.gpu_precisions,
-                         matryoshka_dims=_matryoshka_dims(recipe, run), source=source)
-    report = check_parity(model, result, recipe, eval_dir)
-    write_json(st.dir / "parity.json", report)
-    _raise_unless_passed(report, cfg.allow_parity_failure, st.dir / "parity.json")
+    result, report = export_and_check(recipe, model_cfg, st.dir, source, eval_dir, _matryoshka_dims(recipe, run))
     outputs = [st.dir / MODEL_FILES["fp32"], st.dir / "tokenizer", st.dir / METADATA, st.dir / "parity.json"]
     if cfg.int8:
         outputs.append(st.dir / MODEL_FILES["int8"])
     outputs += [st.dir / r["path"] for r in result.gpu.values() if r.get("status") == "built"]
     return st.finish(outputs=outputs, counts=_counts(result, report), metrics=_metrics(result, report))
+
+
+def export_and_check(recipe: Recipe, model_cfg: ModelConfig, out_dir: Path, source: str,
+                     eval_dir: Path | None = None, matryoshka_dims: list[int] | None = None,
+                     ) -> tuple[ExportResult, dict[str, Any]]:
+    """Export ``model_cfg`` into ``out_dir`` with the recipe's export settings, write parity.json, and
+    raise :class:`ParityError` when parity fails (unless allowed)."""
+    from embedtune.models import load_model
+
+    cfg = recipe.export
+    model = load_model(model_cfg, device="cpu")
+    result = export_onnx(model, out_dir, cfg.opset, int8=cfg.int8, int8_per_channel=cfg.int8_per_channel,
+                         int8_reduce_range=cfg.int8_reduce_range, int8_exclude_sensitive=cfg.int8_exclude_sensitive,
+                         gpu_precisions=cfg.gpu_precisions, matryoshka_dims=matryoshka_dims, source=source)
+    report = check_parity(model, result, recipe, eval_dir)
+    write_json(out_dir / "parity.json", report)
+    raise_unless_passed(report, cfg.allow_parity_failure, out_dir / "parity.json")
+    return result, report
 
 
 def check_parity(model: Any, result: ExportResult, recipe: Recipe, eval_dir: Path | None) -> dict[str, Any]:
@@ -78,7 +87,7 @@ def check_parity(model: Any, result: ExportResult, recipe: Recipe, eval_dir: Pat
     return report
 
 
-def _raise_unless_passed(report: dict[str, Any], allowed: bool, path: Path) -> None:
+def raise_unless_passed(report: dict[str, Any], allowed: bool, path: Path) -> None:
     if report["passed"]:
         log.info("parity passed (fp32 min cosine %.6f)", report["fp32_vs_torch"]["min_cosine"])
         return
