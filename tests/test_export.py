@@ -182,3 +182,15 @@ def test_llama_backbone_is_exported_bidirectional(tiny_llama_dir, tmp_path):
     ref = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
     assert _cos(got, ref).min() >= 0.9999
     assert _cos(got, causal.encode(TEXTS, normalize_embeddings=True)).min() < 0.99  # not the causal model
+
+
+def test_decoder_attention_is_kept_as_the_model_runs_it_by_default(tiny_llama_dir, tmp_path):
+    """Without bidirectional=True a causal decoder embedder stays causal, matching PyTorch."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    causal = SentenceTransformer(modules=[Transformer(str(tiny_llama_dir), max_seq_length=64),
+                                          Pooling(32, "lasttoken"), Normalize()], device="cpu")
+    export_onnx(causal, tmp_path, int8=False)
+    got = OnnxEncoder(tmp_path, "fp32").encode(TEXTS, batch_size=5)
+    assert _cos(got, causal.encode(TEXTS, normalize_embeddings=True)).min() >= 0.9999

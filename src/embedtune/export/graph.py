@@ -95,7 +95,7 @@ def truncate_and_normalize(embeddings: torch.Tensor, dimensions: torch.Tensor) -
 
 
 def describe(model: SentenceTransformer, bidirectional: bool | None = None) -> GraphSpec:
-    """Inspect the model: graph inputs, output size, pooling, and whether the encoder must be made non-causal."""
+    """Inspect the model: graph inputs, output size, pooling; ``bidirectional=True`` forces full attention."""
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     pooling = next((m for m in model if isinstance(m, Pooling)), None)
@@ -107,7 +107,11 @@ def describe(model: SentenceTransformer, bidirectional: bool | None = None) -> G
     uses_tt = _takes_token_type_ids(model)
     inputs = ["input_ids", "attention_mask", *(["token_type_ids"] if uses_tt else []), "dimensions"]
     if bidirectional is None:
-        bidirectional = is_decoder(model) and not is_causal(model)
+        # Export the attention as the model runs it (a decoder already made bidirectional stays so, a causal
+        # embedder such as Qwen3-Embedding stays causal); only an explicit True forces full attention.
+        bidirectional = False
+        if is_decoder(model):
+            log.info("decoder backbone runs %s attention", "causal" if is_causal(model) else "bidirectional")
     getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     dim = getter()
     if dim is None:

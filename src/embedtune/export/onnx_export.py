@@ -52,8 +52,9 @@ def export_onnx(
 ) -> ExportResult:
     """Export a model to ``out_dir`` (files are built aside and moved in, so a crash leaves no half-file).
 
-    ``bidirectional``: None measures the encoder; True forces a full attention mask on decoder backbones
-    (Llama & co. used as bidirectional encoders); False exports the attention as the model defines it.
+    ``bidirectional=True`` gives a decoder backbone (Llama & co.) a full attention mask inside the graph,
+    making a plain causal checkpoint a bidirectional encoder; None/False export the attention as the
+    PyTorch model runs it (so a model already made bidirectional stays bidirectional).
     """
     model, source = _as_model(model_or_path, source)
     spec = describe(model, bidirectional)

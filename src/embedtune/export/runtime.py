@@ -81,9 +81,13 @@ class OnnxEncoder:
             texts = [texts]
         n = self._check_dimensions(dimensions)
         prefix = prompt if prompt is not None else self._prompt(prompt_name)
-        batches = [self._run([prefix + t for t in texts[i:i + batch_size]], n)
-                   for i in range(0, len(texts), batch_size)]
-        return np.concatenate(batches) if batches else np.zeros((0, n), dtype=np.float32)
+        # Longest first, as sentence-transformers does: batches of similar length waste less on padding.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.zeros((len(texts), n), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            out[idx] = self._run([prefix + texts[i] for i in idx], n)
+        return out
 
     def encode_queries(self, texts: Sequence[str], **kw: Any) -> np.ndarray:
         return self.encode(texts, prompt_name="query", **kw)
