@@ -22,7 +22,10 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact"
+# ../shared/data next to the repository (a git worktree sits one level deeper, so look there too).
+_REPO = Path(__file__).resolve().parents[1]
+_CANDIDATES = [root / "shared" / "data" / "scifact" for root in (_REPO.parent, _REPO.parents[1])]
+SHARED = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 
 
 def texts(n_queries: int, n_passages: int) -> tuple[list[str], list[str]]:
