@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--ndcg-queries", type=int, default=100, help="0 skips the nDCG check")
     ap.add_argument("--ndcg-docs", type=int, default=1000)
     ap.add_argument("--export-dir", type=Path, default=None, help="reuse (or keep) the export here")
+    ap.add_argument("--quantise-ffn-down", action="store_true",
+                    help="quantise the FFN down-projections too (int8_exclude_sensitive=false)")
     args = ap.parse_args()
 
     import torch
@@ -91,7 +93,7 @@ def main() -> None:
     model = load_model("default", device="cpu")
     folder = args.export_dir or Path(tempfile.mkdtemp(prefix="embedtune-bench-"))
     if not (folder / "model.int8.onnx").is_file():
-        export_onnx(model, folder, source="default")
+        export_onnx(model, folder, source="default", int8_exclude_sensitive=not args.quantise_ffn_down)
     queries, passages = texts(args.queries, args.passages)
     encoders = {p: OnnxEncoder(folder, p, threads=args.threads) for p in ("fp32", "int8")}
     bs = args.batch_size

@@ -123,17 +123,43 @@ def _takes_token_type_ids(model: SentenceTransformer) -> bool:
     probe = model.tokenizer(["probe"], return_tensors="pt")
     if "token_type_ids" not in probe:
         return False
-    config = getattr(model[0], "config", None) or getattr(_backbone(model), "config", None)
+    config = getattr(model[0], "config", None) or getattr(backbone(model), "config", None)
     return getattr(config, "type_vocab_size", 0) > 0
 
 
-def _backbone(model: SentenceTransformer) -> torch.nn.Module:
+def backbone(model: SentenceTransformer) -> torch.nn.Module:
     first = model[0]
     return getattr(first, "model", None) or first.auto_model
 
 
+def model_type(model: SentenceTransformer) -> str:
+    return str(getattr(backbone(model).config, "model_type", ""))
+
+
 def is_decoder(model: SentenceTransformer) -> bool:
-    return getattr(_backbone(model).config, "model_type", "") in DECODER_TYPES
+    return model_type(model) in DECODER_TYPES
+
+
+@contextlib.contextmanager
+def eager_attention(model: SentenceTransformer) -> Iterator[None]:
+    """Trace the plain MatMul/Softmax attention, not SDPA: same numbers, and a pattern onnxruntime's
+    transformer fusions recognise (fused Attention is what makes int8 fast on CPU)."""
+    encoder = backbone(model)
+    before = getattr(encoder.config, "_attn_implementation", None)
+    setter = getattr(encoder, "set_attn_implementation", None)
+    if setter is None or before in (None, "eager"):
+        yield
+        return
+    try:
+        setter("eager")
+    except (ValueError, ImportError) as exc:  # a model without an eager path keeps its own
+        log.debug("eager attention unavailable (%s); tracing %s", exc, before)
+        yield
+        return
+    try:
+        yield
+    finally:
+        setter(before)
 
 
 @torch.no_grad()
@@ -174,9 +200,9 @@ def trace_to_onnx(model: SentenceTransformer, spec: GraphSpec, path: Path, opset
     dynamic_axes = {name: token_axes for name in spec.inputs if name != "dimensions"}
     dynamic_axes[OUTPUT_NAME] = {0: "batch", 1: "dimensions"}
     path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("tracing %s to ONNX (opset %d, pooling %s%s)", type(_backbone(model)).__name__, opset, spec.pooling,
+    log.info("tracing %s to ONNX (opset %d, pooling %s%s)", type(backbone(model)).__name__, opset, spec.pooling,
              ", bidirectional" if spec.bidirectional else "")
-    with torch.no_grad(), _quiet_tracer():
+    with torch.no_grad(), _quiet_tracer(), eager_attention(model):
         torch.onnx.export(graph, tuple(args), str(path), dynamo=False, opset_version=opset,
                           input_names=spec.inputs, output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
                           external_data=_needs_external_data(model))

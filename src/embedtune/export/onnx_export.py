@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from embedtune.artifacts import write_json
 from embedtune.console import log
-from embedtune.export.graph import OUTPUT_NAME, describe, trace_to_onnx
-from embedtune.export.quantize import build_gpu_precisions, quantize_int8
+from embedtune.export.graph import OUTPUT_NAME, backbone, describe, model_type, trace_to_onnx
+from embedtune.export.quantize import FUSABLE_TYPES, build_gpu_precisions, quantize_int8
 from embedtune.export.runtime import METADATA, MODEL_FILES
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def export_onnx(
     opset: int = 17,
     *,
     int8: bool = True,
-    int8_per_channel: bool = False,
+    int8_per_channel: bool = True,
     int8_reduce_range: bool | None = None,
     int8_exclude_sensitive: bool = True,
     gpu_precisions: Sequence[str] = (),
@@ -67,7 +67,7 @@ def export_onnx(
         if int8:
             log.info("quantising to int8 (dynamic, QInt8 weights)")
             int8_info = quantize_int8(fp32, staging / MODEL_FILES["int8"], int8_per_channel, int8_reduce_range,
-                                      int8_exclude_sensitive)
+                                      int8_exclude_sensitive, fuse=_fusion_shape(model))
         gpu = build_gpu_precisions(fp32, staging, list(gpu_precisions)) if gpu_precisions else {}
         model.tokenizer.save_pretrained(str(staging / "tokenizer"))
         metadata = _metadata(model, spec, opset, matryoshka_dims, source)
@@ -77,6 +77,15 @@ def export_onnx(
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s to %s", source, out_dir)
     return ExportResult(out_dir, metadata, files, int8_info, gpu)
+
+
+def _fusion_shape(model: Any) -> tuple[int, int] | None:
+    """(num_heads, hidden_size) for onnxruntime's BERT fusions, which cannot always infer them."""
+    if model_type(model) not in FUSABLE_TYPES:
+        return None
+    config = backbone(model).config
+    heads, hidden = getattr(config, "num_attention_heads", 0), getattr(config, "hidden_size", 0)
+    return (int(heads), int(hidden)) if heads and hidden else None
 
 
 def _as_model(model_or_path: SentenceTransformer | str | Path, source: str | None) -> tuple[Any, str]:
