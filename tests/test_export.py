@@ -125,6 +125,8 @@ def test_prompts_are_exported_and_prepended(tiny_bert_dir, tmp_path):
     assert enc.prompts == {"query": "query: ", "document": "passage: "}
     q = enc.encode(TEXTS, prompt_name="query")
     assert _cos(q, st.encode_query(TEXTS, normalize_embeddings=True)).min() >= 0.9999
+    d = enc.encode(TEXTS, prompt_name="document")
+    assert _cos(d, st.encode_document(TEXTS, normalize_embeddings=True)).min() >= 0.9999
     assert _cos(q, enc.encode(TEXTS)).min() < 0.9999
     with pytest.raises(ValueError, match="unknown prompt"):
         enc.encode(TEXTS, prompt_name="nope")

@@ -101,3 +101,27 @@ def test_cli_exports_a_model_folder_standalone(tiny_bert_dir, tmp_path):
     assert (out / "model.onnx").is_file() and (out / "parity.json").is_file()
     bad = CliRunner().invoke(app, ["export", "--out", str(out)])
     assert bad.exit_code == 1 and "--out goes with --model" in bad.output
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_default_model_int8_stays_within_tolerance_on_scifact(shared_data, tmp_path):
+    """The shipped model end to end: export stage with a SciFact subset as the eval set."""
+    from embedtune.evaluate import load_beir
+
+    data = load_beir(shared_data / "scifact")
+    qids = list(data.queries)[:100]
+    relevant = sorted({d for q in qids for d in data.qrels[q]})
+    dids = relevant + [d for d in data.corpus if d not in set(relevant)][: 500 - len(relevant)]
+    subset = tmp_path / "scifact-subset"
+    write_jsonl(subset / "corpus.jsonl", [{"_id": d, **data.corpus[d]} for d in dids])
+    write_jsonl(subset / "queries.jsonl", [{"_id": q, "text": data.queries[q]} for q in qids])
+    write_text(subset / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t{r}\n" for q in qids for d, r in data.qrels[q].items()))
+    recipe = Recipe.model_validate({"model": {"name": "default"}, "eval": {"dataset": str(subset)}})
+    run = RunDir(tmp_path / "run")
+    manifest = run_export(recipe, run)
+    report = json.loads(run.path("export", "parity.json").read_text())
+    assert report["passed"] and report["fp32_vs_torch"]["min_cosine"] >= 0.9999
+    assert report["int8_vs_fp32"]["retrieval"]["failures"] == []
+    assert abs(manifest.metrics["int8_delta"]["ndcg@10"]) <= 0.01

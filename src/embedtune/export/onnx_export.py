@@ -104,13 +104,22 @@ def _metadata(model: Any, spec: Any, opset: int, matryoshka_dims: Sequence[int] 
         "dimension": spec.dimension,
         "matryoshka_dims": _clean_dims(matryoshka_dims, spec.dimension),
         "max_seq_length": int(model.max_seq_length or model.tokenizer.model_max_length),
-        "prompts": {"query": prompts.get("query", ""), "document": prompts.get("document", "")},
+        "prompts": {"query": _prompt(prompts, QUERY_NAMES), "document": _prompt(prompts, DOCUMENT_NAMES)},
         "inputs": spec.inputs,
         "output": OUTPUT_NAME,
         "opset": opset,
         "pooling": spec.pooling,
         "source": source,
     }
+
+
+# sentence-transformers' encode_query / encode_document look for these prompt names, in this order.
+QUERY_NAMES = ("query",)
+DOCUMENT_NAMES = ("document", "passage", "corpus")
+
+
+def _prompt(prompts: dict[str, str], names: tuple[str, ...]) -> str:
+    return next((prompts[n] for n in names if n in prompts), "")
 
 
 def _clean_dims(dims: Sequence[int] | None, full: int) -> list[int] | None:
