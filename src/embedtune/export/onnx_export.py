@@ -45,6 +45,7 @@ def export_onnx(
     int8_per_channel: bool = True,
     int8_reduce_range: bool | None = None,
     int8_exclude_sensitive: bool = True,
+    int8_quantize_attention: bool = False,
     gpu_precisions: Sequence[str] = (),
     matryoshka_dims: Sequence[int] | None = None,
     bidirectional: bool | None = None,
@@ -67,7 +68,8 @@ def export_onnx(
         if int8:
             log.info("quantising to int8 (dynamic, QInt8 weights)")
             int8_info = quantize_int8(fp32, staging / MODEL_FILES["int8"], int8_per_channel, int8_reduce_range,
-                                      int8_exclude_sensitive, fuse=_fusion_shape(model))
+                                      int8_exclude_sensitive, fuse=_fusion_shape(model),
+                                      quantize_attention=int8_quantize_attention)
         gpu = build_gpu_precisions(fp32, staging, list(gpu_precisions)) if gpu_precisions else {}
         model.tokenizer.save_pretrained(str(staging / "tokenizer"))
         metadata = _metadata(model, spec, opset, matryoshka_dims, source)

@@ -55,6 +55,7 @@ def export_and_check(recipe: Recipe, model_cfg: ModelConfig, out_dir: Path, sour
     model = load_model(model_cfg, device="cpu")
     result = export_onnx(model, out_dir, cfg.opset, int8=cfg.int8, int8_per_channel=cfg.int8_per_channel,
                          int8_reduce_range=cfg.int8_reduce_range, int8_exclude_sensitive=cfg.int8_exclude_sensitive,
+                         int8_quantize_attention=cfg.int8_quantize_attention,
                          gpu_precisions=cfg.gpu_precisions, matryoshka_dims=matryoshka_dims, source=source)
     report = check_parity(model, result, recipe, eval_dir)
     write_json(out_dir / "parity.json", report)
