@@ -190,6 +190,16 @@ class EvalConfig(StrictModel):
 class ExportConfig(StrictModel):
     opset: int = Field(17, ge=14)
     int8: bool = True
+    int8_per_channel: bool = Field(True, description="one weight scale per output channel (closer to fp32)")
+    int8_reduce_range: bool | None = Field(
+        None, description="7-bit weights; None: on for CPUs without VNNI, whose int8 kernels can saturate"
+    )
+    int8_exclude_sensitive: bool = Field(
+        True, description="keep the FFN down-projections (activation outliers) in fp32; int8 quality drops without"
+    )
+    int8_quantize_attention: bool = Field(
+        False, description="also quantise the fused attention's QKV projection (faster, less faithful)"
+    )
     gpu_precisions: list[Literal["fp16", "fp8"]] = Field(default_factory=lambda: ["fp16"])
     parity_min_cosine: float = Field(0.9999, gt=0, le=1)
     tolerance_low_k: float = Field(0.03, ge=0, description="allowed metric drift at k < 5")

@@ -7,6 +7,7 @@ from embedtune.cli import (  # noqa: F401  (registers commands)
     config_cmd,
     corpus,
     eval,
+    export,
     finetune,
     pipeline,
     prep,
