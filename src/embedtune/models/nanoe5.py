@@ -414,15 +414,17 @@ def ensure_converted(folder: Path | None = None, source: Path | None = None) -> 
     try:
         convert(source, build)
         build.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        _replace_folder(build, folder)
+        _replace_folder(build, folder, source)
     finally:
         shutil.rmtree(build, ignore_errors=True)
     log.info(f"converted in {time.perf_counter() - started:.1f} s")
     return folder
 
 
-def _replace_folder(build: Path, folder: Path) -> None:
-    """Move the finished ``build`` to ``folder``; a stale folder is set aside first, never merged into."""
+def _replace_folder(build: Path, folder: Path, source: Path) -> None:
+    """Move the finished ``build`` to ``folder``; an outdated folder is set aside first, never merged into."""
+    if is_converted(folder, source):
+        return  # another process finished first and may be reading it: keep that one
     if folder.exists():
         stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
         folder.rename(stale)
@@ -430,7 +432,7 @@ def _replace_folder(build: Path, folder: Path) -> None:
     try:
         build.rename(folder)
     except OSError:
-        if not folder.is_dir():  # another process finished first: its folder is as good as ours
+        if not is_converted(folder, source):  # lost a race to another process: its folder is as good
             raise
 
 
