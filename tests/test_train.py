@@ -48,6 +48,8 @@ def test_manifest_reports_steps_throughput_and_validation(trained):
     assert manifest.counts["global_batch_size"] == 16
     assert manifest.metrics["examples_per_second"] > 0 and manifest.metrics["train_seconds"] > 0
     assert manifest.metrics["matryoshka_dims"] == [32, 16]
+    declared = json.loads(run.path("finetune", "model", "embedtune.json").read_text())
+    assert declared == {"matryoshka_dims": [32, 16]}  # what the server accepts as `dimensions`
     assert 0 <= manifest.metrics["best_val_ndcg@10"] <= 1
     assert run.path("finetune", "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = run.path("finetune", "summary.md").read_text()

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from embedtune.artifacts import Manifest, RunDir, config_hash
+from embedtune.artifacts import Manifest, RunDir, config_hash, write_json
 from embedtune.config import FinetuneConfig, Recipe
 from embedtune.console import log
 from embedtune.models import load_model
@@ -189,7 +189,7 @@ def _finish(
 ) -> Manifest:
     if cfg.finetuning_type == "lora_merged":
         merge_lora(model)
-    out = _save_model(model, stage.dir / "model")
+    out = _save_model(model, stage.dir / "model", dims)
     history = trainer.state.log_history
     state = trainer.state
     metrics |= {
@@ -228,11 +228,15 @@ def _finish(
     return stage.finish(outputs=outputs, counts=counts, metrics=metrics)
 
 
-def _save_model(model, target: Path) -> Path:
-    """Write the model beside ``target`` and rename it into place (never a half-written model)."""
+def _save_model(model, target: Path, matryoshka_dims: list[int] | None) -> Path:
+    """Write the model beside ``target`` and rename it into place (never a half-written model).
+
+    ``embedtune.json`` declares the trained Matryoshka sizes, so the server accepts exactly those.
+    """
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(str(tmp))
+    write_json(tmp / "embedtune.json", {"matryoshka_dims": matryoshka_dims})
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
