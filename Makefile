@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/python -m embedtune.demo build demo_corpus
-	$(BIN)/embedtune run --corpus demo_corpus --run-dir runs/demo
+	$(BIN)/embedtune run --corpus demo_corpus --run-dir runs/demo -c recipes/demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" -q

@@ -1,19 +1,13 @@
 """The `embedtune` command line: a thin layer over the stage functions.
 
-Each module below adds its commands to the shared app on import.
+Each module below adds its commands to the shared app on import; the import order is the order
+`embedtune --help` lists them in, which is the pipeline's order.
 """
 
-from embedtune.cli import (  # noqa: F401  (registers commands)
-    config_cmd,
-    corpus,
-    eval,
-    export,
-    finetune,
-    pipeline,
-    prep,
-    sdg,
-    serve,
-)
+# isort: off
+from embedtune.cli import corpus, sdg, prep, finetune, eval, export, serve  # noqa: F401
+from embedtune.cli import pipeline, config_cmd  # noqa: F401
+# isort: on
 from embedtune.cli._app import app
 
 __all__ = ["app"]
