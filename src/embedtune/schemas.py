@@ -82,10 +82,17 @@ R = TypeVar("R", bound=BaseModel)
 
 def read_rows(path: str | Path, model: type[R]) -> Iterator[R]:
     """Read JSONL as typed rows; a malformed or invalid line raises ArtifactError naming file and line."""
+    for _, row in read_rows_numbered(path, model):
+        yield row
+
+
+def read_rows_numbered(path: str | Path, model: type[R]) -> Iterator[tuple[int, R]]:
+    """Like :func:`read_rows`, with each row's line number for the caller's own checks."""
     for lineno, obj in read_jsonl_lines(path):
         try:
-            yield model.model_validate(obj)
+            row = model.model_validate(obj)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(map(str, first["loc"])) or "row"
             raise ArtifactError(f"{path}:{lineno}: {where}: {first['msg']}") from None
+        yield lineno, row

@@ -21,10 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from embedtune.artifacts import ArtifactError, read_jsonl_lines
-from embedtune.schemas import Chunk, SyntheticQuery
+from embedtune.artifacts import ArtifactError
+from embedtune.schemas import Chunk, SyntheticQuery, read_rows_numbered
 
 
 @dataclass
@@ -40,14 +38,8 @@ def load_queries(path: Path, chunk_ids: set[str]) -> list[SyntheticQuery]:
     """Read ``sdg/queries.jsonl``; any unusable row is an error naming the file, line and query."""
     queries: list[SyntheticQuery] = []
     seen: dict[str, int] = {}
-    for lineno, obj in read_jsonl_lines(path):
+    for lineno, q in read_rows_numbered(path, SyntheticQuery):
         where = f"{path}:{lineno}"
-        try:
-            q = SyntheticQuery.model_validate(obj)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            key = ".".join(map(str, first["loc"])) or "row"
-            raise ArtifactError(f"{where}: {key}: {first['msg']}") from None
         if not q.text.strip():
             raise ArtifactError(f"{where}: query {q.id!r} has empty text")
         if not q.positive_ids:

@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-from embedtune.artifacts import ArtifactError, read_jsonl_lines
-from embedtune.schemas import TrainExample
+from embedtune.artifacts import ArtifactError
+from embedtune.schemas import TrainExample, read_rows_numbered
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -29,13 +27,7 @@ MIN_VAL_QUERIES = 2
 def load_examples(path: str | Path) -> list[TrainExample]:
     """Read and check the training file; every problem names the file and line."""
     examples = []
-    for lineno, obj in read_jsonl_lines(path):
-        try:
-            ex = TrainExample.model_validate(obj)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(map(str, first["loc"])) or "row"
-            raise ArtifactError(f"{path}:{lineno}: {where}: {first['msg']}") from None
+    for lineno, ex in read_rows_numbered(path, TrainExample):
         if not ex.query.strip():
             raise ArtifactError(f"{path}:{lineno}: query: empty query")
         if not ex.pos_doc or not any(d.strip() for d in ex.pos_doc):
