@@ -3,7 +3,7 @@
 Each module below adds its commands to the shared app on import.
 """
 
-from embedtune.cli import config_cmd, corpus, pipeline  # noqa: F401  (registers commands)
+from embedtune.cli import config_cmd, corpus, pipeline, platform  # noqa: F401  (registers commands)
 from embedtune.cli._app import app
 
 __all__ = ["app"]
