@@ -144,7 +144,9 @@ def wait_running_with_pid(pc: PlatformClient, job_id: str) -> dict:
 
 def test_corpus_job_completes_with_stage_progress_and_logs(workspace):
     job = corpus_job(workspace, name="chunk-only")
+    queued = corpus_job(workspace)  # max_workers=1: waits behind the first, and is cancelled while pending
     assert job["status"] == "pending" and job["stages"] == ["corpus"]
+    assert workspace.cancel_job(queued["id"])["status"] == "cancelled"
     done = workspace.wait_job(job["id"], timeout=120, poll=0.3)
     assert done["status"] == "completed", done["error"]
     assert done["status_details"]["stages_completed"] == ["corpus"]
@@ -155,6 +157,8 @@ def test_corpus_job_completes_with_stage_progress_and_logs(workspace):
     assert "=== stage corpus" in workspace.job_logs(job["id"])
     assert workspace.job_status(job["id"])["status"] == "completed"
     assert [j["id"] for j in workspace.list_jobs(status="completed")].count(job["id"]) == 1
+    never_ran = workspace.get_job(queued["id"])
+    assert never_ran["status"] == "cancelled" and never_ran["worker"]["pid"] is None
 
 
 def test_job_request_errors_are_openai_shaped(workspace):
@@ -184,15 +188,6 @@ def test_cancel_running_job_stops_its_worker(workspace):
     with pytest.raises(PlatformAPIError) as err:
         workspace.cancel_job(job["id"])
     assert err.value.status == 409
-
-
-def test_cancel_pending_job_never_starts_it(service, workspace):
-    pc = workspace
-    first = corpus_job(pc)  # max_workers=1: the second waits behind the first
-    second = corpus_job(pc)
-    assert pc.cancel_job(second["id"])["status"] == "cancelled"
-    pc.wait_job(first["id"], timeout=120, poll=0.3)
-    assert pc.get_job(second["id"])["worker"]["pid"] is None
 
 
 def test_worker_killed_mid_job_fails_job_with_reason(workspace):
