@@ -82,14 +82,17 @@ class Service:
             self.proc.kill()
             self.proc.wait(10)
 
-    def stop(self) -> None:
-        """End the service, then any worker or serving process it recorded (by pid)."""
+    def stop_service_only(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    def stop(self) -> None:
+        """End the service, then any worker or serving process it recorded (by pid)."""
+        self.stop_service_only()
         for pid in recorded_pids(self.data_dir):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
@@ -199,59 +202,65 @@ def test_worker_killed_mid_job_fails_job_with_reason(workspace):
     assert f"worker process {pid} was killed by signal SIGKILL" in final["error"]
 
 
-def _job_in_crashed_service(tmp_path: Path, tiny_bert_dir: Path, kill_worker: bool) -> tuple[Path, str, int]:
-    """Start a service, start a job, then kill -9 the service (and the worker: a machine crash)."""
-    data = tmp_path / "data"
-    svc = Service(data).start()
+def crash(svc: Service, kill_worker_pids: list[int]) -> None:
+    """A machine crash as far as the platform can tell: the service and some workers die with SIGKILL."""
+    svc.kill()
+    for pid in kill_worker_pids:
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda p=pid: not pid_alive(p), timeout=10, what="worker gone")
+
+
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory, tiny_bert_dir):
+    """Service A runs two jobs and crashes; only the first job's worker dies with it. Service B starts on the
+    same database and files."""
+    root = tmp_path_factory.mktemp("restart")
+    first = Service(root / "data", "--max-workers", "2").start()
     try:
-        pc = svc.client()
+        pc = first.client()
         pc.register_model("tiny", tiny_bert_dir)
-        pc.upload_dataset("docs", write_corpus(tmp_path / "docs"))
-        job = pc.create_customization_job(model="tiny", dataset="docs", stages=["corpus"])
-        pid = wait_running_with_pid(pc, job["id"])["worker"]["pid"]
-        svc.kill()
-        if kill_worker:
-            os.kill(pid, signal.SIGKILL)
-            wait_for(lambda: not pid_alive(pid), timeout=10, what="worker gone")
-    except BaseException:
-        svc.stop()
-        raise
-    return data, job["id"], pid
-
-
-def test_restart_marks_job_of_dead_worker_failed(tmp_path, tiny_bert_dir):
-    data, job_id, pid = _job_in_crashed_service(tmp_path, tiny_bert_dir, kill_worker=True)
-    svc = Service(data).start()
-    try:
-        job = svc.client().get_job(job_id)  # recovered before the first request was served
-        assert job["status"] == "failed"
-        assert f"worker pid {pid}" in job["error"] and "found when the service started" in job["error"]
+        pc.upload_dataset("docs", write_corpus(root / "docs"))
+        dead = pc.create_customization_job(model="tiny", dataset="docs", stages=["corpus"])
+        alive = pc.create_customization_job(model="tiny", dataset="docs", stages=["corpus"])
+        dead_pid = wait_running_with_pid(pc, dead["id"])["worker"]["pid"]
+        alive_pid = wait_running_with_pid(pc, alive["id"])["worker"]["pid"]
+        crash(first, [dead_pid])
     finally:
-        svc.stop()
+        first.stop_service_only()
+    second = Service(root / "data").start()
+    yield {"service": second, "dead": (dead["id"], dead_pid), "alive": (alive["id"], alive_pid), "root": root}
+    second.stop()
 
 
-def test_restart_requeues_job_of_dead_worker_when_configured(tmp_path, tiny_bert_dir):
-    data, job_id, pid = _job_in_crashed_service(tmp_path, tiny_bert_dir, kill_worker=True)
-    svc = Service(data, "--on-orphan", "requeue").start()
+def test_restart_marks_job_of_dead_worker_failed(restarted):
+    job_id, pid = restarted["dead"]
+    job = restarted["service"].client().get_job(job_id)  # recovered before the first request was served
+    assert job["status"] == "failed"
+    assert f"worker pid {pid}" in job["error"] and "found when the service started" in job["error"]
+
+
+def test_restart_adopts_job_whose_worker_survived(restarted):
+    job_id, pid = restarted["alive"]
+    job = restarted["service"].client().wait_job(job_id, timeout=120, poll=0.3)
+    assert job["status"] == "completed", job["error"]
+    assert job["worker"]["pid"] == pid and job["worker"]["attempts"] == 1
+
+
+def test_restart_requeues_job_of_dead_worker_when_configured(restarted):
+    second = restarted["service"]
+    pc = second.client()
+    pc.wait_job(restarted["alive"][0], timeout=120, poll=0.3)  # one job at a time from here
+    job = pc.create_customization_job(model="tiny", dataset="docs", stages=["corpus"])
+    pid = wait_running_with_pid(pc, job["id"])["worker"]["pid"]
+    crash(second, [pid])
+    third = Service(restarted["root"] / "data", "--on-orphan", "requeue").start()
     try:
-        pc = svc.client()
-        job = pc.wait_job(job_id, timeout=120, poll=0.3)
-        assert job["status"] == "completed", job["error"]
-        assert job["worker"]["attempts"] == 2 and job["worker"]["pid"] != pid
-        assert "requeued_because" in job["status_details"]
+        done = third.client().wait_job(job["id"], timeout=120, poll=0.3)
+        assert done["status"] == "completed", done["error"]
+        assert done["worker"]["attempts"] == 2 and done["worker"]["pid"] != pid
+        assert f"worker pid {pid}" in done["status_details"]["requeued_because"]
     finally:
-        svc.stop()
-
-
-def test_restart_adopts_job_whose_worker_survived(tmp_path, tiny_bert_dir):
-    data, job_id, pid = _job_in_crashed_service(tmp_path, tiny_bert_dir, kill_worker=False)
-    svc = Service(data).start()
-    try:
-        job = svc.client().wait_job(job_id, timeout=120, poll=0.3)
-        assert job["status"] == "completed", job["error"]
-        assert job["worker"]["pid"] == pid and job["worker"]["attempts"] == 1
-    finally:
-        svc.stop()
+        third.stop()
 
 
 def test_openapi_has_tags_and_response_models(service):

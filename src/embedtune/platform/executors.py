@@ -125,7 +125,8 @@ class RayExecutor:
 
         self.settings = settings
         self.ray = ray
-        if not ray.is_initialized():
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
             env = {k: v for k, v in worker_env(settings).items()
                    if k in ("PYTHONPATH", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_HOME")}
             ray.init(address=settings.ray_address, include_dashboard=False, ignore_reinit_error=True,
@@ -166,6 +167,8 @@ class RayExecutor:
 
     def shutdown(self) -> None:
         self.refs.clear()
+        if self.started_ray:  # a local instance we started: stop its processes with us
+            self.ray.shutdown()
 
 
 def make_executor(settings: PlatformSettings) -> Executor:

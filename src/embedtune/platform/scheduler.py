@@ -88,6 +88,8 @@ class Scheduler:
 
     def tick(self, startup: bool = False) -> None:
         with self.lock:
+            if startup:
+                self._release_created()
             for job_id, how in self.executor.finished():
                 self._worker_ended(job_id, how)
             self._check_untracked(startup)
@@ -119,6 +121,12 @@ class Scheduler:
             why = "is no longer running" if gone else f"sent no heartbeat for {age:.0f} s"
             when = " (found when the service started)" if startup else ""
             self._orphaned(job, f"{who} {why}{when}")
+
+    def _release_created(self) -> None:
+        """A job recorded just before the service stopped never reached the queue: queue it now."""
+        with self.sessions() as s:
+            for job_id in s.scalars(select(db.Job.id).where(db.Job.status == "created")).all():
+                db.transition(s, job_id, "created", status="pending")
 
     def _orphaned(self, job: db.Job, reason: str) -> None:
         with self.sessions() as s:
