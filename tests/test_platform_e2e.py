@@ -129,3 +129,38 @@ def test_customize_deploy_and_query_through_gateway(platform_e2e, tiny_bert_dir)
     with pytest.raises(Exception) as err:  # noqa: PT011
         client.embeddings.create(model="tiny-ft", input=texts)
     assert getattr(err.value, "status_code", None) == 404
+
+
+def test_cancel_mid_training_stops_the_worker(platform_e2e):
+    _, pc = platform_e2e
+    job = pc.create_customization_job(model="tiny", dataset="train", stages=["finetune"],
+                                      hyperparameters={"epochs": 200, "batch_size": 4},
+                                      recipe={"finetune": {"validation_fraction": 0}})
+    training = wait_for(lambda: (j := pc.get_job(job["id"]))["status_details"].get("step", 0) >= 2 and j,
+                        timeout=300, poll=0.2, what="training under way")
+    assert training["status_details"]["max_steps"] > 100  # far from done: this cancel lands mid-training
+    pc.cancel_job(job["id"])
+    final = pc.wait_job(job["id"], timeout=60, poll=0.2)
+    assert final["status"] == "cancelled" and final["output_model"] is None
+    assert final["status_details"]["step"] < final["status_details"]["max_steps"]
+    wait_for(lambda: not pid_alive(training["worker"]["pid"]), timeout=15, what="worker gone")
+    with pytest.raises(Exception, match="not found"):  # noqa: PT011 (no half-trained model is registered)
+        pc.get_model(f"tiny-{job['id'].split('-')[1][:8]}")
+
+
+@pytest.mark.slow
+def test_from_raw_documents_with_local_sdg(platform_e2e, tmp_path):
+    """corpus -> sdg (shipped SmolLM2) -> prep -> finetune -> eval, all from an uploaded folder."""
+    from test_platform_jobs import write_corpus
+
+    _, pc = platform_e2e
+    pc.upload_dataset("docs", write_corpus(tmp_path / "docs", n_docs=24))
+    job = pc.create_customization_job(
+        model="tiny", dataset="docs", hyperparameters={"epochs": 1, "batch_size": 8},
+        recipe={"sdg": {"generator": "local", "max_chunks": 16, "queries_per_chunk": 1},
+                "eval": {"bm25": False, "matryoshka_sweep": False}})
+    assert job["stages"] == ["corpus", "sdg", "prep", "finetune", "eval"]
+    done = pc.wait_job(job["id"], timeout=1800, poll=1)
+    assert done["status"] == "completed", (done["error"], pc.job_logs(job["id"], tail=40))
+    assert done["result"]["stages"]["sdg"]["counts"]
+    assert pc.get_model(done["output_model"])["metrics"]["finetuned"]["ndcg@10"] >= 0
