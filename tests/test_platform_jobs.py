@@ -181,7 +181,9 @@ def test_job_request_errors_are_openai_shaped(workspace):
 
 
 def test_cancel_running_job_stops_its_worker(workspace):
-    job = corpus_job(workspace)
+    # NeMo Platform v2's path for the same request
+    job = workspace.request("POST", "/apis/customization/v2/workspaces/jobs/automodel/jobs",
+                            json={"model": "tiny", "dataset": {"training": "docs"}, "stages": ["corpus"]})
     pid = wait_running_with_pid(workspace, job["id"])["worker"]["pid"]
     cancelled = workspace.cancel_job(job["id"])
     assert cancelled["status"] in ("cancelling", "cancelled")
@@ -194,7 +196,11 @@ def test_cancel_running_job_stops_its_worker(workspace):
 
 
 def test_worker_killed_mid_job_fails_job_with_reason(workspace):
-    job = corpus_job(workspace)
+    # the older Customizer's path and body shape: the workspace is the dataset's namespace
+    job = workspace.request("POST", "/v1/customization/jobs",
+                            json={"config": "tiny", "dataset": {"namespace": "jobs", "name": "docs"},
+                                  "hyperparameters": {"epochs": 1}, "stages": ["corpus"]})
+    assert job["workspace"] == "jobs" and job["model"] == "tiny"
     pid = wait_running_with_pid(workspace, job["id"])["worker"]["pid"]
     os.kill(pid, signal.SIGKILL)
     final = workspace.wait_job(job["id"], timeout=30, poll=0.1)

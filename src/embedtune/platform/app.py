@@ -454,6 +454,12 @@ def create_customization_job(workspace: str, body: CustomizationJobCreate, p: P,
     return job_out(create_customization(workspace, body, p, s))
 
 
+@customization.post("/apis/customization/v2/workspaces/{workspace}/automodel/jobs", response_model=JobOut,
+                    status_code=201, summary="NeMo Platform v2 path (same body and behaviour)")
+def create_automodel_job(workspace: str, body: CustomizationJobCreate, p: P, s: S) -> JobOut:
+    return job_out(create_customization(workspace, body, p, s))
+
+
 @customization.post("/v1/customization/jobs", response_model=JobOut, status_code=201,
                     summary="Older Customizer path: the workspace is the dataset's namespace")
 def create_customization_job_v1(body: CustomizationJobCreate, p: P, s: S) -> JobOut:

@@ -141,12 +141,13 @@ class Scheduler:
             if db.transition(s, job.id, "running", status="failed", error=reason):
                 log.warning("job %s failed: %s", job.id, reason)
 
-    def running_here(self) -> int:
+    def active_jobs(self) -> int:
+        """Jobs running anywhere on this database: max_workers bounds them all."""
         with self.sessions() as s:
             return len(s.scalars(select(db.Job.id).where(db.Job.status.in_(db.ACTIVE))).all())
 
     def _start_pending(self) -> None:
-        free = self.settings.max_workers - self.running_here()
+        free = self.settings.max_workers - self.active_jobs()
         if free <= 0:
             return
         with self.sessions() as s:
