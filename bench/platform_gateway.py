@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -96,6 +97,7 @@ def main() -> None:
             pc.delete_deployment("bench")
         service.send_signal(signal.SIGTERM)
         service.wait(30)
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def _ok(url: str) -> bool:

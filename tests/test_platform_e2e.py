@@ -131,6 +131,7 @@ def test_customize_deploy_and_query_through_gateway(platform_e2e, tiny_bert_dir)
     assert getattr(err.value, "status_code", None) == 404
 
 
+@pytest.mark.slow  # one more worker importing torch; cancel of a running worker is also in test_platform_jobs
 def test_cancel_mid_training_stops_the_worker(platform_e2e):
     _, pc = platform_e2e
     job = pc.create_customization_job(model="tiny", dataset="train", stages=["finetune"],
