@@ -13,12 +13,14 @@ from embedtune.cli._app import app, user_errors
 @app.command("platform")
 @user_errors
 def platform_cmd(
-    db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL [sqlite file in --data-dir]")] = None,
+    db: Annotated[str | None, typer.Option(
+        "--db", help="SQLAlchemy URL \\[default: a SQLite file in --data-dir]")] = None,
     data_dir: Annotated[Path, typer.Option(help="datasets, job run dirs and logs")] = Path("platform-data"),
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
     executor: Annotated[str, typer.Option(help="local (worker processes) or ray")] = "local",
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address [start a local one]")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Ray cluster address \\[default: start a local one]")] = None,
     max_workers: Annotated[int, typer.Option(help="jobs running at once (local executor)")] = 1,
     on_orphan: Annotated[str, typer.Option(help="a job whose worker died unseen: fail or requeue")] = "fail",
     heartbeat: Annotated[float, typer.Option(help="worker heartbeat interval, seconds")] = 5.0,
