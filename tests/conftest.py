@@ -12,7 +12,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _find_shared_data() -> Path:
+    """``$EMBEDTUNE_SHARED_DATA``, else the nearest ``shared/data`` beside the repo or one of its parents."""
+    if env := os.environ.get("EMBEDTUNE_SHARED_DATA"):
+        return Path(env)
+    repo = Path(__file__).resolve().parents[1]
+    for parent in repo.parents:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    return repo.parent / "shared" / "data"
+
+
+SHARED_DATA = _find_shared_data()
 
 TOPICS = {
     "astronomy": "stars planets galaxies telescopes orbit comets nebula gravity light years",

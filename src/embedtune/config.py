@@ -53,15 +53,21 @@ class LLMGeneratorConfig(StrictModel):
     timeout: float = Field(120.0, gt=0)
     concurrency: int = Field(8, ge=1)
     max_retries: int = Field(5, ge=0)
-    structured_output: bool = True
+    structured_output: bool = Field(True, description="ask for response_format=json_object")
+    parse_retries: int = Field(2, ge=0, description="new attempts when an answer holds no valid JSON")
     judge_model: str | None = Field(None, description="defaults to `model`")
 
 
 class LocalGeneratorConfig(StrictModel):
     model_path: str | None = Field(None, description="GGUF file or HF folder; None = shipped SmolLM2-135M")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="chunks per forward pass")
+    samples_per_chunk: int = Field(4, ge=1, description="sampled queries per chunk, before filtering")
+    max_passage_tokens: int = Field(256, gt=0, description="the passage is cut to this many tokens")
     max_new_tokens: int = Field(40, gt=0)
-    temperature: float = Field(0.7, ge=0)
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads while generating; 1 is far faster on an oversubscribed CPU"
+    )
+    temperature: float = Field(0.7, ge=0, description="0 = greedy (one sample per chunk makes sense then)")
     top_p: float = Field(0.95, gt=0, le=1)
 
 
@@ -70,7 +76,16 @@ class QueryFilterConfig(StrictModel):
     max_words: int = Field(64, ge=1)
     max_ngram_overlap: float = Field(0.8, ge=0, le=1, description="share of query n-grams copied verbatim")
     roundtrip: bool | None = Field(None, description="None: on for `local`, off for `llm`")
-    roundtrip_top_k: int = Field(20, ge=1)
+    roundtrip_top_k: int = Field(20, ge=1, description="a positive must rank within this many chunks")
+    roundtrip_min_rank: int = Field(
+        1, ge=1, description="drop queries whose best positive ranks above this (2 drops rank-1 'easy' ones)"
+    )
+
+    @model_validator(mode="after")
+    def _rank_window(self) -> QueryFilterConfig:
+        if self.roundtrip_min_rank > self.roundtrip_top_k:
+            raise ValueError("sdg.filters.roundtrip_min_rank must be <= sdg.filters.roundtrip_top_k")
+        return self
 
 
 class SdgConfig(StrictModel):
@@ -96,16 +111,24 @@ class SdgConfig(StrictModel):
 
 
 class PrepConfig(StrictModel):
-    test_ratio: float = Field(0.2, ge=0, lt=1)
+    test_ratio: float = Field(0.2, ge=0, lt=1, description="share of query-bearing documents held out")
     seed: int = 42
-    max_pos_docs: int = Field(5, ge=1)
+    max_pos_docs: int = Field(5, ge=1, description="queries with more positives are dropped")
     hard_negatives_to_mine: int = Field(5, ge=0)
-    negatives_used: int = Field(4, ge=0)
+    negatives_used: int = Field(4, ge=0, description="minimum negatives per query (fill_missing)")
     margin: float = Field(0.95, ge=0)
-    margin_type: Literal["perc", "abs"] = "perc"
-    fill_missing: Literal["random", "drop"] = "random"
-    test_chunks_as_negatives: bool = False
-    mining_batch_size: int = Field(64, ge=1)
+    margin_type: Literal["perc", "abs"] = Field(
+        "perc", description="perc: negatives < margin x weakest positive; abs: < weakest positive - margin"
+    )
+    fill_missing: Literal["random", "drop"] = Field(
+        "random", description="queries short of negatives_used: add random allowed chunks, or drop the query"
+    )
+    test_chunks_as_negatives: bool = Field(False, description="allow held-out documents' chunks as negatives")
+    exclude_same_document: bool = Field(
+        True, description="never take a negative from a positive's own document (frequent false negatives)"
+    )
+    mining_batch_size: int = Field(64, ge=1, description="encoding batch size")
+    mining_query_block: int = Field(256, ge=1, description="queries scored at once against all candidates")
     query_max_length: int | None = Field(None, gt=0)
     passage_max_length: int | None = Field(None, gt=0)
 
@@ -126,7 +149,12 @@ class FinetuneConfig(StrictModel):
     lr_scheduler: str = "cosine"
     weight_decay: float = Field(0.01, ge=0)
     global_batch_size: int = Field(128, ge=1)
-    micro_batch_size: int | None = Field(None, ge=1, description="None: whole batch (cached loss bounds memory)")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="GradCache mini-batch; None: whole per-device batch in one forward pass"
+    )
+    loss: Literal["auto", "mnrl", "cached_mnrl"] = Field(
+        "auto", description="auto: cached_mnrl (GradCache) if micro_batch_size < per-device batch, else mnrl"
+    )
     auto_scale_batch: bool = True
     passages_per_query: int = Field(5, ge=1, description="1 positive + (n-1) hard negatives")
     temperature: float = Field(0.02, gt=0)
@@ -135,6 +163,8 @@ class FinetuneConfig(StrictModel):
     validation_fraction: float = Field(0.1, ge=0, lt=1)
     eval_steps: int | None = Field(None, gt=0)
     checkpoint_steps: int = Field(50, gt=0)
+    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept (plus the best)")
+    val_corpus_size: int = Field(1000, ge=0, description="other passages added to the validation corpus")
     seed: int = 42
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
@@ -143,16 +173,33 @@ class EvalConfig(StrictModel):
     k_values: list[int] = Field(default_factory=lambda: [1, 5, 10, 100])
     top_k: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=1)
-    ignore_identical_ids: bool = False
-    bm25: bool = True
+    ignore_identical_ids: bool = Field(False, description="drop hits whose id equals the query id (BEIR)")
+    bm25: bool = Field(True, description="add BM25 (bm25s) as the lexical reference row")
+    bm25_stopwords: str | None = Field("en", description="bm25s stopword list; None for other languages")
     matryoshka_sweep: bool = True
+    matryoshka_dims: list[int] | None = Field(
+        None, description="dimensions to sweep; None: the fine-tune's Matryoshka dims, else 256/128/64"
+    )
+    search: Literal["exact", "faiss"] = Field("exact", description="exact: blocked torch; faiss: IndexFlatIP")
     dataset: str | None = Field(None, description="BEIR folder to evaluate on instead of prep/eval")
+    queries: str | None = Field(None, description="BEIR folder to take queries from (cross-lingual)")
     split: str = "test"
+    cache_dir: str | None = Field(None, description="embedding cache; None: <run>/eval/cache")
 
 
 class ExportConfig(StrictModel):
     opset: int = Field(17, ge=14)
     int8: bool = True
+    int8_per_channel: bool = Field(True, description="one weight scale per output channel (closer to fp32)")
+    int8_reduce_range: bool | None = Field(
+        None, description="7-bit weights; None: on for CPUs without VNNI, whose int8 kernels can saturate"
+    )
+    int8_exclude_sensitive: bool = Field(
+        True, description="keep the FFN down-projections (activation outliers) in fp32; int8 quality drops without"
+    )
+    int8_quantize_attention: bool = Field(
+        False, description="also quantise the fused attention's QKV projection (faster, less faithful)"
+    )
     gpu_precisions: list[Literal["fp16", "fp8"]] = Field(default_factory=lambda: ["fp16"])
     parity_min_cosine: float = Field(0.9999, gt=0, le=1)
     tolerance_low_k: float = Field(0.03, ge=0, description="allowed metric drift at k < 5")
@@ -168,7 +215,10 @@ class ServeConfig(StrictModel):
     max_queue: int = Field(256, ge=1)
     max_inputs: int = Field(2048, ge=1)
     max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
-    backend: Literal["auto", "onnx", "torch"] = "auto"
+    backend: Literal["auto", "onnx", "torch"] = Field(
+        "auto", description="auto = the ONNX export when the model folder or run has one, else torch")
+    onnx_precision: Literal["auto", "int8", "fp32"] = Field(
+        "auto", description="auto = int8 on CPU when exported, fp32 on GPU")
 
 
 class Recipe(StrictModel):

@@ -59,6 +59,7 @@ class SyntheticQuery(Row):
     hops: int = 1
     scores: QueryScores = Field(default_factory=QueryScores)
     generator: GeneratorInfo
+    roundtrip_rank: int | None = Field(None, description="base model's rank of the best positive (1 = top)")
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 

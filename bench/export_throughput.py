@@ -1,0 +1,128 @@
+"""Encode throughput of the exported model vs plain PyTorch, and int8 quality vs fp32.
+
+Baseline: ``SentenceTransformer.encode`` (torch fp32) on the same texts, measured in the same run.
+Texts: short queries and 256-token passages (SciFact when ../shared/data is present, else generated).
+Quality: int8 vs fp32 ONNX cosine on every text, and nDCG@10 on a SciFact subset (--ndcg-queries).
+
+    PYTHONPATH=src python bench/export_throughput.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# ../shared/data next to the repository (a git worktree sits one level deeper, so look there too).
+_REPO = Path(__file__).resolve().parents[1]
+_CANDIDATES = [root / "shared" / "data" / "scifact" for root in (_REPO.parent, _REPO.parents[1])]
+SHARED = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
+
+
+def texts(n_queries: int, n_passages: int) -> tuple[list[str], list[str]]:
+    from embedtune.evaluate import load_beir
+
+    if (SHARED / "corpus.jsonl").is_file():
+        data = load_beir(SHARED)
+        return list(data.queries.values())[:n_queries], data.passages(list(data.corpus)[:n_passages])
+    from embedtune.export.parity import probe_passages
+
+    rng = random.Random(0)
+    words = " ".join(probe_passages()).split()
+    queries = [" ".join(rng.sample(words, 8)) for _ in range(n_queries)]
+    return queries, [" ".join(rng.choices(words, k=300)) for _ in range(n_passages)]
+
+
+def timed(encode: Callable[[list[str]], np.ndarray], items: list[str]) -> tuple[float, np.ndarray]:
+    encode(items[:8])  # warm-up: first-run allocations and kernel selection
+    t0 = time.perf_counter()
+    out = encode(items)
+    return len(items) / (time.perf_counter() - t0), out
+
+
+def ndcg_subset(fp32, int8, n_queries: int, n_docs: int) -> dict[str, float] | None:
+    """nDCG@10 of fp32 and int8 ONNX on SciFact: the first n queries, their relevant docs + distractors."""
+    from embedtune.evaluate import BeirDataset, evaluate_embeddings, load_beir
+
+    if n_queries <= 0 or not (SHARED / "corpus.jsonl").is_file():
+        return None
+    data = load_beir(SHARED)
+    qids = list(data.queries)[:n_queries]
+    relevant = {d for q in qids for d in data.qrels[q]}
+    others = [d for d in data.corpus if d not in relevant][: max(0, n_docs - len(relevant))]
+    dids = sorted(relevant) + others
+    sub = BeirDataset({d: data.corpus[d] for d in dids}, {q: data.queries[q] for q in qids},
+                      {q: data.qrels[q] for q in qids})
+    out = {}
+    for enc in (fp32, int8):
+        q = enc.encode([sub.queries[i] for i in qids], batch_size=32)
+        d = enc.encode(sub.passages(dids), batch_size=32)
+        out[enc.precision] = evaluate_embeddings(sub, qids, q, dids, d, k_values=(1, 10))["ndcg@10"]
+    out["docs"], out["queries"] = len(dids), len(qids)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
+    ap.add_argument("--queries", type=int, default=256)
+    ap.add_argument("--passages", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--ndcg-queries", type=int, default=100, help="0 skips the nDCG check")
+    ap.add_argument("--ndcg-docs", type=int, default=1000)
+    ap.add_argument("--export-dir", type=Path, default=None, help="reuse (or keep) the export here")
+    ap.add_argument("--quantise-ffn-down", action="store_true",
+                    help="quantise the FFN down-projections too (int8_exclude_sensitive=false)")
+    args = ap.parse_args()
+
+    import torch
+
+    from embedtune.export import OnnxEncoder, export_onnx
+    from embedtune.models import load_model
+
+    torch.set_num_threads(args.threads)
+    model = load_model("default", device="cpu")
+    folder = args.export_dir or Path(tempfile.mkdtemp(prefix="embedtune-bench-"))
+    if not (folder / "model.int8.onnx").is_file():
+        export_onnx(model, folder, source="default", int8_exclude_sensitive=not args.quantise_ffn_down)
+    queries, passages = texts(args.queries, args.passages)
+    encoders = {p: OnnxEncoder(folder, p, threads=args.threads) for p in ("fp32", "int8")}
+    bs = args.batch_size
+
+    rows, vectors = [], {}
+    for kind, items in (("queries", queries), ("passages (256 tok)", passages)):
+        base, vectors[("torch", kind)] = timed(
+            lambda x: model.encode(x, batch_size=bs, normalize_embeddings=True, convert_to_numpy=True), items)
+        rows.append((kind, "torch fp32 (baseline)", base, 1.0))
+        for name, enc in encoders.items():
+            rate, vectors[(name, kind)] = timed(lambda x, e=enc: e.encode(x, batch_size=bs), items)
+            rows.append((kind, f"onnx {name}", rate, rate / base))
+
+    print(f"\nthreads={args.threads}, batch={bs}, {len(queries)} queries, {len(passages)} passages, "
+          f"model=all-MiniLM-L6-v2, cpu cores visible={os.cpu_count()}\n")
+    print("| texts | backend | texts/s | × torch |\n|---|---|---:|---:|")
+    for kind, name, rate, ratio in rows:
+        print(f"| {kind} | {name} | {rate:.1f} | {ratio:.2f} |")
+
+    print("\n| check | min cosine | mean cosine |\n|---|---:|---:|")
+    for a, b in (("fp32", "torch"), ("int8", "fp32")):
+        cos = np.concatenate([(vectors[(a, k)] * vectors[(b, k)]).sum(1) for k in ("queries", "passages (256 tok)")])
+        print(f"| onnx {a} vs {b} | {cos.min():.5f} | {cos.mean():.5f} |")
+
+    nd = ndcg_subset(encoders["fp32"], encoders["int8"], args.ndcg_queries, args.ndcg_docs)
+    if nd:
+        print(f"\nSciFact subset ({nd['queries']} queries, {nd['docs']} docs): nDCG@10 fp32 {nd['fp32']:.4f}, "
+              f"int8 {nd['int8']:.4f}, Δ {nd['int8'] - nd['fp32']:+.4f} (tolerance 0.01)")
+
+
+if __name__ == "__main__":
+    main()

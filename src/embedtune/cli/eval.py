@@ -1,0 +1,170 @@
+"""`embedtune eval`: the eval stage of a run, or any models on any BEIR folder, or a served endpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from embedtune.cli._app import (
+    ConfigOpt,
+    ForceOpt,
+    OverrideOpt,
+    RunDirOpt,
+    VerboseOpt,
+    app,
+    load,
+    open_run,
+    report_stage,
+    user_errors,
+)
+from embedtune.config import Recipe
+from embedtune.console import console
+
+HEADLINE = ["ndcg@1", "ndcg@10", "recall@10", "recall@100", "precision@10", "map@10", "mrr@10"]
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    dataset: Annotated[Path | None, typer.Option(help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")] = None,
+    split: Annotated[str | None, typer.Option(help="qrels split (default: test)")] = None,
+    queries: Annotated[Path | None, typer.Option(help="take queries from this BEIR folder (cross-lingual)")] = None,
+    model: Annotated[list[str] | None, typer.Option(
+        help="model spec to evaluate without a run (repeatable; the first is the baseline)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write results.json, report.md, report.png here")] = None,
+    dims: Annotated[str | None, typer.Option(help="Matryoshka dimensions to sweep, e.g. 256,128,64")] = None,
+    bm25: Annotated[bool | None, typer.Option("--bm25/--no-bm25", help="add the BM25 row")] = None,
+    search: Annotated[str | None, typer.Option(help="exact | faiss")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="embedding cache folder")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="always encode (standalone mode)")] = False,
+    endpoint: Annotated[str | None, typer.Option(help="also evaluate this OpenAI-compatible base URL")] = None,
+    endpoint_model: Annotated[str | None, typer.Option(
+        help="model name at the endpoint (default: the first it serves)")] = None,
+    api_key_env: Annotated[str, typer.Option(help="env variable holding the endpoint's key")] = "OPENAI_API_KEY",
+    fail_on_drift: Annotated[bool, typer.Option(
+        help="exit 3 when the endpoint drifts beyond export.tolerance_low_k/high_k")] = False,
+    run_dir: RunDirOpt = None,
+    config: ConfigOpt = None,
+    override: OverrideOpt = None,
+    force: ForceOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """BEIR retrieval metrics: base vs fine-tuned in a run (-r), or --model SPEC on any --dataset."""
+    sets: dict[str, Any] = {"eval__split": split, "eval__bm25": bm25, "eval__search": search,
+                            "eval__cache_dir": cache_dir, "eval__matryoshka_dims": f"[{dims}]" if dims else None}
+    if model:
+        if dataset is None:
+            raise ValueError("--model needs --dataset: the BEIR folder to evaluate on")
+        recipe = load(config, override, verbose, **sets)
+        results, data = _standalone(recipe, dataset, queries, model, no_cache)
+    else:
+        recipe = load(config, override, verbose, eval__dataset=dataset, eval__queries=queries, **sets)
+        results, data = _stage(recipe, run_dir, force)
+    console.print(_table(results))
+    if endpoint:
+        _check_endpoint(recipe, results, data, endpoint, endpoint_model, os.environ.get(api_key_env),
+                        fail_on_drift, out)
+    elif out is not None and model:
+        _write(results, out)
+
+
+def _standalone(recipe: Recipe, dataset: Path, queries: Path | None, specs: list[str], no_cache: bool):
+    from embedtune.evaluate import EmbeddingCache, default_cache_dir, load_beir, load_encoder
+    from embedtune.evaluate.stage import DEFAULT_SWEEP, compare_models
+
+    cfg = recipe.eval
+    data = load_beir(dataset, cfg.split, queries)
+    for w in data.warnings[:5]:
+        console.print(f"[yellow]warning:[/] {w}")
+    keys = _unique_keys(specs)
+    models = {key: (lambda s=spec, k=key: load_encoder(s, k, cfg.batch_size)) for key, spec in zip(keys, specs,
+                                                                                                  strict=True)}
+    cache = None if no_cache else EmbeddingCache(cfg.cache_dir or default_cache_dir())
+    dims = (cfg.matryoshka_dims or list(DEFAULT_SWEEP)) if cfg.matryoshka_sweep else []
+    results = compare_models(data, models, cfg, cache=cache, dims=dims)
+    results.update(split=cfg.split, queries_from=str(queries) if queries else None)
+    return results, data
+
+
+def _unique_keys(specs: list[str]) -> list[str]:
+    reserved = {"dataset", "split", "models", "bm25", "matryoshka", "endpoint", "warnings", "k_values",
+                "n_queries", "n_docs", "queries_from"}
+    keys: list[str] = []
+    for spec in specs:
+        key = Path(spec).name if Path(spec).is_dir() else spec
+        while key in reserved or key in keys:
+            key += "'"
+        keys.append(key)
+    return keys
+
+
+def _stage(recipe: Recipe, run_dir: Path | None, force: bool):
+    from embedtune.artifacts import read_json
+    from embedtune.evaluate import load_beir, run_eval
+    from embedtune.evaluate.stage import dataset_dirs
+
+    run = open_run(recipe, run_dir)
+    manifest = run_eval(recipe, run, force=force)
+    report_stage("eval", manifest)
+    console.print(f"[dim]{run.path('eval', 'report.md')}  {run.path('eval', 'report.png')}[/]")
+    data_dir, queries_dir = dataset_dirs(recipe, run)
+    lazy = (data_dir, queries_dir, recipe.eval.split, load_beir, run.path("eval", "endpoint.json"))
+    return read_json(run.path("eval", "results.json")), lazy
+
+
+def _table(results: dict[str, Any]):
+    from embedtune.evaluate.report import rich_table
+
+    return rich_table(results, [m for m in HEADLINE if m in results[results["models"][0]]])
+
+
+def _write(results: dict[str, Any], out: Path) -> None:
+    from embedtune.evaluate.report import write_reports
+
+    paths = write_reports(results, out)
+    console.print("[dim]" + "  ".join(map(str, paths)) + "[/]")
+
+
+def _check_endpoint(recipe: Recipe, results: dict[str, Any], data: Any, url: str, name: str | None,
+                    api_key: str | None, fail: bool, out: Path | None) -> None:
+    from embedtune.artifacts import write_json
+    from embedtune.evaluate import compare_within_tolerance, evaluate_endpoint
+    from embedtune.evaluate.report import _endpoint_md
+
+    stage_json = None
+    if isinstance(data, tuple):  # stage mode: load the dataset the stage used
+        data_dir, queries_dir, split, load_beir, stage_json = data
+        data = load_beir(data_dir, split, queries_dir)
+    name = name or _first_served_model(url, api_key)
+    cfg = recipe.eval
+    served = evaluate_endpoint(url, name, data, api_key, batch_size=cfg.batch_size, k_values=cfg.k_values,
+                               top_k=cfg.top_k, ignore_identical_ids=cfg.ignore_identical_ids)
+    ref_key = "finetuned" if results.get("finetuned") else results["models"][0]
+    low, high = recipe.export.tolerance_low_k, recipe.export.tolerance_high_k
+    violations = compare_within_tolerance(results[ref_key], served.metrics, low, high)
+    results["endpoint"] = {"base_url": url, "model": name, "reference": ref_key, "metrics": served.metrics,
+                           "tolerance_low_k": low, "tolerance_high_k": high,
+                           "violations": [v.to_json() for v in violations]}
+    side_by_side = {**results, "models": [ref_key, "served"], "served": {**served.metrics, "label": "served"},
+                    "bm25": None}
+    console.print(_table(side_by_side))
+    console.print("\n".join(_endpoint_md(results["endpoint"])[2:]))
+    if stage_json is not None:  # beside the stage's outputs, which stay untouched (and up to date)
+        write_json(stage_json, results["endpoint"])
+    if out is not None:
+        _write(results, out)
+    if violations and fail:
+        raise typer.Exit(3)
+
+
+def _first_served_model(url: str, api_key: str | None) -> str:
+    from openai import OpenAI
+
+    base = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1")
+    served = OpenAI(base_url=base, api_key=api_key or "not-needed").models.list().data
+    if not served:
+        raise ValueError(f"{url} serves no model; pass --endpoint-model")
+    return served[0].id

@@ -1,0 +1,72 @@
+"""A model served behind an OpenAI-compatible ``/v1/embeddings`` URL, checked against local figures."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from embedtune.evaluate.beir import BeirDataset
+from embedtune.evaluate.core import ModelResult, evaluate_encoder
+from embedtune.evaluate.encoders import EndpointEncoder
+
+
+def evaluate_endpoint(
+    base_url: str,
+    model_name: str,
+    dataset: BeirDataset,
+    api_key: str | None = None,
+    *,
+    batch_size: int = 64,
+    dimensions: int | None = None,
+    k_values: Sequence[int] = (1, 5, 10, 100),
+    top_k: int = 100,
+    ignore_identical_ids: bool = False,
+    max_retries: int = 5,
+    timeout: float = 120.0,
+) -> ModelResult:
+    """BEIR metrics of a served model: queries sent with ``input_type=query``, the corpus with
+    ``input_type=passage`` (the server applies its own prompts), in batches of ``batch_size``."""
+    encoder = EndpointEncoder(base_url, model_name, api_key, batch_size, dimensions, max_retries, timeout,
+                              label=f"endpoint {model_name}")
+    return evaluate_encoder(encoder, dataset, k_values=k_values, top_k=top_k,
+                            ignore_identical_ids=ignore_identical_ids)
+
+
+@dataclass(frozen=True)
+class Violation:
+    metric: str
+    expected: float  # the reference (local) figure
+    actual: float  # the figure under test (served)
+    tolerance: float
+
+    @property
+    def diff(self) -> float:
+        return self.actual - self.expected
+
+    def __str__(self) -> str:
+        return (f"{self.metric}: {self.actual:.4f} vs {self.expected:.4f} "
+                f"(drift {self.diff:+.4f}, tolerance {self.tolerance})")
+
+    def to_json(self) -> dict[str, float | str]:
+        return {**asdict(self), "diff": self.diff}
+
+
+_AT_K = re.compile(r"^[a-z_]+@(\d+)$")
+
+
+def compare_within_tolerance(reference: Mapping[str, float], actual: Mapping[str, float],
+                             low: float = 0.03, high: float = 0.01) -> list[Violation]:
+    """Metrics ``name@k`` present in both whose drift exceeds ``low`` (k < 5) or ``high`` (k >= 5).
+
+    Small k gets the looser bound because a single swapped pair moves @1 figures by 1/n_queries.
+    """
+    violations = []
+    for metric, ref in reference.items():
+        match = _AT_K.match(metric)
+        if match is None or metric not in actual:
+            continue
+        tol = low if int(match.group(1)) < 5 else high
+        if abs(float(actual[metric]) - float(ref)) > tol + 1e-9:
+            violations.append(Violation(metric, float(ref), float(actual[metric]), tol))
+    return violations

@@ -1,0 +1,137 @@
+"""The eval stage: base vs fine-tuned (vs BM25) on the run's held-out BEIR set or any BEIR folder."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from embedtune.artifacts import Manifest, RunDir
+from embedtune.config import EvalConfig, Recipe
+from embedtune.console import log
+from embedtune.evaluate.beir import BeirDataset, load_beir
+from embedtune.evaluate.bm25 import evaluate_bm25
+from embedtune.evaluate.cache import EmbeddingCache
+from embedtune.evaluate.core import evaluate_encoder
+from embedtune.evaluate.encoders import Encoder, load_encoder
+from embedtune.evaluate.report import write_reports
+
+# Swept when the fine-tuned model does not say which dimensions it was trained at (the full dimension
+# is always included; dimensions above it are dropped).
+DEFAULT_SWEEP = (256, 128, 64)
+
+
+def run_eval(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
+    """Evaluate ``recipe.model`` (base) and, when the finetune stage completed, ``finetune/model``."""
+    cfg = recipe.eval
+    data_dir, queries_dir = dataset_dirs(recipe, run)
+    ft_manifest = run.manifest("finetune")
+    ft_dir = run.path("finetune", "model") if ft_manifest is not None else None
+    if ft_dir is not None and not ft_dir.is_dir():
+        log.warning("finetune completed but %s is missing: evaluating the base model only", ft_dir)
+        ft_dir = None
+    dims = sweep_dims(cfg, recipe, ft_manifest)
+    inputs: list[Path] = [data_dir] + ([queries_dir] if queries_dir else []) + ([ft_dir] if ft_dir else [])
+    config = {"eval": cfg.model_dump(mode="json"), "model": recipe.model.model_dump(mode="json"), "dims": dims}
+    stage = run.stage("eval", config, inputs=inputs)
+    if (done := stage.up_to_date(force)) is not None:
+        return done
+
+    dataset = load_beir(data_dir, cfg.split, queries_dir)
+    if not cfg.dataset:
+        dataset.name = f"{run.root.name} held-out ({dataset.name})"
+    _warn(dataset)
+    cache = EmbeddingCache(Path(cfg.cache_dir) if cfg.cache_dir else stage.dir / "cache")
+    models: dict[str, Callable[[], Encoder]] = {
+        "base": lambda: load_encoder(recipe.model, "base", cfg.batch_size)}
+    if ft_dir is not None:
+        models["finetuned"] = lambda: load_encoder(recipe.model, "fine-tuned", cfg.batch_size, path=ft_dir)
+    results = compare_models(dataset, models, cfg, cache=cache, dims=dims)
+    results.update(split=cfg.split, queries_from=str(queries_dir) if queries_dir else None)
+    outputs = write_reports(results, stage.dir)
+    metrics = {f"{m}_{k}": results[m][k] for m in ("base", "finetuned", "bm25")
+               if results.get(m) for k in ("ndcg@10", "recall@10", "map@10")}
+    counts = {"queries": results["n_queries"], "documents": results["n_docs"],
+              "skipped_qrels": len(dataset.warnings), "cache_hits": cache.hits, "encoded": cache.misses}
+    return stage.finish(outputs=outputs, counts=counts, metrics=metrics)
+
+
+def dataset_dirs(recipe: Recipe, run: RunDir) -> tuple[Path, Path | None]:
+    """``recipe.eval.dataset`` (and ``eval.queries``) if set, else the prep stage's ``prep/eval``."""
+    cfg = recipe.eval
+    if cfg.dataset:
+        data = Path(cfg.dataset).expanduser()
+        if not data.is_dir():
+            raise FileNotFoundError(f"eval.dataset {cfg.dataset!r} is not a folder")
+    else:
+        data = run.require("prep", "eval")
+    queries = Path(cfg.queries).expanduser() if cfg.queries else None
+    if queries is not None and not queries.is_dir():
+        raise FileNotFoundError(f"eval.queries {cfg.queries!r} is not a folder")
+    return data, queries
+
+
+def sweep_dims(cfg: EvalConfig, recipe: Recipe, ft_manifest: Manifest | None) -> list[int]:
+    """Matryoshka dimensions to score: eval.matryoshka_dims, else the ones the fine-tune trained
+    (from its manifest, else the recipe), else :data:`DEFAULT_SWEEP`. Empty when the sweep is off."""
+    if not cfg.matryoshka_sweep:
+        return []
+    if cfg.matryoshka_dims:
+        return sorted(set(cfg.matryoshka_dims), reverse=True)
+    found = None
+    if ft_manifest is not None:
+        for section in (ft_manifest.counts, ft_manifest.metrics, ft_manifest.config):
+            if (found := _find_dims(section)) is not None:
+                break
+    if found is None and isinstance(recipe.finetune.matryoshka_dims, list):
+        found = recipe.finetune.matryoshka_dims
+    return sorted(set(found or DEFAULT_SWEEP), reverse=True)
+
+
+def _find_dims(obj: Any) -> list[int] | None:
+    if isinstance(obj, dict):
+        value = obj.get("matryoshka_dims")
+        if isinstance(value, list) and value and all(isinstance(x, int) and x > 0 for x in value):
+            return value
+        for child in obj.values():
+            if (found := _find_dims(child)) is not None:
+                return found
+    return None
+
+
+def compare_models(
+    dataset: BeirDataset,
+    models: dict[str, Callable[[], Encoder]],
+    cfg: EvalConfig,
+    *,
+    cache: EmbeddingCache | None = None,
+    dims: Sequence[int] = (),
+) -> dict[str, Any]:
+    """Evaluate each model (loaded one at a time, so two large models never share memory) and BM25;
+    return the results dict that :mod:`embedtune.evaluate.report` renders."""
+    if not dataset.queries:
+        raise ValueError(f"{dataset.name}: no query has a relevance judgement in split {cfg.split!r}")
+    results: dict[str, Any] = {"dataset": dataset.name, "n_queries": len(dataset.queries),
+                               "n_docs": len(dataset.corpus), "k_values": list(cfg.k_values),
+                               "models": list(models), "warnings": dataset.warnings[:100]}
+    matryoshka: dict[str, Any] = {}
+    score = dict(k_values=cfg.k_values, top_k=cfg.top_k, ignore_identical_ids=cfg.ignore_identical_ids)
+    for key, make in models.items():
+        encoder = make()
+        res = evaluate_encoder(encoder, dataset, cache=cache, dims=dims, backend=cfg.search, **score)
+        results[key] = res.to_json()
+        matryoshka[key] = {str(d): m for d, m in res.by_dim.items()}
+        log.info("%s: nDCG@10 %.4f", encoder.label, res.metrics["ndcg@10"])
+        del encoder
+        gc.collect()
+    all_dims = sorted({int(d) for per in matryoshka.values() for d in per}, reverse=True)
+    results["matryoshka"] = {"dims": all_dims, **matryoshka}
+    results["bm25"] = evaluate_bm25(dataset, stopwords=cfg.bm25_stopwords, **score) if cfg.bm25 else None
+    return results
+
+
+def _warn(dataset: BeirDataset) -> None:
+    if dataset.warnings:
+        log.warning("%s: %d qrels rows skipped, e.g. %s", dataset.name, len(dataset.warnings),
+                    dataset.warnings[0])

@@ -1,0 +1,35 @@
+"""Export stage: ONNX with pooling, normalisation and Matryoshka truncation in the graph, int8, parity.
+
+- :func:`export_onnx` — library function, any SentenceTransformer / folder / spec -> serving folder;
+- :func:`run_export` — the pipeline stage (fine-tuned model if finetune completed, else the base model);
+- :class:`embedtune.export.runtime.OnnxEncoder` — run an exported folder with onnxruntime only.
+
+Names are imported lazily so that ``embedtune.export.runtime`` (used by the server) does not pull in torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from embedtune.export.onnx_export import ExportResult, export_onnx
+    from embedtune.export.runtime import OnnxEncoder
+    from embedtune.export.stage import ParityError, run_export
+
+__all__ = ["ExportResult", "OnnxEncoder", "ParityError", "export_onnx", "run_export"]
+
+_LOCATIONS = {
+    "ExportResult": "embedtune.export.onnx_export",
+    "export_onnx": "embedtune.export.onnx_export",
+    "OnnxEncoder": "embedtune.export.runtime",
+    "ParityError": "embedtune.export.stage",
+    "run_export": "embedtune.export.stage",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LOCATIONS:
+        raise AttributeError(f"module 'embedtune.export' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LOCATIONS[name]), name)

@@ -1,0 +1,148 @@
+"""``export_onnx``: a SentenceTransformer (object, folder or spec) -> a self-contained serving folder.
+
+Folder contract (the serving side codes against it)::
+
+    model.onnx          fp32, inputs input_ids, attention_mask[, token_type_ids], dimensions -> embeddings
+    model.int8.onnx     dynamic int8 (CPU)
+    tokenizer/          AutoTokenizer.from_pretrained(folder / "tokenizer")
+    embedtune.json      dimension, matryoshka_dims, max_seq_length, prompts, inputs, output, opset, pooling, source
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from embedtune.artifacts import write_json
+from embedtune.console import log
+from embedtune.export.graph import OUTPUT_NAME, backbone, describe, model_type, trace_to_onnx
+from embedtune.export.quantize import FUSABLE_TYPES, build_gpu_precisions, quantize_int8
+from embedtune.export.runtime import METADATA, MODEL_FILES
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    metadata: dict[str, Any]
+    files: list[Path]
+    int8: dict[str, Any] | None = None
+    gpu: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def export_onnx(
+    model_or_path: SentenceTransformer | str | Path,
+    out_dir: str | Path,
+    opset: int = 17,
+    *,
+    int8: bool = True,
+    int8_per_channel: bool = True,
+    int8_reduce_range: bool | None = None,
+    int8_exclude_sensitive: bool = True,
+    int8_quantize_attention: bool = False,
+    gpu_precisions: Sequence[str] = (),
+    matryoshka_dims: Sequence[int] | None = None,
+    bidirectional: bool | None = None,
+    source: str | None = None,
+) -> ExportResult:
+    """Export a model to ``out_dir`` (files are built aside and moved in, so a crash leaves no half-file).
+
+    ``bidirectional=True`` gives a decoder backbone (Llama & co.) a full attention mask inside the graph,
+    making a plain causal checkpoint a bidirectional encoder; None/False export the attention as the
+    PyTorch model runs it (so a model already made bidirectional stays bidirectional).
+    """
+    model, source = _as_model(model_or_path, source)
+    spec = describe(model, bidirectional)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        fp32 = trace_to_onnx(model, spec, staging / MODEL_FILES["fp32"], opset)
+        int8_info = None
+        if int8:
+            log.info("quantising to int8 (dynamic, QInt8 weights)")
+            int8_info = quantize_int8(fp32, staging / MODEL_FILES["int8"], int8_per_channel, int8_reduce_range,
+                                      int8_exclude_sensitive, fuse=_fusion_shape(model),
+                                      quantize_attention=int8_quantize_attention)
+        gpu = build_gpu_precisions(fp32, staging, list(gpu_precisions)) if gpu_precisions else {}
+        model.tokenizer.save_pretrained(str(staging / "tokenizer"))
+        metadata = _metadata(model, spec, opset, matryoshka_dims, source)
+        write_json(staging / METADATA, metadata)
+        files = _move_into(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported %s to %s", source, out_dir)
+    return ExportResult(out_dir, metadata, files, int8_info, gpu)
+
+
+def _fusion_shape(model: Any) -> tuple[int, int] | None:
+    """(num_heads, hidden_size) for onnxruntime's BERT fusions, which cannot always infer them."""
+    if model_type(model) not in FUSABLE_TYPES:
+        return None
+    config = backbone(model).config
+    heads, hidden = getattr(config, "num_attention_heads", 0), getattr(config, "hidden_size", 0)
+    return (int(heads), int(hidden)) if heads and hidden else None
+
+
+def _as_model(model_or_path: SentenceTransformer | str | Path, source: str | None) -> tuple[Any, str]:
+    if isinstance(model_or_path, str | Path):
+        from embedtune.models import load_model
+
+        return load_model(str(model_or_path), device="cpu"), source or str(model_or_path)
+    config = getattr(getattr(model_or_path[0], "model", None), "config", None)
+    return model_or_path, source or str(getattr(config, "_name_or_path", "") or "in-memory model")
+
+
+def _metadata(model: Any, spec: Any, opset: int, matryoshka_dims: Sequence[int] | None,
+              source: str) -> dict[str, Any]:
+    prompts = model.prompts or {}
+    return {
+        "dimension": spec.dimension,
+        "matryoshka_dims": _clean_dims(matryoshka_dims, spec.dimension),
+        "max_seq_length": int(model.max_seq_length or model.tokenizer.model_max_length),
+        "prompts": {"query": _prompt(prompts, QUERY_NAMES), "document": _prompt(prompts, DOCUMENT_NAMES)},
+        "inputs": spec.inputs,
+        "output": OUTPUT_NAME,
+        "opset": opset,
+        "pooling": spec.pooling,
+        "source": source,
+    }
+
+
+# sentence-transformers' encode_query / encode_document look for these prompt names, in this order.
+QUERY_NAMES = ("query",)
+DOCUMENT_NAMES = ("document", "passage", "corpus")
+
+
+def _prompt(prompts: dict[str, str], names: tuple[str, ...]) -> str:
+    return next((prompts[n] for n in names if n in prompts), "")
+
+
+def _clean_dims(dims: Sequence[int] | None, full: int) -> list[int] | None:
+    """Sizes the model was trained to truncate to, largest first, always including the full size."""
+    if not dims:
+        return None
+    kept = {int(d) for d in dims if 0 < int(d) <= full} | {full}
+    return sorted(kept, reverse=True)
+
+
+def _move_into(staging: Path, out_dir: Path) -> list[Path]:
+    moved = []
+    for item in sorted(staging.iterdir()):
+        target = out_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        item.replace(target)
+        moved.append(target)
+    # Precision files from an earlier export that this one did not rebuild would be stale: remove them.
+    for stale in set(MODEL_FILES.values()) - {p.name for p in moved}:
+        (out_dir / stale).unlink(missing_ok=True)
+    return moved

@@ -1,0 +1,137 @@
+"""Parity checks: the ONNX graph against PyTorch (cosine per vector), int8 against fp32 (retrieval metrics).
+
+The probe set mixes queries and passages of very different lengths (one past the model's max length, so
+truncation is exercised) and is encoded in batches of mixed lengths, so padding is exercised too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedtune.export.runtime import OnnxEncoder
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+PROBE_QUERIES = [
+    "what is it?",
+    "how do vaccines train the immune system",
+    "Which interest rate did the central bank set after the 2008 financial crisis, and why did it matter?",
+    "mast height sailing boat",
+    "¿Cómo funciona la memoria caché de un procesador?",
+    "Wie entstehen Gezeiten im Hafen?",
+]
+
+_SENTENCES = [
+    "Telescopes collect light from distant galaxies and nebulae.",
+    "The compiler translates source code into machine instructions for the processor.",
+    "Patients received the vaccine in two doses four weeks apart.",
+    "Bond prices fall when interest rates rise, because new bonds pay more.",
+    "The crew trimmed the sails as the wind shifted to the north-east.",
+    "Butter and flour are cooked together to thicken a sauce.",
+    "Caches keep recently used memory close to the processor to hide latency.",
+    "Comets develop a tail when sunlight heats their icy nucleus.",
+]
+
+
+def probe_passages() -> list[str]:
+    """Passages from one sentence up to well past 256 tokens."""
+    out = []
+    for n in (1, 3, 8, 20, 60):
+        out.append(" ".join(_SENTENCES[i % len(_SENTENCES)] for i in range(n)))
+    out.append("Title only")
+    return out
+
+
+@dataclass
+class Probe:
+    queries: list[str]
+    passages: list[str]
+
+
+def build_probe(extra_queries: Sequence[str] = (), extra_passages: Sequence[str] = ()) -> Probe:
+    return Probe(PROBE_QUERIES + list(extra_queries), probe_passages() + list(extra_passages))
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.clip(np.linalg.norm(a, axis=1, keepdims=True), 1e-12, None)
+    b = b / np.clip(np.linalg.norm(b, axis=1, keepdims=True), 1e-12, None)
+    return (a * b).sum(axis=1)
+
+
+def _truncate(emb: np.ndarray, dims: int) -> np.ndarray:
+    cut = emb[:, :dims]
+    return cut / np.clip(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12, None)
+
+
+def _stats(cos: np.ndarray) -> dict[str, float | int]:
+    return {"min": round(float(cos.min()), 7), "mean": round(float(cos.mean()), 7), "n": int(cos.size)}
+
+
+def onnx_vs_torch(model: SentenceTransformer, encoder: OnnxEncoder, probe: Probe, min_cosine: float,
+                  dims: Sequence[int]) -> dict[str, Any]:
+    """Cosine of every probe vector, ONNX vs PyTorch, at the full size and at each truncated size."""
+    from embedtune.models import encode_passages, encode_queries
+
+    torch_vecs = {"query": encode_queries(model, probe.queries, batch_size=4),
+                  "document": encode_passages(model, probe.passages, batch_size=4)}
+    texts = {"query": probe.queries, "document": probe.passages}
+    checks: dict[str, Any] = {}
+    worst = 1.0
+    for n in dims:
+        for kind in ("query", "document"):
+            got = encoder.encode(texts[kind], prompt_name=kind if kind in encoder.prompts else None,
+                                 dimensions=n, batch_size=4)
+            cos = _cosines(got, _truncate(torch_vecs[kind], n))
+            checks[f"{kind}@{n}"] = _stats(cos)
+            worst = min(worst, float(cos.min()))
+    return {"precision": encoder.precision, "threshold": min_cosine, "min_cosine": round(worst, 7),
+            "passed": worst >= min_cosine, "checks": checks}
+
+
+def int8_cosines(fp32: OnnxEncoder, int8: OnnxEncoder, probe: Probe) -> dict[str, Any]:
+    out = {}
+    for kind, texts in (("query", probe.queries), ("document", probe.passages)):
+        name = kind if kind in fp32.prompts else None
+        out[kind] = _stats(_cosines(int8.encode(texts, prompt_name=name), fp32.encode(texts, prompt_name=name)))
+    return out
+
+
+def int8_vs_fp32_retrieval(fp32: OnnxEncoder, int8: OnnxEncoder, eval_dir: Path, k_values: Sequence[int],
+                           tolerance_low_k: float, tolerance_high_k: float, batch_size: int = 32) -> dict[str, Any]:
+    """nDCG@k and Recall@k of int8 vs fp32 on a BEIR folder; drift beyond the tolerance fails."""
+    from embedtune.evaluate import evaluate_embeddings, load_beir
+
+    data = load_beir(eval_dir)
+    qids, dids = list(data.queries), list(data.corpus)
+    queries, passages = [data.queries[q] for q in qids], data.passages(dids)
+    metrics = {}
+    for enc in (fp32, int8):
+        q_name = "query" if "query" in enc.prompts else None
+        d_name = "document" if "document" in enc.prompts else None
+        q = enc.encode(queries, prompt_name=q_name, batch_size=batch_size)
+        d = enc.encode(passages, prompt_name=d_name, batch_size=batch_size)
+        metrics[enc.precision] = evaluate_embeddings(data, qids, q, dids, d, k_values)
+    failures, deltas = [], {}
+    for k in k_values:
+        tol = tolerance_low_k if k < 5 else tolerance_high_k
+        for name in ("ndcg", "recall"):
+            key = f"{name}@{k}"
+            delta = metrics["int8"][key] - metrics["fp32"][key]
+            deltas[key] = round(delta, 5)
+            if abs(delta) > tol + 1e-9:  # a drift of exactly the tolerance passes (float rounding aside)
+                failures.append(f"{key}: int8 {metrics['int8'][key]:.4f} vs fp32 {metrics['fp32'][key]:.4f} "
+                                f"(|Δ| {abs(delta):.4f} > {tol})")
+    return {"eval_set": str(eval_dir), "queries": len(qids), "documents": len(dids),
+            "tolerances": {"k<5": tolerance_low_k, "k>=5": tolerance_high_k},
+            "fp32": _round(metrics["fp32"]), "int8": _round(metrics["int8"]), "delta": deltas,
+            "failures": failures, "passed": not failures}
+
+
+def _round(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 5) for k, v in metrics.items()}

@@ -1,0 +1,124 @@
+"""Run an exported folder with nothing but onnxruntime and the tokenizer.
+
+``OnnxEncoder(folder).encode(texts, prompt_name="query", dimensions=256)`` tokenises exactly as
+sentence-transformers does (prompt prepended to the text, longest padding, truncation at the model's
+max length) and returns the graph's L2-normalised float32 embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from embedtune.artifacts import ArtifactError, read_json
+
+METADATA = "embedtune.json"
+MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+Precision = Literal["fp32", "int8", "fp16"]
+
+
+def default_threads() -> int:
+    """Intra-op threads: the cores this process may use (sched affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options(threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or default_threads()
+    # One request's batch is one graph run; parallel branches are rare in encoders, so one inter-op thread.
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+class OnnxEncoder:
+    """An exported embedding model: tokenizer + ONNX session + the metadata in ``embedtune.json``."""
+
+    def __init__(self, folder: str | Path, precision: Precision = "int8", threads: int | None = None,
+                 providers: Sequence[str] | None = None):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.folder = Path(folder)
+        self.meta: dict[str, Any] = read_json(self.folder / METADATA)
+        if precision not in MODEL_FILES:
+            raise ValueError(f"precision must be one of {', '.join(MODEL_FILES)}, got {precision!r}")
+        model_path = self.folder / MODEL_FILES[precision]
+        if not model_path.is_file():
+            raise ArtifactError(f"{model_path} not found: this export has no {precision} model")
+        self.precision = precision
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder / "tokenizer"))
+        self.session = ort.InferenceSession(str(model_path), sess_options=session_options(threads),
+                                            providers=list(providers or ["CPUExecutionProvider"]))
+        self.input_names: list[str] = list(self.meta["inputs"])
+
+    @property
+    def dimension(self) -> int:
+        return int(self.meta["dimension"])
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self.meta["max_seq_length"])
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        return dict(self.meta.get("prompts") or {})
+
+    def encode(self, texts: str | Sequence[str], prompt_name: str | None = None, dimensions: int | None = None,
+               batch_size: int = 32, prompt: str | None = None) -> np.ndarray:
+        """Embeddings [len(texts), dimensions or D], float32, L2-normalised."""
+        if isinstance(texts, str):
+            texts = [texts]
+        n = self._check_dimensions(dimensions)
+        prefix = prompt if prompt is not None else self._prompt(prompt_name)
+        # Longest first, as sentence-transformers does: batches of similar length waste less on padding.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.zeros((len(texts), n), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            out[idx] = self._run([prefix + texts[i] for i in idx], n)
+        return out
+
+    def encode_queries(self, texts: Sequence[str], **kw: Any) -> np.ndarray:
+        return self.encode(texts, prompt_name="query", **kw)
+
+    def encode_documents(self, texts: Sequence[str], **kw: Any) -> np.ndarray:
+        return self.encode(texts, prompt_name="document", **kw)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        enc = self.tokenizer(list(texts), padding=True, truncation="longest_first", max_length=self.max_seq_length,
+                             return_tensors="np")
+        return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()}
+
+    def run_tokens(self, tokens: dict[str, np.ndarray], dimensions: int | None = None) -> np.ndarray:
+        """Run the graph on already tokenised input (a server that tokenises itself calls this)."""
+        feeds = {name: tokens[name] for name in self.input_names if name != "dimensions"}
+        feeds["dimensions"] = np.array([self._check_dimensions(dimensions)], dtype=np.int64)
+        return self.session.run([self.meta.get("output", "embeddings")], feeds)[0]
+
+    def _run(self, texts: list[str], n: int) -> np.ndarray:
+        return self.run_tokens(self.tokenize(texts), n)
+
+    def _prompt(self, prompt_name: str | None) -> str:
+        if prompt_name is None:
+            return ""
+        if prompt_name not in self.prompts:
+            raise ValueError(f"unknown prompt {prompt_name!r}; this model has: {', '.join(self.prompts) or 'none'}")
+        return self.prompts[prompt_name]
+
+    def _check_dimensions(self, dimensions: int | None) -> int:
+        if dimensions is None:
+            return self.dimension
+        if not 1 <= int(dimensions) <= self.dimension:
+            raise ValueError(f"dimensions must be between 1 and {self.dimension}, got {dimensions}")
+        return int(dimensions)

@@ -1,0 +1,169 @@
+"""The export stage: export the fine-tuned model (or the base model), then prove parity.
+
+Writes ``export/{model.onnx, model.int8.onnx, tokenizer/, embedtune.json, parity.json}``. Parity out of
+tolerance raises :class:`ParityError` and writes no manifest (``parity.json`` stays for inspection),
+unless ``export.allow_parity_failure`` is set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from embedtune.artifacts import Manifest, RunDir, write_json
+from embedtune.config import ModelConfig, Recipe
+from embedtune.console import log
+from embedtune.export import parity
+from embedtune.export.onnx_export import ExportResult, export_onnx
+from embedtune.export.runtime import METADATA, MODEL_FILES, OnnxEncoder
+
+STAGE = "export"
+PROBE_SAMPLES_FROM_EVAL = 16  # real queries and passages added to the built-in probe set
+
+
+class ParityError(ValueError):
+    """The exported model does not reproduce the PyTorch model within the recipe's tolerances."""
+
+
+def run_export(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
+    cfg = recipe.export
+    model_cfg, source = _model_to_export(recipe, run)
+    eval_dir = _eval_set(recipe, run)
+    inputs = [p for p in (_local_path(model_cfg.name), eval_dir) if p is not None]
+    config = {"export": cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"), "source": source,
+              "k_values": recipe.eval.k_values}
+    st = run.stage(STAGE, config, inputs=inputs)
+    if (done := st.up_to_date(force)) is not None:
+        return done
+
+    result, report = export_and_check(recipe, model_cfg, st.dir, source, eval_dir, _matryoshka_dims(recipe, run))
+    outputs = [st.dir / MODEL_FILES["fp32"], st.dir / "tokenizer", st.dir / METADATA, st.dir / "parity.json"]
+    if cfg.int8:
+        outputs.append(st.dir / MODEL_FILES["int8"])
+    outputs += [st.dir / r["path"] for r in result.gpu.values() if r.get("status") == "built"]
+    return st.finish(outputs=outputs, counts=_counts(result, report), metrics=_metrics(result, report))
+
+
+def export_and_check(recipe: Recipe, model_cfg: ModelConfig, out_dir: Path, source: str,
+                     eval_dir: Path | None = None, matryoshka_dims: list[int] | None = None,
+                     ) -> tuple[ExportResult, dict[str, Any]]:
+    """Export ``model_cfg`` into ``out_dir`` with the recipe's export settings, write parity.json, and
+    raise :class:`ParityError` when parity fails (unless allowed)."""
+    from embedtune.models import load_model
+
+    cfg = recipe.export
+    model = load_model(model_cfg, device="cpu")
+    result = export_onnx(model, out_dir, cfg.opset, int8=cfg.int8, int8_per_channel=cfg.int8_per_channel,
+                         int8_reduce_range=cfg.int8_reduce_range, int8_exclude_sensitive=cfg.int8_exclude_sensitive,
+                         int8_quantize_attention=cfg.int8_quantize_attention,
+                         gpu_precisions=cfg.gpu_precisions, matryoshka_dims=matryoshka_dims, source=source)
+    report = check_parity(model, result, recipe, eval_dir)
+    write_json(out_dir / "parity.json", report)
+    raise_unless_passed(report, cfg.allow_parity_failure, out_dir / "parity.json")
+    return result, report
+
+
+def check_parity(model: Any, result: ExportResult, recipe: Recipe, eval_dir: Path | None) -> dict[str, Any]:
+    """fp32 vs PyTorch on the probe set (always); int8 vs fp32 on the eval set (when there is one)."""
+    cfg = recipe.export
+    probe = parity.build_probe(*_eval_samples(eval_dir))
+    fp32 = OnnxEncoder(result.folder, "fp32")
+    dims = sorted({result.metadata["dimension"], *(result.metadata["matryoshka_dims"] or [])}, reverse=True)
+    if len(dims) == 1 and dims[0] > 1:
+        dims.append(dims[0] // 2)  # always prove the in-graph truncation, even without Matryoshka sizes
+    report: dict[str, Any] = {"fp32_vs_torch": parity.onnx_vs_torch(model, fp32, probe, cfg.parity_min_cosine, dims)}
+    if cfg.int8:
+        int8 = OnnxEncoder(result.folder, "int8")
+        report["int8_vs_fp32"] = {"cosine": parity.int8_cosines(fp32, int8, probe)}
+        if eval_dir is not None:
+            report["int8_vs_fp32"]["retrieval"] = parity.int8_vs_fp32_retrieval(
+                fp32, int8, eval_dir, recipe.eval.k_values, cfg.tolerance_low_k, cfg.tolerance_high_k,
+                recipe.eval.batch_size)
+        else:
+            report["int8_vs_fp32"]["retrieval"] = None
+            report["int8_vs_fp32"]["note"] = "no eval set (prep/eval): only cosine checks were run"
+            log.warning("no eval set found: int8 checked by cosine only (recorded in parity.json)")
+    report["passed"] = report["fp32_vs_torch"]["passed"] and bool(
+        (report.get("int8_vs_fp32", {}).get("retrieval") or {"passed": True})["passed"])
+    return report
+
+
+def raise_unless_passed(report: dict[str, Any], allowed: bool, path: Path) -> None:
+    if report["passed"]:
+        log.info("parity passed (fp32 min cosine %.6f)", report["fp32_vs_torch"]["min_cosine"])
+        return
+    problems = []
+    f = report["fp32_vs_torch"]
+    if not f["passed"]:
+        problems.append(f"fp32 ONNX vs PyTorch: min cosine {f['min_cosine']} < {f['threshold']}")
+    problems += (report.get("int8_vs_fp32", {}).get("retrieval") or {}).get("failures", [])
+    message = f"export parity failed (details in {path}):\n  " + "\n  ".join(problems)
+    if not allowed:
+        raise ParityError(message + "\n  set export.allow_parity_failure=true to keep the export anyway")
+    log.warning(message + "\n  kept because export.allow_parity_failure is set")
+
+
+def _model_to_export(recipe: Recipe, run: RunDir) -> tuple[Any, str]:
+    """The fine-tuned model when finetune completed, else the recipe's base model (same prompt overrides)."""
+    if run.manifest("finetune") is not None:
+        folder = run.require("finetune", "model")
+        return recipe.model.model_copy(update={"name": str(folder)}), str(folder)
+    return recipe.model, recipe.model.name
+
+
+def _local_path(name: str) -> Path | None:
+    from embedtune.models import resolve
+
+    spec = resolve(name)
+    return Path(spec.path) if spec.is_local else None
+
+
+def _eval_set(recipe: Recipe, run: RunDir) -> Path | None:
+    prep_eval = run.path("prep", "eval")
+    if run.manifest("prep") is not None and (prep_eval / "corpus.jsonl").is_file():
+        return prep_eval
+    if recipe.eval.dataset:
+        return Path(recipe.eval.dataset)
+    return None
+
+
+def _eval_samples(eval_dir: Path | None) -> tuple[list[str], list[str]]:
+    if eval_dir is None:
+        return [], []
+    from embedtune.evaluate import load_beir
+
+    data = load_beir(eval_dir)
+    queries = list(data.queries.values())[:PROBE_SAMPLES_FROM_EVAL]
+    passages = data.passages(list(data.corpus)[:PROBE_SAMPLES_FROM_EVAL])
+    return queries, passages
+
+
+def _matryoshka_dims(recipe: Recipe, run: RunDir) -> list[int] | None:
+    """Sizes the fine-tune trained for: the recipe's list, or what the finetune manifest recorded for "auto"."""
+    ft = run.manifest("finetune")
+    if ft is None:
+        return None
+    dims = recipe.finetune.matryoshka_dims
+    if isinstance(dims, list):
+        return dims
+    for section in (ft.metrics, ft.counts, ft.config):
+        found = section.get("matryoshka_dims")
+        if isinstance(found, list) and all(isinstance(d, int) for d in found):
+            return found
+    return None
+
+
+def _counts(result: ExportResult, report: dict[str, Any]) -> dict[str, Any]:
+    return {"dimension": result.metadata["dimension"], "inputs": len(result.metadata["inputs"]),
+            "parity": "passed" if report["passed"] else "FAILED (allowed)"}
+
+
+def _metrics(result: ExportResult, report: dict[str, Any]) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"fp32_min_cosine": report["fp32_vs_torch"]["min_cosine"], "int8": result.int8,
+                               "gpu_precisions": result.gpu}
+    int8 = report.get("int8_vs_fp32")
+    if int8:
+        metrics["int8_min_cosine"] = min(v["min"] for v in int8["cosine"].values())
+        if int8.get("retrieval"):
+            metrics["int8_delta"] = int8["retrieval"]["delta"]
+    return metrics

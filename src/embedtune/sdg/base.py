@@ -1,0 +1,122 @@
+"""The generator plug-in interface and registry.
+
+A generator turns chunks into candidate queries. Everything after that (filters, de-duplication,
+round-trip consistency, writing ``sdg/queries.jsonl`` and the manifest) is shared by all generators, so a
+plug-in only has to implement :meth:`Generator.generate` (and, if it can grade queries, :meth:`judge`)::
+
+    from embedtune.sdg import Candidate, Generator, register_generator
+
+    class Echo(Generator):
+        kind = "echo"
+
+        def generate(self, chunks, counts):
+            return [Candidate(text=f"what is {c.title}", positive_ids=[c.id], doc_id=c.doc_id, source=c.id)
+                    for c in chunks]
+
+    register_generator("echo", Echo)      # then: sdg.generator=echo
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from embedtune.schemas import Chunk, QueryScores
+
+if TYPE_CHECKING:
+    from embedtune.config import Recipe
+    from embedtune.sdg.cache import ResponseCache
+
+
+class SdgError(ValueError):
+    """A problem the user must fix (unreachable endpoint, rejected key, missing model)."""
+
+
+@dataclass
+class Candidate:
+    """A generated query before filtering."""
+
+    text: str
+    positive_ids: list[str]
+    doc_id: str = ""
+    source: str = ""  # the chunk (or bundle) it was generated from; quotas and logs use it
+    answer: str = ""
+    query_type: str = ""
+    reasoning_type: str = ""
+    complexity: int | None = None
+    hops: int = 1
+    scores: QueryScores = field(default_factory=QueryScores)
+    roundtrip_rank: int | None = None
+
+
+class Generator(ABC):
+    """Base class of query generators.
+
+    ``recipe`` is the whole recipe (a generator reads its own section, e.g. ``recipe.sdg.llm``); ``cache``
+    stores raw model responses under ``sdg/cache/`` so that a rerun or an interrupted run never pays twice.
+    """
+
+    kind: str = ""
+    #: True when the generator over-samples: the pipeline then keeps at most ``sdg.queries_per_chunk``
+    #: filtered queries per source chunk.
+    oversamples: bool = False
+
+    def __init__(self, recipe: Recipe, cache: ResponseCache, workdir: Path):
+        self.recipe = recipe
+        self.cache = cache
+        self.workdir = workdir
+
+    @property
+    def model_name(self) -> str:
+        return ""
+
+    @abstractmethod
+    def generate(self, chunks: Sequence[Chunk], counts: Counter[str]) -> list[Candidate]:
+        """Candidates for these chunks; add to ``counts`` (e.g. ``counts["unparseable"] += 1``)."""
+
+    def judge(self, candidates: Sequence[Candidate], chunks: dict[str, Chunk],
+              counts: Counter[str]) -> list[QueryScores | None] | None:
+        """Scores (1-10) for each candidate, None where it could not be judged; None = no judge."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free models or connections."""
+
+
+GeneratorFactory = Callable[..., Generator]
+_REGISTRY: dict[str, GeneratorFactory] = {}
+
+
+def register_generator(name: str, cls: GeneratorFactory) -> None:
+    """Make ``cls`` selectable as ``sdg.generator: <name>``; called as ``cls(recipe, cache, workdir)``."""
+    _REGISTRY[name] = cls
+
+
+def generator_names() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_generator(name: str) -> GeneratorFactory:
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        names = ", ".join(sorted(_REGISTRY))
+        raise SdgError(f"unknown sdg.generator {name!r}; registered: {names}") from None
+
+
+def _load_builtins() -> None:
+    # Imported lazily: the llm generator needs `openai`, the local one `transformers`.
+    if "local" not in _REGISTRY:
+        from embedtune.sdg.local import LocalGenerator
+
+        _REGISTRY.setdefault("local", LocalGenerator)
+    if "llm" not in _REGISTRY:
+        from embedtune.sdg.llm import LLMGenerator
+
+        _REGISTRY.setdefault("llm", LLMGenerator)

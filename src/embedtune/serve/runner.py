@@ -1,0 +1,71 @@
+"""Run the app under uvicorn: in the foreground (CLI) or in a background thread (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+
+from embedtune.config import ServeConfig
+from embedtune.serve.app import create_app
+from embedtune.serve.loading import ModelEntry
+
+
+def run_server(entries: Sequence[ModelEntry], config: ServeConfig, api_key: str | None = None,
+               log_level: str = "info") -> None:
+    app = create_app(entries, config, api_key)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, access_log=False,
+                timeout_graceful_shutdown=10)
+
+
+@dataclass
+class ServerThread:
+    server: uvicorn.Server
+    thread: threading.Thread
+    url: str
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until /v1/health/ready says 200 (models loaded)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server thread stopped")
+            try:
+                if httpx.get(f"{self.url}/v1/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.url} not ready after {timeout}s")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_in_thread(app, host: str = "127.0.0.1") -> ServerThread:
+    """Start a real uvicorn server on a free port (the socket is bound first, so there is no race)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not server.started:
+        raise RuntimeError("uvicorn did not start")
+    return ServerThread(server, thread, f"http://{host}:{port}")

@@ -1,0 +1,10 @@
+"""Finetune stage: contrastive bi-encoder training (full or LoRA-merged), Matryoshka, resumable, distributed.
+
+Module map: ``data`` (train.jsonl -> dataset + validation split), ``plan`` (batch scaling, steps, Matryoshka
+dims, hardware), ``losses``, ``lora``, ``trainer`` (arguments, evaluator, checkpoints, throughput),
+``distributed`` (torchrun), ``report`` (loss curve, log) and ``driver`` (:func:`run_finetune`).
+"""
+
+from embedtune.train.driver import run_finetune
+
+__all__ = ["run_finetune"]

@@ -1,0 +1,247 @@
+"""The finetune stage: prep/train.jsonl -> finetune/model (a sentence-transformers folder with its prompts).
+
+Order matters for the user: everything that can be wrong with the input, the model or the recipe is checked
+before the first optimizer step, so a bad run fails in seconds rather than after an hour.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from embedtune.artifacts import Manifest, RunDir, config_hash
+from embedtune.config import FinetuneConfig, Recipe
+from embedtune.console import log
+from embedtune.models import load_model
+from embedtune.train.data import TrainingData, load_examples, prepare, to_dataset
+from embedtune.train.distributed import init_distributed
+from embedtune.train.lora import add_lora, merge_lora, target_modules
+from embedtune.train.losses import build_loss
+from embedtune.train.plan import BatchPlan, hardware, matryoshka_dims, plan_batches
+from embedtune.train.report import plot_curves, write_log, write_summary
+from embedtune.train.trainer import (
+    Throughput,
+    build_evaluator,
+    clean_checkpoints,
+    column_prompts,
+    last_checkpoint,
+    training_arguments,
+)
+
+STAGE = "finetune"
+
+
+def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bool = True) -> Manifest:
+    """Train, keep the best checkpoint by validation nDCG@10, save ``finetune/model``; resumes."""
+    cfg = recipe.finetune
+    _check_recipe(cfg)
+    dist = init_distributed()
+    train_file = run.require("prep", "train.jsonl")
+    examples = load_examples(train_file)
+    config = {"finetune": cfg.model_dump(mode="json"), "model": recipe.model.model_dump(mode="json")}
+    stage = run.stage(STAGE, config, inputs=[train_file])
+    done = dist.from_main(stage.up_to_date(force) if dist.is_main else None)
+    if done is not None:
+        return done
+
+    model = load_model(recipe.model)
+    if cfg.finetuning_type == "lora_merged":
+        target_modules(model, cfg.lora)  # unknown architecture -> clear error before anything else happens
+    data = prepare(
+        examples, cfg.passages_per_query - 1, cfg.validation_fraction, cfg.val_corpus_size, cfg.seed
+    )
+    _report_data(data, len(examples), cfg)
+    plan = plan_batches(cfg, len(data.train), dist.world_size)
+    dims = matryoshka_dims(cfg.matryoshka_dims, model.get_embedding_dimension())
+    log.info(
+        "loss %s (scale %.0f%s), global batch %d = %d x %d ranks, %d steps, Matryoshka %s",
+        plan.loss,
+        1 / cfg.temperature,
+        f", mini-batch {plan.mini_batch}" if plan.mini_batch else "",
+        plan.global_batch,
+        plan.per_device,
+        plan.world_size,
+        plan.total_steps,
+        dims or "off",
+    )
+
+    evaluator = build_evaluator(data.validation, model, plan.per_device) if data.validation else None
+    base_score, metric = _evaluate_base(evaluator, model)
+    if cfg.finetuning_type == "lora_merged":
+        add_lora(model, cfg.lora)
+
+    checkpoints = stage.dir / "checkpoints"
+    if dist.is_main:
+        clean_checkpoints(
+            checkpoints, config_hash({"config": config, "inputs": stage.inputs}), resume and not force
+        )
+    dist.barrier()
+    resume_from = dist.from_main(_str_or_none(last_checkpoint(checkpoints)) if dist.is_main else None)
+    if resume_from:
+        log.info("resuming from %s", Path(resume_from).name)
+
+    trainer, throughput = _trainer(cfg, plan, model, data, evaluator, metric, checkpoints, dims)
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - t0
+
+    manifest = None
+    if dist.is_main:
+        manifest = _finish(
+            stage,
+            model,
+            trainer,
+            cfg,
+            plan,
+            data,
+            dims,
+            len(examples),
+            {
+                "train_seconds": round(seconds, 2),
+                "examples_per_second": round(throughput.examples_per_second, 3),
+                "base_val_ndcg@10": base_score,
+                "resumed_from_step": _step_of(resume_from),
+            },
+            metric,
+        )
+    dist.barrier()
+    return manifest if manifest is not None else run.manifest(STAGE)  # type: ignore[return-value]
+
+
+def _check_recipe(cfg: FinetuneConfig) -> None:
+    if not cfg.in_batch_negatives:
+        raise ValueError(
+            "finetune.in_batch_negatives=false is not supported: sentence-transformers' ranking "
+            "losses always use in-batch negatives (set it to true)"
+        )
+
+
+def _report_data(data: TrainingData, n: int, cfg: FinetuneConfig) -> None:
+    log.info(
+        "%d examples: %d for training, %d queries held out for validation (%d passages)",
+        n,
+        len(data.train),
+        len(data.validation.queries),
+        len(data.validation.corpus),
+    )
+    if not data.validation and cfg.validation_fraction > 0:
+        log.warning("too few queries to hold out a validation set: the last checkpoint is kept, not the best")
+    if data.filled_negatives:
+        log.warning(
+            "%d of %d training queries have fewer than %d hard negatives; filled with random passages",
+            data.filled_negatives,
+            len(data.train),
+            data.negatives,
+        )
+
+
+def _evaluate_base(evaluator, model) -> tuple[float | None, str | None]:
+    """Validation nDCG@10 of the untrained model, and the trainer's name for that metric."""
+    if evaluator is None:
+        return None, None
+    scores = evaluator(model)
+    key = evaluator.primary_metric
+    log.info("base model validation nDCG@10: %.4f", scores[key])
+    return round(float(scores[key]), 5), f"eval_{key}"
+
+
+def _trainer(
+    cfg: FinetuneConfig,
+    plan: BatchPlan,
+    model,
+    data: TrainingData,
+    evaluator,
+    metric: str | None,
+    checkpoints: Path,
+    dims: list[int] | None,
+) -> tuple[Any, Throughput]:
+    from sentence_transformers import SentenceTransformerTrainer
+
+    args = training_arguments(
+        cfg, plan, hardware(), checkpoints, column_prompts(model, data.negatives), metric
+    )
+    throughput = Throughput(plan.global_batch)
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=to_dataset(data.train, data.negatives, cfg.seed),
+        loss=build_loss(model, plan, cfg.temperature, dims),
+        evaluator=evaluator,
+        callbacks=[throughput],
+    )
+    return trainer, throughput
+
+
+def _finish(
+    stage,
+    model,
+    trainer,
+    cfg: FinetuneConfig,
+    plan: BatchPlan,
+    data: TrainingData,
+    dims: list[int] | None,
+    n_examples: int,
+    metrics: dict[str, Any],
+    metric: str | None,
+) -> Manifest:
+    if cfg.finetuning_type == "lora_merged":
+        merge_lora(model)
+    out = _save_model(model, stage.dir / "model")
+    history = trainer.state.log_history
+    state = trainer.state
+    metrics |= {
+        "best_val_ndcg@10": round(float(state.best_metric), 5) if state.best_metric is not None else None,
+        "best_step": state.best_global_step,
+        "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+        "matryoshka_dims": dims,
+    }
+    counts = {
+        "examples": n_examples,
+        "train_examples": len(data.train),
+        "val_queries": len(data.validation.queries),
+        "steps": state.global_step,
+        "epochs": round(float(state.epoch or 0), 3),
+        "global_batch_size": plan.global_batch,
+        "per_device_batch_size": plan.per_device,
+        "world_size": plan.world_size,
+        "gather_across_devices": plan.world_size > 1,
+        "negatives": data.negatives,
+        "filled_negatives": data.filled_negatives,
+        "loss": plan.loss,
+    }
+    outputs = [
+        out,
+        write_log(history, stage.dir / "train_log.jsonl"),
+        plot_curves(history, metric, stage.dir / "loss_curve.png"),
+        write_summary(counts, metrics, stage.dir / "summary.md"),
+    ]
+    log.info(
+        "finetune: %d steps, %.1f examples/s, best validation nDCG@10 %s (base %s)",
+        state.global_step,
+        metrics["examples_per_second"],
+        metrics["best_val_ndcg@10"],
+        metrics["base_val_ndcg@10"],
+    )
+    return stage.finish(outputs=outputs, counts=counts, metrics=metrics)
+
+
+def _save_model(model, target: Path) -> Path:
+    """Write the model beside ``target`` and rename it into place (never a half-written model)."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(str(tmp))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _step_of(checkpoint: str | None) -> int:
+    return int(checkpoint.rpartition("-")[2]) if checkpoint else 0

