@@ -11,7 +11,7 @@ pytest.importorskip("ray")
 
 from test_platform_jobs import Service, wait_running_with_pid, write_corpus  # noqa: E402
 
-pytestmark = pytest.mark.slow  # ray.init() plus a Ray worker importing torch: > 30 s on 2 cores
+pytestmark = pytest.mark.slow  # ray.init() + a Ray worker importing torch: 32 s with setup on a quiet 2-core box
 
 
 def test_ray_executor_runs_and_loses_jobs_honestly(tmp_path, tiny_bert_dir):
