@@ -151,7 +151,7 @@ def test_cancel_mid_training_stops_the_worker(platform_e2e):
 
 @pytest.mark.slow
 def test_from_raw_documents_with_local_sdg(platform_e2e, tmp_path):
-    """corpus -> sdg (shipped SmolLM2) -> prep -> finetune -> eval, all from an uploaded folder."""
+    """corpus -> sdg (shipped SmolLM2) -> prep -> finetune -> eval, all from an uploaded folder (~8 min here)."""
     from test_platform_jobs import write_corpus
 
     _, pc = platform_e2e
