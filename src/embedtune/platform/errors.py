@@ -1,0 +1,65 @@
+"""Errors in the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` for every 4xx/5xx."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
+          429: "rate_limit_error", 502: "bad_gateway", 503: "service_unavailable"}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class PlatformError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):  # noqa: A002 (the field is called `type` in the wire format)
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or _TYPES.get(status, "api_error")
+
+
+def not_found(kind: str, name: str, workspace: str | None = None) -> PlatformError:
+    where = f" in workspace '{workspace}'" if workspace else ""
+    return PlatformError(404, f"{kind} '{name}' not found{where}", code=f"{kind}_not_found")
+
+
+def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
+                   type: str | None = None) -> JSONResponse:  # noqa: A002
+    body = ErrorBody(error=ErrorDetail(message=message, type=type or _TYPES.get(status, "api_error"),
+                                       param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PlatformError)
+    async def _platform(_: Request, exc: PlatformError) -> JSONResponse:
+        return error_response(exc.status, exc.message, param=exc.param, code=exc.code, type=exc.type)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
+        param = ".".join(loc) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        extra = len(exc.errors()) - 1
+        if extra:
+            message += f" (and {extra} more problem{'s' * (extra > 1)})"
+        return error_response(422, message, param=param, code="invalid_value")

@@ -1,0 +1,97 @@
+"""Evaluation jobs: a registered model, or a live deployment, scored on a BEIR dataset.
+
+A model is loaded and scored with :func:`embedtune.evaluate.evaluate_model`. A deployment is scored
+through its ``/v1/embeddings`` endpoint (what users actually call), then with the same metric code, so the
+two figures are comparable. Results also carry the names NVIDIA's evaluator uses (``ndcg_cut_10``,
+``recall_5``) next to embedtune's (``ndcg@10``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from embedtune.artifacts import write_json, write_text
+from embedtune.platform import db
+from embedtune.platform.settings import PlatformSettings
+
+_NVIDIA_NAMES = {"ndcg": "ndcg_cut", "recall": "recall", "precision": "P", "map": "map_cut"}
+
+
+def nvidia_names(metrics: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        name, _, k = key.partition("@")
+        if name in _NVIDIA_NAMES:
+            out[f"{_NVIDIA_NAMES[name]}_{k}"] = value
+    return out
+
+
+def run_evaluation(job: db.Job, sessions: sessionmaker[Session], settings: PlatformSettings, progress) -> dict:  # noqa: ANN001
+    from embedtune.evaluate import evaluate_embeddings, evaluate_model, load_beir
+
+    spec = job.spec
+    progress.update(force=True, stage="load")
+    dataset = load_beir(spec["_dataset_path"], spec.get("split", "test"))
+    t0 = time.perf_counter()
+    kwargs = {"k_values": spec["k_values"], "top_k": spec["top_k"]}
+    if spec.get("_deployment_url"):
+        progress.update(force=True, stage="encode (deployment)")
+        qids, dids = list(dataset.queries), list(dataset.corpus)
+        client = EndpointEncoder(spec["_deployment_url"], spec.get("_served_model") or "model", spec["batch_size"])
+        q = client.encode([dataset.queries[i] for i in qids], "query")
+        d = client.encode(dataset.passages(dids), "passage")
+        metrics = evaluate_embeddings(dataset, qids, q, dids, d, **kwargs)
+    else:
+        from embedtune.models import load_model
+
+        progress.update(force=True, stage="encode (model)")
+        model = load_model(spec["_model_path"])
+        metrics = evaluate_model(model, dataset, batch_size=spec["batch_size"], **kwargs)
+    result: dict[str, Any] = {
+        "target": spec.get("deployment") or spec.get("model"), "dataset": spec["dataset"],
+        "split": spec.get("split", "test"), "queries": len(dataset.queries), "documents": len(dataset.corpus),
+        "metrics": metrics, "metrics_nvidia": nvidia_names(metrics),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    out = Path(job.run_dir)
+    write_json(out / "results.json", result)
+    write_text(out / "report.md", report_markdown(result))
+    progress.update(force=True, stage="done", metrics=metrics)
+    return result
+
+
+def report_markdown(result: dict[str, Any]) -> str:
+    rows = sorted(result["metrics"].items())
+    lines = [f"# Evaluation of `{result['target']}` on `{result['dataset']}` ({result['split']})", "",
+             f"{result['queries']} queries, {result['documents']} documents.", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+class EndpointEncoder:
+    """Embeddings from an OpenAI/NIM-compatible endpoint, in batches, L2-normalised."""
+
+    def __init__(self, base_url: str, model: str, batch_size: int):
+        import httpx
+
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=120)
+        self.model, self.batch_size = model, batch_size
+
+    def encode(self, texts: list[str], input_type: str) -> np.ndarray:
+        vectors = []
+        for i in range(0, len(texts), self.batch_size):
+            body = {"model": self.model, "input": texts[i: i + self.batch_size], "input_type": input_type,
+                    "encoding_format": "float"}
+            resp = self.http.post("/v1/embeddings", json=body)
+            if resp.status_code != 200:
+                raise RuntimeError(f"deployment answered {resp.status_code}: {resp.text[:500]}")
+            data = sorted(resp.json()["data"], key=lambda d: d["index"])
+            vectors += [d["embedding"] for d in data]
+        emb = np.asarray(vectors, dtype=np.float32)
+        return emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)

@@ -1,0 +1,150 @@
+"""Response bodies of the platform API (they make the OpenAPI spec precise)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
+
+T = TypeVar("T")
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    @field_serializer("created_at", "updated_at", "started_at", "finished_at", check_fields=False)
+    def _utc(self, value: datetime | None) -> str | None:
+        return value.replace(tzinfo=UTC).isoformat() if value else None
+
+
+class ListOf(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+
+
+class WorkspaceCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    description: str = ""
+
+
+class WorkspaceOut(Out):
+    name: str
+    description: str
+    created_at: datetime
+
+
+class DatasetRegister(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
+    format: Literal["corpus", "beir", "training"]
+    path: str = Field(description="a file or folder on the service's machine")
+    description: str = ""
+
+
+class DatasetOut(Out):
+    id: str
+    workspace: str
+    name: str
+    format: str
+    source: str
+    path: str
+    description: str
+    size_bytes: int
+    stats: dict[str, Any]
+    created_at: datetime
+
+
+class ModelRegister(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
+    path: str = Field(description="a sentence-transformers/transformers folder, or a built-in spec")
+    description: str = ""
+
+
+class ModelOut(Out):
+    id: str
+    workspace: str
+    name: str
+    kind: str
+    path: str
+    description: str
+    base_model: str | None
+    dataset: str | None
+    job_id: str | None
+    hyperparameters: dict[str, Any]
+    metrics: dict[str, Any]
+    artifacts: dict[str, Any]
+    created_at: datetime
+
+
+class WorkerOut(BaseModel):
+    executor: str | None
+    pid: int | None
+    host: str | None
+    heartbeat_at: float | None
+    attempts: int
+
+
+class JobOut(Out):
+    id: str
+    workspace: str
+    kind: str
+    name: str
+    status: str
+    status_details: dict[str, Any]
+    model: str | None = None
+    dataset: dict[str, Any] | str | None = None
+    stages: list[str]
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    output_model: str | None
+    result: dict[str, Any]
+    error: str | None
+    worker: WorkerOut
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobStatusOut(BaseModel):
+    id: str
+    status: str
+    status_details: dict[str, Any]
+    error: str | None
+
+
+class JobLogsOut(BaseModel):
+    id: str
+    logs: str
+    size_bytes: int
+    truncated: bool
+
+
+class DeploymentCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
+    model: str = Field(description="a registered model of the workspace")
+
+
+class DeploymentOut(Out):
+    id: str
+    workspace: str
+    name: str
+    model: str
+    model_path: str
+    status: str
+    url: str | None
+    port: int | None
+    pid: int | None
+    served_model: str | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+    executor: str

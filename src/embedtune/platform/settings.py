@@ -1,0 +1,51 @@
+"""Service settings: where the database and the files live, how jobs are executed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class PlatformSettings(BaseModel):
+    db_url: str | None = Field(None, description="SQLAlchemy URL; None = SQLite file in data_dir")
+    data_dir: Path = Field(Path("platform-data"), description="datasets, job run dirs, logs")
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = Field(None, description="None starts a local Ray instance")
+    max_workers: int = Field(1, ge=1, description="jobs running at once (local executor)")
+    on_orphan: Literal["fail", "requeue"] = Field(
+        "fail", description="what happens to a job whose worker died while nobody watched it"
+    )
+    max_attempts: int = Field(3, ge=1, description="requeues before an orphaned job is failed anyway")
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    stale_after_seconds: float = Field(30.0, gt=0, description="a heartbeat older than this means dead")
+    poll_seconds: float = Field(1.0, gt=0, description="scheduler tick")
+    max_upload_bytes: int = Field(1 << 30, gt=0)
+    max_extracted_bytes: int = Field(4 << 30, gt=0, description="archive bomb guard")
+    max_archive_members: int = Field(100_000, gt=0)
+    allow_path_registration: bool = Field(True, description="datasets/models may point at server paths")
+    deployment_host: str = "127.0.0.1"
+    deployment_ready_timeout: float = Field(300.0, gt=0)
+
+    @property
+    def database_url(self) -> str:
+        if self.db_url:
+            return self.db_url
+        return f"sqlite:///{(self.data_dir / 'platform.db').resolve()}"
+
+    def prepare(self) -> PlatformSettings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        for sub in ("datasets", "jobs", "deployments", "uploads"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        return self
+
+    def to_env(self) -> dict[str, str]:
+        """What a worker process needs to find the same database and files."""
+        return {"EMBEDTUNE_PLATFORM_SETTINGS": self.model_dump_json()}
+
+    @classmethod
+    def from_env(cls) -> PlatformSettings:
+        raw = os.environ.get("EMBEDTUNE_PLATFORM_SETTINGS")
+        return cls.model_validate_json(raw) if raw else cls()

@@ -1,0 +1,285 @@
+"""The job worker: ``python -m embedtune.platform.worker JOB_ID`` runs one job outside the API process.
+
+It finds the database and data folder through ``EMBEDTUNE_PLATFORM_SETTINGS`` (set by the executor),
+records its pid and host, beats a heartbeat, writes progress (stage, epoch, step, loss history) to the
+job's ``status_details``, and ends the job itself: completed (registering the fine-tuned model with its
+lineage), failed (with the reason) or cancelled (when a cancel request reached it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from embedtune.artifacts import RunDir, read_json, write_text
+from embedtune.platform import db
+from embedtune.platform.settings import PlatformSettings
+
+LOSS_HISTORY_MAX = 500  # keep status_details small: later points thin the history
+
+
+class Progress:
+    """status_details kept in memory and written to the job row (throttled, forced at stage changes)."""
+
+    def __init__(self, sessions: sessionmaker[Session], job_id: str, details: dict[str, Any]):
+        self.sessions, self.job_id = sessions, job_id
+        self.details = details
+        self.lock = threading.Lock()
+        self._last = 0.0
+
+    def update(self, force: bool = False, **values: Any) -> None:
+        with self.lock:
+            self.details.update(values)
+            if not force and time.monotonic() - self._last < 1.0:
+                return
+            self._last = time.monotonic()
+            snapshot = dict(self.details)
+        with self.sessions() as s:
+            s.execute(update(db.Job).where(db.Job.id == self.job_id).values(status_details=snapshot))
+            s.commit()
+
+    def add_loss(self, name: str, step: int, value: float, epoch: float | None) -> None:
+        with self.lock:
+            metrics = self.details.setdefault("metrics", {})
+            history = metrics.setdefault(name, [])
+            history.append({"step": step, "value": round(float(value), 6), "epoch": epoch})
+            if len(history) > LOSS_HISTORY_MAX:
+                metrics[name] = history[::2]
+
+
+def install_training_callback(progress: Progress) -> None:
+    """Every transformers Trainer created in this process reports steps, epochs and losses to ``progress``.
+
+    The finetune stage builds its own trainer; adding to transformers' default callbacks reaches it
+    without the stage knowing about the platform.
+    """
+    try:
+        import transformers.trainer as hf_trainer
+        from transformers import TrainerCallback
+    except ImportError:
+        return
+
+    class PlatformProgress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            epochs = max(1.0, float(args.num_train_epochs or 1))
+            progress.update(force=True, max_steps=state.max_steps, num_epochs=args.num_train_epochs,
+                            steps_per_epoch=int(round(state.max_steps / epochs)) if state.max_steps else None)
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            progress.update(step=state.global_step, epoch=round(state.epoch or 0.0, 4),
+                            epochs_completed=int(state.epoch or 0))
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            for key, name in (("loss", "train_loss"), ("eval_loss", "val_loss")):
+                if logs and key in logs:
+                    progress.add_loss(name, state.global_step, logs[key], state.epoch)
+            progress.update(force=True, step=state.global_step)
+
+    hf_trainer.DEFAULT_CALLBACKS.append(PlatformProgress())
+
+
+def trainer_state_losses(run: RunDir) -> list[dict[str, Any]]:
+    """Loss history from the newest trainer_state.json (when no live callback recorded it)."""
+    states = sorted(run.stage_dir("finetune").rglob("trainer_state.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return []
+    history = read_json(states[-1]).get("log_history", [])
+    return [{"step": h.get("step"), "value": h["loss"], "epoch": h.get("epoch")} for h in history if "loss" in h]
+
+
+# ------------------------------------------------------------------------------------------- the job
+
+
+class Heartbeat(threading.Thread):
+    """Beats every few seconds; when the service asks to cancel, ends the job and the process."""
+
+    def __init__(self, sessions: sessionmaker[Session], job_id: str, every: float):
+        super().__init__(daemon=True, name="heartbeat")
+        self.sessions, self.job_id, self.every = sessions, job_id, every
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                if beat(self.sessions, self.job_id) == "cancelling":
+                    finish_cancelled(self.sessions, self.job_id)
+            except Exception:  # noqa: BLE001 (a missed beat is retried; the job must go on)
+                logging.getLogger("embedtune").exception("heartbeat failed")
+
+
+def beat(sessions: sessionmaker[Session], job_id: str) -> str | None:
+    with sessions() as s:
+        s.execute(update(db.Job).where(db.Job.id == job_id).values(heartbeat_at=time.time()))
+        s.commit()
+        return s.scalar(select(db.Job.status).where(db.Job.id == job_id))
+
+
+def finish_cancelled(sessions: sessionmaker[Session], job_id: str) -> None:
+    with sessions() as s:
+        db.transition(s, job_id, ("cancelling", "running"), status="cancelled", error="cancelled by request")
+    print(f"job {job_id} cancelled", flush=True)
+    os._exit(0)  # the stage may be deep inside a training step: leave now, the run dir stays resumable
+
+
+def run_job(job_id: str, settings: PlatformSettings, executor: str = "local") -> int:
+    settings.prepare()
+    engine = db.make_engine(settings.database_url)
+    sessions = db.session_factory(engine)
+    with sessions() as s:
+        job = s.get(db.Job, job_id)
+        if job is None:
+            print(f"job {job_id} not found", file=sys.stderr)
+            return 2
+        claimed = db.transition(s, job_id, "running", worker_pid=os.getpid(), worker_host=socket.gethostname(),
+                                executor=executor, heartbeat_at=time.time(), started_at=db.utcnow())
+        if not claimed:
+            print(f"job {job_id} is {job.status}, not running: nothing to do", file=sys.stderr)
+            return 0
+        s.refresh(job)
+    _setup_logging()
+    signal.signal(signal.SIGTERM, lambda *_: _on_sigterm(sessions, job_id))
+    heartbeat = Heartbeat(sessions, job_id, settings.heartbeat_seconds)
+    heartbeat.start()
+    progress = Progress(sessions, job_id, dict(job.status_details or {}))
+    try:
+        if job.kind == "evaluation":
+            from embedtune.platform.evaluation import run_evaluation
+
+            result = run_evaluation(job, sessions, settings, progress)
+            output_model = None
+        else:
+            result, output_model = run_customization(job, sessions, progress)
+    except BaseException as exc:  # noqa: BLE001 (every failure must reach the job row)
+        traceback.print_exc()
+        sys.stdout.flush()
+        reason = f"{type(exc).__name__}: {exc}".strip()
+        with sessions() as s:
+            db.transition(s, job_id, ("running",), status="failed", error=reason[:4000])
+            db.transition(s, job_id, ("cancelling",), status="cancelled", error="cancelled by request")
+        return 1
+    finally:
+        heartbeat.stop.set()
+    progress.update(force=True, stage="done")
+    with sessions() as s:
+        done = db.transition(s, job_id, ("running",), status="completed", result=result,
+                             output_model=output_model)
+        if not done:  # a cancel arrived during the last moments: honour it
+            db.transition(s, job_id, ("cancelling",), status="cancelled", error="cancelled by request")
+    print(f"job {job_id} {'completed' if done else 'cancelled'}", flush=True)
+    return 0
+
+
+def _on_sigterm(sessions: sessionmaker[Session], job_id: str) -> None:
+    with sessions() as s:
+        status = s.scalar(select(db.Job.status).where(db.Job.id == job_id))
+    if status == "cancelling":
+        finish_cancelled(sessions, job_id)
+    with sessions() as s:
+        db.transition(s, job_id, ("running",), status="failed", error="worker received SIGTERM")
+    os._exit(143)
+
+
+def _setup_logging() -> None:
+    from embedtune.console import setup_logging
+
+    setup_logging(False)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_customization(job: db.Job, sessions: sessionmaker[Session], progress: Progress) -> tuple[dict, str | None]:
+    from embedtune.config import Recipe, dump_recipe
+    from embedtune.pipeline import stage_info
+
+    recipe = Recipe.model_validate(job.recipe)
+    run = RunDir(job.run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_text(run.root / "recipe.yaml", dump_recipe(recipe))
+    if job.stages[0] == "finetune":
+        seed_prepared_training_set(run, job.spec["_training_path"])
+    install_training_callback(progress)
+    summary: dict[str, Any] = {}
+    done: list[str] = list(progress.details.get("stages_completed", []))
+    for name in job.stages:
+        progress.update(force=True, stage=name, stages=job.stages, stages_completed=done)
+        print(f"=== stage {name}", flush=True)
+        t0 = time.perf_counter()
+        manifest = stage_info(name).load()(recipe, run, force=False)
+        summary[name] = {"seconds": round(time.perf_counter() - t0, 2), "skipped": manifest.skipped,
+                         "counts": manifest.counts, "metrics": manifest.metrics}
+        done = [*done, name]
+        progress.update(force=True, stages_completed=done,
+                        stage_counts={**progress.details.get("stage_counts", {}), name: manifest.counts})
+    if "finetune" in job.stages and not progress.details.get("metrics", {}).get("train_loss"):
+        metrics = {**progress.details.get("metrics", {}), "train_loss": trainer_state_losses(run)}
+        progress.update(force=True, metrics=metrics)
+    result: dict[str, Any] = {"stages": summary, "run_dir": str(run.root)}
+    eval_results = run.path("eval", "results.json")
+    if eval_results.is_file():
+        result["eval"] = read_json(eval_results)
+    output_model = register_output_model(job, run, result, sessions) if "finetune" in job.stages else None
+    return result, output_model
+
+
+def seed_prepared_training_set(run: RunDir, training_path: str) -> None:
+    """A prepared training set stands in for the prep stage: copy it in and record a manifest."""
+    import shutil
+
+    st = run.stage("prep", {"source": "platform-dataset"}, inputs=[training_path])
+    if st.up_to_date() is not None:
+        return
+    target = st.dir / "train.jsonl"
+    shutil.copyfile(training_path, target)
+    examples = sum(1 for line in target.read_text(encoding="utf-8").splitlines() if line.strip())
+    st.finish(outputs=[target], counts={"examples": examples})
+
+
+def register_output_model(job: db.Job, run: RunDir, result: dict, sessions: sessionmaker[Session]) -> str:
+    from embedtune.platform.jobs import hyperparameters_of
+
+    folder = run.path("finetune", "model")
+    if not folder.is_dir():
+        raise RuntimeError(f"the finetune stage finished without a model folder at {folder}")
+    metrics = {}
+    if "eval" in result:
+        metrics = {"base": result["eval"].get("base"), "finetuned": result["eval"].get("finetuned")}
+    artifacts = {"model": str(folder)}
+    for name in ("model.onnx", "model.int8.onnx"):
+        if run.path("export", name).is_file():
+            artifacts[name] = str(run.path("export", name))
+    name = job.spec["_output_model"]
+    with sessions() as s:
+        model = s.scalar(select(db.Model).where(db.Model.workspace == job.workspace, db.Model.name == name))
+        if model is not None and model.job_id != job.id:
+            raise RuntimeError(f"model '{name}' was registered meanwhile by another job ({model.job_id})")
+        model = model or db.Model(workspace=job.workspace, name=name, kind="customized")
+        model.path, model.base_model, model.dataset = str(folder), job.spec["_base_model"], \
+            job.spec["_training_dataset"]
+        model.job_id, model.hyperparameters, model.metrics = job.id, hyperparameters_of(job.recipe), metrics
+        model.artifacts, model.description = artifacts, f"fine-tuned by job {job.id}"
+        s.add(model)
+        s.commit()
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m embedtune.platform.worker", description=__doc__)
+    parser.add_argument("job_id")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run_job(args.job_id, PlatformSettings.from_env())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
