@@ -27,6 +27,8 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from embedtune.serve.runner import wait_ready
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["harbour", "tides", "sailing", "boats", "wind", "rudder", "mast", "anchor", "crew", "stars",
          "planets", "galaxies", "telescope", "orbit", "comet", "recipe", "oven", "flour", "butter", "dough",
@@ -75,18 +77,6 @@ def start_server(model: str, max_batch_tokens: int, stack: ExitStack) -> str:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stack.callback(lambda: (proc.terminate(), proc.wait(timeout=30)))
     return f"http://127.0.0.1:{port}"
-
-
-def wait_ready(url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v1/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} did not become ready")
 
 
 async def drive(url: str, clients: int, pool: list[str], duration: float, max_requests: int) -> Result:
@@ -185,8 +175,8 @@ def main() -> None:
         print("starting servers ...", file=sys.stderr)
         on = start_server(args.model, args.max_batch_tokens, stack)
         off = start_server(args.model, 1, stack)
-        wait_ready(on)
-        wait_ready(off)
+        wait_ready(on, 300)
+        wait_ready(off, 300)
         results = run_scenarios([("HTTP, one request at a time (baseline)", on, 1),
                                  ("HTTP, batching off", off, args.clients),
                                  ("HTTP, dynamic batching", on, args.clients)], pool, args)

@@ -22,6 +22,7 @@ from embedtune.config import ModelConfig
 from embedtune.models import encode_passages, encode_queries, load_model
 from embedtune.serve import OnnxBackend, create_app, model_entry, start_in_thread
 from embedtune.serve.loading import split_model_arg
+from embedtune.serve.runner import wait_ready
 from embedtune.serve.tokens import InputTooLongError
 
 PROMPTS = {"query": "query: ", "document": "passage: "}
@@ -243,15 +244,10 @@ def test_cli_serves_the_shipped_default_model_and_a_named_one(tiny_bert_dir):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{url}/v1/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            wait_ready(url, 240, alive=lambda: proc.poll() is None)
+        except RuntimeError:
+            pytest.fail(proc.stdout.read() if proc.stdout else "server exited")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
         texts = ["What is the boiling point of water?", "Water boils at 100 degrees Celsius at sea level."]
         result = client.embeddings.create(model="default", input=texts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -31,17 +31,7 @@ class ServerThread:
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Block until /v1/health/ready says 200 (models loaded)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.thread.is_alive():
-                raise RuntimeError("the server thread stopped")
-            try:
-                if httpx.get(f"{self.url}/v1/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.url} not ready after {timeout}s")
+        wait_ready(self.url, timeout, alive=self.thread.is_alive, interval=0.05)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -52,6 +42,22 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_ready(url: str, timeout: float = 120.0, alive: Callable[[], bool] | None = None,
+               interval: float = 0.25) -> None:
+    """Poll ``url``/v1/health/ready until it answers 200; fail early once ``alive()`` turns false."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise RuntimeError(f"the server behind {url} stopped before it was ready")
+        try:
+            if httpx.get(f"{url}/v1/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
 def start_in_thread(app, host: str = "127.0.0.1") -> ServerThread:
