@@ -17,7 +17,7 @@ import numpy as np
 
 from embedtune.artifacts import atomic_open, write_json
 from embedtune.console import log
-from embedtune.evaluate.encoders import Encoder, Kind
+from embedtune.evaluate.encoders import Encoder, Kind, LocalEncoder, model_fingerprint
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:
@@ -79,3 +79,15 @@ def encode_cached(encoder: Encoder, texts: Sequence[str], kind: Kind,
     emb = encoder.encode(texts, kind)
     cache.save(key, emb, {**parts, "kind": kind, "what": what, "label": encoder.label})
     return emb
+
+
+def run_embedding_cache(run_root: str | Path) -> EmbeddingCache:
+    """The run-wide cache that sdg's round-trip filter and prep's mining share (same model, same chunks)."""
+    return EmbeddingCache(Path(run_root) / "cache" / "embeddings")
+
+
+def encode_passages_cached(model, model_path: str | Path, texts: Sequence[str],
+                           cache: EmbeddingCache | None, what: str = "") -> np.ndarray:
+    """Passage embeddings of ``model`` (weights at ``model_path``), from ``cache`` when it has them."""
+    encoder = LocalEncoder(model, model_fingerprint(model_path), label=what or "model")
+    return encode_cached(encoder, texts, "passage", cache, what)

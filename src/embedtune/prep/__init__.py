@@ -15,9 +15,10 @@ Candidates for negatives are the training documents' chunks (all chunks with
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import numpy as np
 from embedtune.artifacts import ArtifactError, Manifest, RunDir, write_json
 from embedtune.config import PrepConfig, Recipe
 from embedtune.console import console, log, track
+from embedtune.evaluate.cache import EmbeddingCache, encode_passages_cached, run_embedding_cache
 from embedtune.prep.formats import (
     TrainingRecord,
     doc_id,
@@ -62,7 +64,7 @@ def run_prep(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
                          "lower prep.test_ratio or generate queries for more documents")
     if not split.test and cfg.test_ratio > 0:
         log.warning("no held-out queries: prep/eval has an empty query set (too few query-bearing documents)")
-    examples, counts = build_examples(recipe, split, chunks)
+    examples, counts = build_examples(recipe, split, chunks, run_embedding_cache(run.root))
     if not examples:
         raise ValueError(f"all {len(split.train)} training queries were dropped for lack of negatives "
                          f"({counts}); set prep.fill_missing=random, or lower prep.negatives_used "
@@ -104,19 +106,27 @@ def print_audit(run: RunDir, n: int, seed: int = 0) -> None:
 # ------------------------------------------------------------------------------------------ mining
 
 
-def build_examples(recipe: Recipe, split: Split, chunks: list[Chunk]) -> tuple[list[TrainExample], dict]:
-    """Embed the training queries and candidate chunks with the base model, mine, fill, assemble."""
+def build_examples(recipe: Recipe, split: Split, chunks: list[Chunk],
+                   cache: EmbeddingCache | None = None) -> tuple[list[TrainExample], dict]:
+    """Embed the training queries and candidate chunks with the base model, mine, fill, assemble.
+
+    All chunks are embedded through ``cache`` (the run's: sdg's round-trip filter already embedded the
+    same chunks with the same model), and the candidate pool takes its rows from them.
+    """
     cfg = recipe.prep
     pool = [c for c in chunks if cfg.test_chunks_as_negatives or c.doc_id in split.train_docs]
     positives, excluded = candidate_masks(split.train, pool, cfg.exclude_same_document)
 
-    from embedtune.models import encode_passages, encode_queries, load_model
+    from embedtune.models import encode_queries, load_model, resolve
 
     model = load_model(recipe.model)
     q_emb = _encode(encode_queries, model, [q.text for q in split.train], cfg.mining_batch_size,
                     cfg.query_max_length, "encoding queries")
-    p_emb = _encode(encode_passages, model, [c.text for c in pool], cfg.mining_batch_size,
-                    cfg.passage_max_length, "encoding passages")
+    with _max_length(model, cfg.passage_max_length):
+        all_emb = encode_passages_cached(model, resolve(recipe.model).path, [c.text for c in chunks], cache,
+                                         what="base model, chunks")
+    row = {c.id: i for i, c in enumerate(chunks)}
+    p_emb = all_emb[[row[c.id] for c in pool]]
     mined = mine_negatives(q_emb, p_emb, positives, excluded, k=cfg.hard_negatives_to_mine,
                            margin=cfg.margin, margin_type=cfg.margin_type, block=cfg.mining_query_block)
     counts = {"candidates": len(pool), "mined_negatives": sum(map(len, mined.neg_idx)),
@@ -190,17 +200,24 @@ def _round(values: list[float]) -> list[float]:
     return [round(float(v), 6) for v in values]
 
 
-def _encode(fn: Callable[..., np.ndarray], model, texts: list[str], batch_size: int, max_length: int | None,
-            description: str) -> np.ndarray:
-    """Encode in slices under a progress bar; ``max_length`` caps the model's length for this pass only."""
+@contextlib.contextmanager
+def _max_length(model, max_length: int | None) -> Iterator[None]:
+    """Cap the model's max_seq_length for one pass (the embedding cache keys on it)."""
     old = model.max_seq_length
     if max_length:
         model.max_seq_length = min(max_length, old or max_length)
     try:
+        yield
+    finally:
+        model.max_seq_length = old
+
+
+def _encode(fn: Callable[..., np.ndarray], model, texts: list[str], batch_size: int, max_length: int | None,
+            description: str) -> np.ndarray:
+    """Encode in slices under a progress bar; ``max_length`` caps the model's length for this pass only."""
+    with _max_length(model, max_length):
         step = batch_size * 8
         parts = [fn(model, texts[s:s + step], batch_size=batch_size)
                  for s in track(range(0, len(texts), step), description, total=-(-len(texts) // step))]
-    finally:
-        model.max_seq_length = old
     dim = model.get_embedding_dimension() or 0
     return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)

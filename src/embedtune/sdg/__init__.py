@@ -19,7 +19,6 @@ generate again (delete that file to draw new samples).
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedtune.artifacts import Manifest, RunDir, atomic_open, write_jsonl
+from embedtune.artifacts import Manifest, RunDir, write_jsonl
 from embedtune.config import Recipe
 from embedtune.console import log
 from embedtune.schemas import Chunk, GeneratorInfo, SyntheticQuery
@@ -69,7 +68,7 @@ def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
             t_gen = time.perf_counter()
             candidates = generator.generate(sample, counts)
             t_filter = time.perf_counter()
-            result = QueryFilter(recipe, generator, chunks, counts, stage.dir / "cache").apply(candidates)
+            result = QueryFilter(recipe, generator, chunks, counts, run.root / "cache" / "embeddings").apply(candidates)
             t_done = time.perf_counter()
         finally:
             generator.close()
@@ -202,13 +201,13 @@ class QueryFilter:
     def _roundtrip(self, cands: list[Candidate]) -> list[Candidate]:
         if not cands:
             return cands
-        from embedtune.models import encode_passages, encode_queries
+        from embedtune.models import encode_queries
 
         model = self._embedder()
         q = self._query_emb
         if q is None or len(q) != len(cands):
             q = encode_queries(model, [c.text for c in cands])
-        p = self._passage_embeddings(model, encode_passages)
+        p = self._passage_embeddings(model)
         row = {c.id: i for i, c in enumerate(self.chunks)}
         ranks = filters.roundtrip_ranks(q, p, [[row[i] for i in c.positive_ids] for c in cands])
         kept = []
@@ -221,18 +220,14 @@ class QueryFilter:
                 kept.append(cand)
         return kept
 
-    def _passage_embeddings(self, model, encode_passages) -> np.ndarray:
-        """All chunks' base-model embeddings, kept under sdg/cache/ so a resumed run does not redo them."""
-        digest = hashlib.sha256(json.dumps([self.recipe.model.model_dump(mode="json"),
-                                            [(c.id, c.text) for c in self.chunks]]).encode()).hexdigest()[:16]
-        path = self.cache_dir / f"passages-{digest}.npy" if self.cache_dir else None
-        if path is not None and path.is_file():
-            return np.load(path)
-        emb = encode_passages(model, [c.text for c in self.chunks], show_progress=len(self.chunks) > 1000)
-        if path is not None:
-            with atomic_open(path, "wb") as fh:
-                np.save(fh, emb)
-        return emb
+    def _passage_embeddings(self, model) -> np.ndarray:
+        """All chunks' base-model embeddings, from the run's embedding cache (prep's mining reuses them)."""
+        from embedtune.evaluate.cache import EmbeddingCache, encode_passages_cached
+        from embedtune.models import resolve
+
+        cache = EmbeddingCache(self.cache_dir) if self.cache_dir else None
+        return encode_passages_cached(model, resolve(self.recipe.model).path, [c.text for c in self.chunks],
+                                      cache, what="base model, chunks")
 
     def _quota(self, cands: list[Candidate]) -> list[Candidate]:
         """At most ``queries_per_chunk`` per source chunk, preferring question-shaped queries, then those
