@@ -79,7 +79,7 @@ def prepared(tmp_path_factory, tiny_bert_dir, chunks):
     run = make_run(tmp_path_factory.mktemp("run"), chunks, make_queries(chunks))
     # fill_missing=drop: every negative in the output was mined, so the margin rule can be checked on all
     recipe = recipe_for(tiny_bert_dir, test_ratio=0.25, margin=0.95, mining_query_block=3,
-                        fill_missing="drop", negatives_used=1)
+                        fill_missing="drop", negatives_used=1, teacher="dense")
     manifest = run_prep(recipe, run)
     return run, recipe, manifest
 
@@ -333,6 +333,63 @@ def test_full_run_mines_the_best_candidates_below_the_margin(prepared, chunks):
         expected = [cid for _, cid in reversed(survivors)][: cfg.hard_negatives_to_mine]
         assert ex.neg_ids == expected
         assert ex.neg_scores == pytest.approx([scores[n] for n in ex.neg_ids], abs=1e-5)
+
+
+def test_hybrid_teacher_mines_and_scores_with_the_fused_scores(tmp_path, tiny_bert_dir, chunks):
+    """teacher=hybrid: recorded scores are fuse(dense, BM25) over the pool, negatives its top survivors."""
+    from embedtune.evaluate.bm25 import BM25Index
+    from embedtune.models import encode_passages, encode_queries, load_model
+    from embedtune.prep.teacher import fuse
+
+    run = make_run(tmp_path, chunks, make_queries(chunks))
+    recipe = recipe_for(tiny_bert_dir, test_ratio=0.25, fill_missing="drop", negatives_used=1, bm25_weight=0.5)
+    assert recipe.prep.teacher == "hybrid"  # the default
+    run_prep(recipe, run)
+    train_docs = set(read_json(run.path("prep", "split.json"))["train_documents"])
+    pool = [c for c in chunks if c.doc_id in train_docs]
+    model = load_model(recipe.model)
+    examples = list(read_rows(run.path("prep", "train.jsonl"), TrainExample))
+    dense = torch.from_numpy(encode_queries(model, [e.query for e in examples])
+                             @ encode_passages(model, [c.text for c in pool]).T)
+    lexical = torch.from_numpy(BM25Index([c.text for c in pool]).scores([e.query for e in examples]))
+    fused = fuse(dense, lexical, 0.5)
+    assert not torch.allclose(fused, dense, atol=1e-3)  # BM25 really changed the scores
+    ids = [c.id for c in pool]
+    for row, ex in zip(fused.tolist(), examples, strict=True):
+        scores = dict(zip(ids, row, strict=True))
+        assert ex.pos_scores == pytest.approx([scores[p] for p in ex.pos_ids], abs=1e-4)
+        threshold = recipe.prep.margin * min(scores[p] for p in ex.pos_ids)
+        pos_docs = {c.doc_id for c in pool if c.id in ex.pos_ids}
+        survivors = sorted((s, cid) for cid, s in scores.items() if s < threshold
+                           and cid not in ex.pos_ids and cid.split("#")[0] not in pos_docs)
+        assert ex.neg_ids == [cid for _, cid in reversed(survivors)][: recipe.prep.hard_negatives_to_mine]
+
+
+def test_fuse_ranks_like_z_score_fusion_in_dense_units():
+    from embedtune.prep.teacher import fuse
+
+    rng = np.random.default_rng(0)
+    dense = torch.from_numpy(rng.uniform(0.1, 0.8, size=(3, 50)).astype(np.float32))
+    lexical = torch.from_numpy(rng.gamma(1.0, 3.0, size=(3, 50)).astype(np.float32))
+    fused = fuse(dense, lexical, 0.3)
+
+    def z(x):
+        return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
+
+    assert torch.equal(fused.argsort(1), (0.7 * z(dense) + 0.3 * z(lexical)).argsort(1))
+    assert torch.allclose(fused.mean(1), dense.mean(1), atol=1e-5)  # still cosine-like units
+    assert torch.allclose(fuse(dense, lexical, 0.0), dense)
+    # a query sharing no term with any candidate (all-zero BM25 row) keeps its dense scores
+    assert torch.allclose(fuse(dense, torch.zeros_like(lexical), 0.5), dense)
+
+
+def test_hybrid_teacher_falls_back_to_dense_for_unspaced_languages(caplog):
+    from embedtune.prep.teacher import HybridTeacher, make_teacher
+
+    assert make_teacher("hybrid", ["查询"], ["段落一", "段落二"], 0.5, "zh") is None
+    assert "BM25 cannot split" in caplog.text
+    assert make_teacher("dense", ["q"], ["p"], 0.5, "en") is None
+    assert isinstance(make_teacher("hybrid", ["Hafen"], ["der Hafen von Hamburg"], 0.5, "de"), HybridTeacher)
 
 
 # ------------------------------------------------------------------------------------------ errors, resume

@@ -139,3 +139,49 @@ def test_missing_prep_stage_is_a_clear_error(tmp_path, tiny_bert_dir):
 
     with pytest.raises(ArtifactError, match="embedtune prep"):
         run_finetune(tiny_recipe(tiny_bert_dir), RunDir(tmp_path / "empty"))
+
+
+def test_margin_mse_trains_toward_the_teacher_margins(tmp_path, tiny_bert_dir):
+    """loss=margin_mse: rows carry prep's scores; training moves the student's margins toward them."""
+    from embedtune.models import encode_passages, encode_queries, load_model
+
+    rows = synthetic_examples(32, negatives=2)
+    for r in rows:  # the teacher: positive 0.8, negatives 0.3 and 0.1 (margins 0.5 and 0.7)
+        r["pos_scores"], r["neg_scores"] = [0.8], [0.3, 0.1]
+
+    def margin_error(model) -> float:
+        q = encode_queries(model, [r["query"] for r in rows])
+        p = encode_passages(model, [r["pos_doc"][0] for r in rows])
+        errors = []
+        for j, target in enumerate((0.5, 0.7)):
+            n = encode_passages(model, [r["neg_doc"][j] for r in rows])
+            errors.append(np.abs((q * p).sum(1) - (q * n).sum(1) - target).mean())
+        return float(np.mean(errors))
+
+    run = make_run(tmp_path / "run", rows)
+    recipe = tiny_recipe(tiny_bert_dir, loss="margin_mse", passages_per_query=3, epochs=3,
+                         learning_rate=5e-3, validation_fraction=0.0)
+    manifest = run_finetune(recipe, run)
+    assert manifest.config["finetune"]["loss"] == "margin_mse"
+    before = margin_error(load_model(str(tiny_bert_dir)))
+    after = margin_error(load_model(str(run.path("finetune", "model"))))
+    assert after < 0.5 * before, (before, after)
+
+
+def test_margin_mse_without_scores_is_a_clear_error(tmp_path, tiny_bert_dir):
+    run = make_run(tmp_path / "run", synthetic_examples(8))  # no pos_scores / neg_scores
+    recipe = tiny_recipe(tiny_bert_dir, loss="margin_mse", validation_fraction=0.0, max_steps=1)
+    with pytest.raises(ArtifactError, match="margin_mse needs prep's scores"):
+        run_finetune(recipe, run)
+
+
+def test_to_dataset_labels_are_the_positive_then_the_used_negatives_scores():
+    from embedtune.schemas import TrainExample
+    from embedtune.train.data import to_dataset
+
+    rows = [TrainExample(**r) for r in synthetic_examples(3, negatives=3)]
+    rows[0] = rows[0].model_copy(update={"pos_scores": [0.9], "neg_scores": [0.5, 0.4, 0.2]})
+    rows[1] = rows[1].model_copy(update={"pos_scores": [0.7], "neg_scores": [0.6]})  # too few: left out
+    data = to_dataset(rows, 2, seed=0, scores=True)
+    assert data.num_rows == 1 and data["label"] == [pytest.approx([0.9, 0.5, 0.4])]
+    assert data["negative_1"] == [rows[0].neg_doc[0]]

@@ -127,6 +127,11 @@ class PrepConfig(StrictModel):
     exclude_same_document: bool = Field(
         True, description="never take a negative from a positive's own document (frequent false negatives)"
     )
+    teacher: Literal["dense", "hybrid"] = Field(
+        "hybrid", description="who mines and scores negatives: the base model, or it fused with BM25 (see "
+        "embedtune.prep.teacher; falls back to dense for languages written without spaces)"
+    )
+    bm25_weight: float = Field(0.5, ge=0, le=1, description="BM25's share in the hybrid teacher")
     mining_batch_size: int = Field(64, ge=1, description="encoding batch size")
     mining_query_block: int = Field(256, ge=1, description="queries scored at once against all candidates")
     query_max_length: int | None = Field(None, gt=0)
@@ -152,8 +157,9 @@ class FinetuneConfig(StrictModel):
     micro_batch_size: int | None = Field(
         None, ge=1, description="GradCache mini-batch; None: whole per-device batch in one forward pass"
     )
-    loss: Literal["auto", "mnrl", "cached_mnrl"] = Field(
-        "auto", description="auto: cached_mnrl (GradCache) if micro_batch_size < per-device batch, else mnrl"
+    loss: Literal["auto", "mnrl", "cached_mnrl", "margin_mse"] = Field(
+        "auto", description="auto: cached_mnrl (GradCache) if micro_batch_size < per-device batch, else mnrl; "
+        "margin_mse: distil prep's teacher score margins (positive minus each negative), as GPL does"
     )
     auto_scale_batch: bool = True
     passages_per_query: int = Field(5, ge=1, description="1 positive + (n-1) hard negatives")

@@ -53,7 +53,29 @@ def _summary(results: list[StageResult]) -> None:
     for r in results:
         counts = ", ".join(f"{k}={v}" for k, v in r.manifest.counts.items() if not isinstance(v, dict | list))
         table.add_row(r.name, "skipped" if r.manifest.skipped else "done", f"{r.seconds:.1f}", counts)
+    table.add_row("total", "", f"{sum(r.seconds for r in results):.1f}", "")
     console.print(table)
+    evaluated = next((r.manifest.metrics for r in results if r.name == "eval"), None)
+    if evaluated:
+        console.print(_gain_table(evaluated))
+
+
+def _gain_table(metrics: dict) -> Table:
+    """Base vs fine-tuned (and BM25) from the eval stage's manifest metrics (``base_ndcg@10`` ...)."""
+    table = Table(title="retrieval quality (eval stage)")
+    rows = [m for m in ("base", "finetuned", "bm25") if f"{m}_ndcg@10" in metrics]
+    table.add_column("metric")
+    for m in rows:
+        table.add_column({"base": "base", "finetuned": "fine-tuned", "bm25": "BM25"}[m], justify="right")
+    if "finetuned" in rows:
+        table.add_column("change", justify="right")
+    for k in ("ndcg@10", "recall@10", "map@10"):
+        values = [metrics.get(f"{m}_{k}") for m in rows]
+        cells = [f"{v:.4f}" if v is not None else "-" for v in values]
+        if "finetuned" in rows and None not in values[:2]:
+            cells.append(f"{values[1] - values[0]:+.4f}")
+        table.add_row(k.replace("ndcg", "nDCG").replace("recall", "Recall").replace("map", "MAP"), *cells)
+    return table
 
 
 def _stage_command(name: str, summary: str) -> None:

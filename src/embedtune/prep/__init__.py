@@ -35,9 +35,10 @@ from embedtune.prep.formats import (
     write_beir,
     write_inline,
 )
-from embedtune.prep.mining import Mined, mine_from_scores, mine_negatives, random_fill
+from embedtune.prep.mining import Mined, Rescore, mine_from_scores, mine_negatives, random_fill
 from embedtune.prep.report import audit, plot, score_report, stats_table, write_markdown
 from embedtune.prep.split import Split, load_queries, split_by_document
+from embedtune.prep.teacher import make_teacher
 from embedtune.schemas import Chunk, SyntheticQuery, TrainExample
 
 __all__ = ["Mined", "TrainingRecord", "audit", "doc_id", "load_training", "mine_from_scores",
@@ -127,11 +128,14 @@ def build_examples(recipe: Recipe, split: Split, chunks: list[Chunk],
                                          what="base model, chunks")
     row = {c.id: i for i, c in enumerate(chunks)}
     p_emb = all_emb[[row[c.id] for c in pool]]
+    teacher = make_teacher(cfg.teacher, [q.text for q in split.train], [c.text for c in pool], cfg.bm25_weight,
+                           recipe.corpus.language)
     mined = mine_negatives(q_emb, p_emb, positives, excluded, k=cfg.hard_negatives_to_mine,
-                           margin=cfg.margin, margin_type=cfg.margin_type, block=cfg.mining_query_block)
+                           margin=cfg.margin, margin_type=cfg.margin_type, block=cfg.mining_query_block,
+                           rescore=teacher)
     counts = {"candidates": len(pool), "mined_negatives": sum(map(len, mined.neg_idx)),
               "short_of_negatives": sum(len(n) < cfg.negatives_used for n in mined.neg_idx)}
-    counts.update(fill_missing(mined, positives, excluded, q_emb, p_emb, cfg))
+    counts.update(fill_missing(mined, positives, excluded, q_emb, p_emb, cfg, teacher))
     if counts["short_of_negatives"]:
         log.info("%d of %d training queries had fewer than %d negatives under the margin rule (%s)",
                  counts["short_of_negatives"], len(split.train), cfg.negatives_used, cfg.fill_missing)
@@ -168,8 +172,11 @@ def candidate_masks(queries: Sequence[SyntheticQuery], pool: Sequence[Chunk],
 
 
 def fill_missing(mined: Mined, positives: list[list[int]], excluded: list[list[int]], q_emb: np.ndarray,
-                 p_emb: np.ndarray, cfg: PrepConfig) -> dict[str, int]:
-    """Top up or drop queries with fewer than ``negatives_used`` negatives (a dropped row becomes None)."""
+                 p_emb: np.ndarray, cfg: PrepConfig, rescore: Rescore | None = None) -> dict[str, int]:
+    """Top up or drop queries with fewer than ``negatives_used`` negatives (a dropped row becomes None).
+
+    A random negative's recorded score is the judge's (``rescore``), like the mined ones'.
+    """
     rng = random.Random(cfg.seed)
     counts = {"random_negatives": 0, "dropped_short": 0, "still_short": 0}
     for i, negs in enumerate(mined.neg_idx):
@@ -182,10 +189,21 @@ def fill_missing(mined: Mined, positives: list[list[int]], excluded: list[list[i
             continue
         extra = random_fill(negs, set(positives[i]) | set(excluded[i]), len(p_emb), need, rng)
         negs.extend(extra)
-        mined.neg_scores[i].extend(float(q_emb[i] @ p_emb[j]) for j in extra)
+        mined.neg_scores[i].extend(_scores(i, extra, q_emb, p_emb, rescore))
         counts["random_negatives"] += len(extra)
         counts["still_short"] += len(extra) < need
     return counts
+
+
+def _scores(i: int, cols: list[int], q_emb: np.ndarray, p_emb: np.ndarray,
+            rescore: Rescore | None) -> list[float]:
+    """Query ``i``'s scores for candidates ``cols``: dense, or the judge's over the whole row."""
+    if rescore is None:
+        return [float(q_emb[i] @ p_emb[j]) for j in cols]
+    import torch
+
+    row = rescore(i, i + 1, torch.from_numpy(q_emb[i:i + 1] @ p_emb.T))[0]
+    return [float(row[j]) for j in cols]
 
 
 def _example(q: SyntheticQuery, pool: list[Chunk], pos_idx: list[int], mined: Mined, i: int) -> TrainExample:

@@ -30,7 +30,7 @@ Measured with ``bench/prep_mining.py`` (200,000 x 384 candidates, 1,024 queries,
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +39,10 @@ import torch
 from embedtune.console import track
 
 NEG_INF = float("-inf")
+
+#: ``rescore(start, end, dense_block) -> block``: turns a block of dense scores (queries start..end against
+#: all candidates) into the judge's scores, e.g. :class:`embedtune.prep.teacher.HybridTeacher`.
+Rescore = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -105,8 +109,12 @@ def _mask(scores: torch.Tensor, columns: Sequence[Sequence[int]]) -> None:
 
 def mine_negatives(query_emb: np.ndarray, cand_emb: np.ndarray, positives: Sequence[Sequence[int]],
                    excluded: Sequence[Sequence[int]] | None = None, *, k: int, margin: float,
-                   margin_type: str = "perc", block: int = 256, progress: bool = True) -> Mined:
-    """Mine over all candidates, ``block`` queries at a time (see the module docstring for memory)."""
+                   margin_type: str = "perc", block: int = 256, progress: bool = True,
+                   rescore: Rescore | None = None) -> Mined:
+    """Mine over all candidates, ``block`` queries at a time (see the module docstring for memory).
+
+    With ``rescore`` the margin rule, the ranking and the recorded scores are the judge's, not the dense ones.
+    """
     queries = torch.from_numpy(np.ascontiguousarray(query_emb, dtype=np.float32))
     cands_t = torch.from_numpy(np.ascontiguousarray(cand_emb, dtype=np.float32)).T
     starts = range(0, len(queries), block)
@@ -115,6 +123,8 @@ def mine_negatives(query_emb: np.ndarray, cand_emb: np.ndarray, positives: Seque
         end = start + block
         with torch.inference_mode():  # the block is a fresh tensor: mask it in place, no copy
             scores = queries[start:end] @ cands_t
+            if rescore is not None:
+                scores = rescore(start, start + len(scores), scores)
             out.extend(mine_from_scores(scores, positives[start:end],
                                         None if excluded is None else excluded[start:end],
                                         k=k, margin=margin, margin_type=margin_type, inplace=True))

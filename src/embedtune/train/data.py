@@ -94,17 +94,21 @@ def prepare(
     return TrainingData(train, build_validation(val, train, val_corpus, seed), negatives, filled)
 
 
-def to_dataset(examples: list[TrainExample], negatives: int, seed: int) -> Dataset:
+def to_dataset(examples: list[TrainExample], negatives: int, seed: int, scores: bool = False) -> Dataset:
     """Rows -> ``anchor, positive, negative_1..k`` (first positive; short negative lists filled at random).
 
     The fill draws from other examples' passages, never the row's own positives: the same thing NVIDIA's
-    prep does for queries that mined fewer negatives than asked.
+    prep does for queries that mined fewer negatives than asked. With ``scores`` (MarginMSE) a ``label``
+    column holds prep's teacher scores ``[positive, negative_1..k]``; rows without a score for each of their
+    k negatives cannot be labelled and are left out (:func:`scored_examples`).
     """
     from datasets import Dataset
 
+    if scores:
+        examples = scored_examples(examples, negatives)
     rng = random.Random(seed)
     pool = sorted({d for ex in examples for d in (*ex.pos_doc, *ex.neg_doc)})
-    columns: dict[str, list[str]] = {"anchor": [], "positive": []}
+    columns: dict[str, list] = {"anchor": [], "positive": []}
     for i in range(1, negatives + 1):
         columns[f"negative_{i}"] = []
     for ex in examples:
@@ -112,7 +116,20 @@ def to_dataset(examples: list[TrainExample], negatives: int, seed: int) -> Datas
         columns["positive"].append(ex.pos_doc[0])
         for i, neg in enumerate(_negatives(ex, negatives, pool, rng), 1):
             columns[f"negative_{i}"].append(neg)
+    if scores:
+        columns["label"] = [[ex.pos_scores[0], *ex.neg_scores[:negatives]] for ex in examples]
     return Dataset.from_dict(columns)
+
+
+def scored_examples(examples: list[TrainExample], negatives: int) -> list[TrainExample]:
+    """The rows MarginMSE can use: a teacher score for the first positive and each of ``negatives``."""
+    kept = [ex for ex in examples if ex.pos_scores and len(ex.neg_scores) >= negatives
+            and len(ex.neg_doc) >= negatives]
+    if not kept:
+        raise ArtifactError(f"finetune.loss=margin_mse needs prep's scores for 1 positive and {negatives} "
+                            "negatives per row, and no row has them; rerun `embedtune prep` or lower "
+                            "finetune.passages_per_query")
+    return kept
 
 
 def _negatives(ex: TrainExample, k: int, pool: list[str], rng: random.Random) -> list[str]:

@@ -167,7 +167,7 @@ def _trainer(
     trainer = SentenceTransformerTrainer(
         model=model,
         args=args,
-        train_dataset=to_dataset(data.train, data.negatives, cfg.seed),
+        train_dataset=to_dataset(data.train, data.negatives, cfg.seed, scores=plan.loss == "margin_mse"),
         loss=build_loss(model, plan, cfg.temperature, dims),
         evaluator=evaluator,
         callbacks=[throughput],

@@ -25,7 +25,7 @@ class BatchPlan:
     per_device: int
     world_size: int
     mini_batch: int | None  # GradCache mini-batch when the cached loss is used
-    loss: Literal["mnrl", "cached_mnrl"]
+    loss: Literal["mnrl", "cached_mnrl", "margin_mse"]
     steps_per_epoch: int
     total_steps: int
     scaled: bool

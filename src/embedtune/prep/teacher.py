@@ -1,0 +1,70 @@
+"""Who judges the candidates in prep: the base model alone (``dense``) or fused with BM25 (``hybrid``).
+
+Why a hybrid judge: on a new domain the base model misses exact terms (gene names, product codes,
+abbreviations) that BM25 matches, and BM25 misses the paraphrases the model catches, so their fusion beats
+both. Measured on SciFact's real test claims (``bench/domain_adaptation.py``): MiniLM 0.645 nDCG@10, BM25
+0.662, the fusion below at weight 0.5 0.708. A better judge picks truer hard negatives (what it ranks high
+that is not the answer) and gives the finetune stage truer score margins to distil
+(``finetune.loss: margin_mse``), which is how the model learns what BM25 knew.
+
+Fusion, per query: the BM25 scores over the candidates are standardised (z-scores) and mapped onto that
+query's dense score distribution (dense mean + dense std x z), then mixed with the dense scores. The result
+stays in cosine units, so the margin rule (95 % of the weakest positive) and the margins the student is
+trained to reproduce mean what they mean for the dense judge; ranking by it equals ranking by the plain
+z-score fusion ``(1 - w) z(dense) + w z(bm25)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from embedtune.console import log
+
+#: Languages written without spaces between words: bm25s's word tokenizer would take a whole clause as
+#: one term, so the hybrid judge falls back to the dense one for them.
+UNSPACED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "km", "my"})
+#: Languages with a bm25s stopword list (ISO 639-1).
+BM25S_STOPWORDS = frozenset({"en", "de", "nl", "fr", "es", "pt", "it", "ru", "sv", "no", "tr", "ko", "da"})
+
+
+def fuse(dense: torch.Tensor, lexical: torch.Tensor, bm25_weight: float) -> torch.Tensor:
+    """Mix a block of BM25 scores into dense scores (rows are queries), in the dense scores' units.
+
+    A query sharing no term with any candidate (a constant BM25 row) keeps its dense scores.
+    """
+    mean, std = dense.mean(1, keepdim=True), dense.std(1, keepdim=True)
+    lex_std = lexical.std(1, keepdim=True)
+    informative = lex_std > 0
+    z = (lexical - lexical.mean(1, keepdim=True)) / torch.where(informative, lex_std, torch.ones_like(lex_std))
+    mixed = (1 - bm25_weight) * dense + bm25_weight * (mean + std * z)
+    return torch.where(informative, mixed, dense)
+
+
+class HybridTeacher:
+    """Rescores blocks of dense query x candidate scores with BM25 (a ``rescore`` hook for mining)."""
+
+    def __init__(self, queries: Sequence[str], passages: Sequence[str], bm25_weight: float,
+                 language: str = "en"):
+        from embedtune.evaluate.bm25 import BM25Index
+
+        self.queries = list(queries)
+        self.bm25_weight = bm25_weight
+        self.index = BM25Index(passages, stopwords=language if language in BM25S_STOPWORDS else None)
+
+    def __call__(self, start: int, end: int, dense: torch.Tensor) -> torch.Tensor:
+        lexical = torch.from_numpy(self.index.scores(self.queries[start:end]))
+        return fuse(dense, lexical, self.bm25_weight)
+
+
+def make_teacher(kind: str, queries: Sequence[str], passages: Sequence[str], bm25_weight: float,
+                 language: str) -> HybridTeacher | None:
+    """The rescoring hook for ``prep.teacher`` (None: the dense scores as they are)."""
+    if kind == "dense" or bm25_weight == 0:
+        return None
+    if language in UNSPACED_LANGUAGES:
+        log.warning("prep.teacher=hybrid: BM25 cannot split %r text into words; judging with the dense "
+                    "model alone", language)
+        return None
+    return HybridTeacher(queries, passages, bm25_weight, language)
