@@ -266,3 +266,13 @@ def test_run_summary_puts_base_and_finetuned_side_by_side_with_the_change():
     ndcg = next(line for line in text.splitlines() if "nDCG@10" in line)
     assert [c for c in ndcg.split() if c[0] in "+-0123456789"] == ["0.6000", "0.6500", "0.6200", "+0.0500"]
     assert "-0.0200" in next(line for line in text.splitlines() if "Recall@10" in line)
+
+
+def test_cli_error_keeps_a_long_path_and_its_line_number_on_one_line(tmp_path, tiny_bert_dir):
+    """The file:line of a bad row must survive a narrow terminal intact (copyable, greppable)."""
+    root = _write_beir(tmp_path / ("deep_folder_" * 6) / "ds", [{"_id": "d1", "text": "x"}],
+                       [{"_id": "q1", "text": "a"}], [("q1", "d1", 1)])
+    (root / "queries.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q2"}\n')
+    res = _cli("--dataset", root, "--model", tiny_bert_dir)
+    assert res.exit_code == 1
+    assert f"{root / 'queries.jsonl'}:2: missing field(s) text" in res.output

@@ -45,13 +45,20 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except RecipeError as exc:
-            console.print(f"[red]error:[/] {exc}")
+            _print_error(exc)
             raise typer.Exit(2) from None
         except USER_ERRORS as exc:
-            console.print(f"[red]error:[/] {exc}")
+            _print_error(exc)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _print_error(exc: BaseException) -> None:
+    # soft_wrap: a long path must stay one line (copyable, greppable), not be cut at the terminal width;
+    # markup off: a message may quote text with [brackets] (e.g. a JSON line).
+    console.print("[red]error:[/] ", end="")
+    console.print(str(exc), soft_wrap=True, markup=False, highlight=False)
 
 
 def load(config: Path | None, overrides: list[str] | None, verbose: bool = False, **sets: Any) -> Recipe:
