@@ -24,11 +24,10 @@ def build_loss(
     MarginMSE, wrapped in MatryoshkaLoss when ``dims`` are given."""
     from sentence_transformers.sentence_transformer import losses
 
+    common = {"scale": 1.0 / temperature, "gather_across_devices": plan.world_size > 1}
     if plan.loss == "margin_mse":
         loss = losses.MarginMSELoss(model)
-        return losses.MatryoshkaLoss(model, loss, matryoshka_dims=dims) if dims else loss
-    common = {"scale": 1.0 / temperature, "gather_across_devices": plan.world_size > 1}
-    if plan.loss == "cached_mnrl":
+    elif plan.loss == "cached_mnrl":
         loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=plan.mini_batch, **common)
     else:
         loss = losses.MultipleNegativesRankingLoss(model, **common)
