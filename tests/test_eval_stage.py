@@ -86,12 +86,40 @@ def test_stage_compares_base_and_finetuned_and_writes_reports(run_with_finetune,
 
     report = run.path("eval", "report.md").read_text()
     b, f = results["base"]["ndcg@10"], results["finetuned"]["ndcg@10"]
-    assert f"| nDCG@10 | {results['bm25']['ndcg@10']:.4f} | {b:.4f} | {f:.4f} | {f - b:+.4f} |" in report
+    hb, hf = results["hybrid"]["base"]["ndcg@10"], results["hybrid"]["finetuned"]["ndcg@10"]
+    assert (f"| nDCG@10 | {results['bm25']['ndcg@10']:.4f} | {b:.4f} | {f:.4f} | {hb:.4f} | {hf:.4f} "
+            f"| {f - b:+.4f} |") in report
     assert "| 16 |" in report  # Matryoshka table row
     png = run.path("eval", "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert manifest.metrics["finetuned_ndcg@10"] == f
     assert manifest.counts == {**manifest.counts, "queries": 24, "encoded": 4, "cache_hits": 0}
+
+
+def test_stage_fuses_each_model_with_bm25_at_the_configured_weight(run_with_finetune, tiny_bert_dir):
+    from embedtune.evaluate.bm25 import BM25Index
+    from embedtune.evaluate.hybrid import evaluate_hybrid
+
+    run = run_with_finetune
+    recipe = Recipe(model=ModelConfig(name=str(tiny_bert_dir)), eval=EvalConfig(hybrid_bm25_weight=0.4))
+    manifest = run_eval(recipe, run)
+    results = read_json(run.path("eval", "results.json"))
+    assert results["hybrid"]["bm25_weight"] == 0.4 and set(results["hybrid"]) == {"bm25_weight", "base", "finetuned"}
+
+    data = load_beir(run.path("prep", "eval"))
+    qids, dids = list(data.queries), list(data.corpus)
+    model = load_model(str(tiny_bert_dir))
+    q = model.encode([data.queries[i] for i in qids], normalize_embeddings=True)
+    d = model.encode(data.passages(dids), normalize_embeddings=True)
+    expected = evaluate_hybrid(data, qids, q, dids, d, BM25Index(data.passages(dids)), 0.4)
+    assert results["hybrid"]["base"]["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-4)
+    assert manifest.metrics["base_hybrid_ndcg@10"] == results["hybrid"]["base"]["ndcg@10"]
+    report = run.path("eval", "report.md").read_text()
+    assert "base + BM25" in report and "fine-tuned + BM25" in report and "BM25 weight 0.4" in report
+
+    off = Recipe(model=ModelConfig(name=str(tiny_bert_dir)), eval=EvalConfig(hybrid_bm25_weight=0))
+    run_eval(off, run, force=True)
+    assert read_json(run.path("eval", "results.json"))["hybrid"] is None
 
 
 def test_rerun_is_skipped_and_forced_rerun_encodes_nothing(run_with_finetune, tiny_bert_dir, monkeypatch):
@@ -266,6 +294,14 @@ def test_run_summary_puts_base_and_finetuned_side_by_side_with_the_change():
     ndcg = next(line for line in text.splitlines() if "nDCG@10" in line)
     assert [c for c in ndcg.split() if c[0] in "+-0123456789"] == ["0.6000", "0.6500", "0.6200", "+0.0500"]
     assert "-0.0200" in next(line for line in text.splitlines() if "Recall@10" in line)
+
+    fused = Console(record=True, width=160)
+    fused.print(_gain_table({**metrics, "base_hybrid_ndcg@10": 0.70, "finetuned_hybrid_ndcg@10": 0.72}))
+    lines = fused.export_text().splitlines()
+    assert "base + BM25" in "".join(lines) and "fine-tuned + BM25" in "".join(lines)
+    ndcg = next(line for line in lines if "nDCG@10" in line)
+    assert [c for c in ndcg.split() if c[0] in "+-0123456789"] == ["0.6000", "0.6500", "0.6200", "0.7000",
+                                                                    "0.7200", "+0.0500"]
 
 
 def test_cli_error_keeps_a_long_path_and_its_line_number_on_one_line(tmp_path, tiny_bert_dir):

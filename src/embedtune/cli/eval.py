@@ -37,6 +37,8 @@ def eval_command(
     out: Annotated[Path | None, typer.Option(help="write results.json, report.md, report.png here")] = None,
     dims: Annotated[str | None, typer.Option(help="Matryoshka dimensions to sweep, e.g. 256,128,64")] = None,
     bm25: Annotated[bool | None, typer.Option("--bm25/--no-bm25", help="add the BM25 row")] = None,
+    hybrid: Annotated[float | None, typer.Option(
+        help="BM25's weight in the 'model + BM25' rows (dense and BM25 fused per query); 0: no such rows")] = None,
     search: Annotated[str | None, typer.Option(help="exact | faiss")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="embedding cache folder")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="always encode (standalone mode)")] = False,
@@ -54,6 +56,7 @@ def eval_command(
 ) -> None:
     """BEIR retrieval metrics: base vs fine-tuned in a run (-r), or --model SPEC on any --dataset."""
     sets: dict[str, Any] = {"eval__split": split, "eval__bm25": bm25, "eval__search": search,
+                            "eval__hybrid_bm25_weight": hybrid,
                             "eval__cache_dir": cache_dir, "eval__matryoshka_dims": f"[{dims}]" if dims else None}
     if model:
         if dataset is None:
@@ -90,7 +93,7 @@ def _standalone(recipe: Recipe, dataset: Path, queries: Path | None, specs: list
 
 
 def _unique_keys(specs: list[str]) -> list[str]:
-    reserved = {"dataset", "split", "models", "bm25", "matryoshka", "endpoint", "warnings", "k_values",
+    reserved = {"dataset", "split", "models", "bm25", "hybrid", "matryoshka", "endpoint", "warnings", "k_values",
                 "n_queries", "n_docs", "queries_from"}
     keys: list[str] = []
     for spec in specs:
@@ -149,7 +152,7 @@ def _check_endpoint(recipe: Recipe, results: dict[str, Any], data: Any, url: str
                            "tolerance_low_k": low, "tolerance_high_k": high,
                            "violations": [v.to_json() for v in violations]}
     side_by_side = {**results, "models": [ref_key, "served"], "served": {**served.metrics, "label": "served"},
-                    "bm25": None}
+                    "bm25": None, "hybrid": None}
     console.print(_table(side_by_side))
     console.print("\n".join(_endpoint_md(results["endpoint"])[2:]))
     if stage_json is not None:  # beside the stage's outputs, which stay untouched (and up to date)

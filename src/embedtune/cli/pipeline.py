@@ -60,20 +60,25 @@ def _summary(results: list[StageResult]) -> None:
         console.print(_gain_table(evaluated))
 
 
+GAIN_COLUMNS = {"base": "base", "finetuned": "fine-tuned", "bm25": "BM25",
+                "base_hybrid": "base + BM25", "finetuned_hybrid": "fine-tuned + BM25"}
+
+
 def _gain_table(metrics: dict) -> Table:
-    """Base vs fine-tuned (and BM25) from the eval stage's manifest metrics (``base_ndcg@10`` ...)."""
+    """Base vs fine-tuned (and BM25, and each fused with BM25) from the eval stage's manifest metrics
+    (``base_ndcg@10``, ``finetuned_hybrid_ndcg@10`` ...); "change" is fine-tuned minus base, dense."""
     table = Table(title="retrieval quality (eval stage)")
-    rows = [m for m in ("base", "finetuned", "bm25") if f"{m}_ndcg@10" in metrics]
+    columns = [m for m in GAIN_COLUMNS if f"{m}_ndcg@10" in metrics]
+    compare = "base" in columns and "finetuned" in columns
     table.add_column("metric")
-    for m in rows:
-        table.add_column({"base": "base", "finetuned": "fine-tuned", "bm25": "BM25"}[m], justify="right")
-    if "finetuned" in rows:
+    for m in columns:
+        table.add_column(GAIN_COLUMNS[m], justify="right")
+    if compare:
         table.add_column("change", justify="right")
     for k in ("ndcg@10", "recall@10", "map@10"):
-        values = [metrics.get(f"{m}_{k}") for m in rows]
-        cells = [f"{v:.4f}" if v is not None else "-" for v in values]
-        if "finetuned" in rows and None not in values[:2]:
-            cells.append(f"{values[1] - values[0]:+.4f}")
+        cells = [f"{metrics[f'{m}_{k}']:.4f}" if f"{m}_{k}" in metrics else "-" for m in columns]
+        if compare and f"base_{k}" in metrics and f"finetuned_{k}" in metrics:
+            cells.append(f"{metrics[f'finetuned_{k}'] - metrics[f'base_{k}']:+.4f}")
         table.add_row(k.replace("ndcg", "nDCG").replace("recall", "Recall").replace("map", "MAP"), *cells)
     return table
 

@@ -52,10 +52,13 @@ def bm25_search(queries: Sequence[str], passages: Sequence[str], top_k: int = 10
 
 
 def evaluate_bm25(dataset: BeirDataset, k_values: Sequence[int] = (1, 5, 10, 100), top_k: int = 100,
-                  ignore_identical_ids: bool = False, stopwords: str | None = "en") -> dict[str, float]:
+                  ignore_identical_ids: bool = False, stopwords: str | None = "en",
+                  index: BM25Index | None = None) -> dict[str, float]:
+    """BM25 metrics on ``dataset`` (``index``: one already built over its corpus, in order)."""
     qids, dids = list(dataset.queries), list(dataset.corpus)
     k = max(top_k, max(k_values)) + int(ignore_identical_ids)  # room for the query's own id, dropped below
-    scores, idx = bm25_search([dataset.queries[q] for q in qids], dataset.passages(dids), k, stopwords)
+    index = index or BM25Index(dataset.passages(dids), stopwords)
+    scores, idx = index.search([dataset.queries[q] for q in qids], k)
     # BM25 gives zero to documents sharing no term with the query: they are not retrieved.
     run = to_run(qids, dids, scores, idx, ignore_identical_ids)
     run = {q: {d: s for d, s in hits.items() if s > 0} for q, hits in run.items()}

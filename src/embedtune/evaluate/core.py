@@ -12,12 +12,14 @@ import numpy as np
 from embedtune.evaluate.beir import BeirDataset
 from embedtune.evaluate.cache import EmbeddingCache, encode_cached
 from embedtune.evaluate.encoders import LocalEncoder
+from embedtune.evaluate.hybrid import evaluate_hybrid
 from embedtune.evaluate.metrics import compute_metrics
 from embedtune.evaluate.retrieval import search, to_run
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
+    from embedtune.evaluate.bm25 import BM25Index
     from embedtune.evaluate.encoders import Encoder
 
 
@@ -53,6 +55,7 @@ class ModelResult:
     by_dim: dict[int, dict[str, float]] = field(default_factory=dict)
     encode_seconds: float = 0.0  # wall time to get the embeddings (encoding or reading the cache)
     docs_per_second: float | None = None  # None when the corpus came from the cache
+    hybrid: dict[str, float] | None = None  # fused with BM25, when a BM25 index was given
 
     def to_json(self) -> dict[str, object]:
         return {"label": self.label, "dim": self.dim, **self.metrics,
@@ -69,8 +72,11 @@ def evaluate_encoder(
     ignore_identical_ids: bool = False,
     dims: Sequence[int] = (),
     backend: str = "exact",
+    bm25_index: BM25Index | None = None,
+    bm25_weight: float = 0.0,
 ) -> ModelResult:
-    """Encode queries and corpus once (cached), then score at full dimension and at each of ``dims``."""
+    """Encode queries and corpus once (cached), then score at full dimension and at each of ``dims``,
+    and fused with BM25 when ``bm25_index`` (over the dataset's corpus, in order) and a weight are given."""
     qids, dids = list(dataset.queries), list(dataset.corpus)
     hits_before = cache.hits if cache is not None else 0
     t0 = time.perf_counter()
@@ -86,9 +92,13 @@ def evaluate_encoder(
     by_dim = {full: metrics}
     for dim in sorted({int(x) for x in dims if 0 < int(x) < full}, reverse=True):
         by_dim[dim] = evaluate_embeddings(dataset, qids, q, dids, d, dimensions=dim, **score)
+    hybrid = None
+    if bm25_index is not None and bm25_weight > 0:
+        hybrid = evaluate_hybrid(dataset, qids, q, dids, d, bm25_index, bm25_weight, k_values, top_k,
+                                 ignore_identical_ids)
     # A rate only when the corpus was really encoded (a cache read says nothing about the model's speed).
     rate = round(len(dids) / t_docs, 2) if not corpus_cached and t_docs > 0 and dids else None
-    return ModelResult(encoder.label, full, metrics, by_dim, seconds, rate)
+    return ModelResult(encoder.label, full, metrics, by_dim, seconds, rate, hybrid)
 
 
 def evaluate_model(

@@ -2,8 +2,9 @@
 
 ``results`` is the dict written to ``eval/results.json``: ``models`` lists the model keys in display
 order (the first is the baseline every other model is compared with); each key maps to that model's
-metrics; ``bm25`` is the lexical reference; ``matryoshka`` maps ``dims`` and each model key to
-``{dim: metrics}``.
+metrics; ``bm25`` is the lexical reference; ``hybrid`` maps ``bm25_weight`` and each model key to the
+metrics of that model fused with BM25 (shown as columns ``hybrid:<model>``); ``matryoshka`` maps ``dims``
+and each model key to ``{dim: metrics}``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,19 @@ def pretty(metric: str) -> str:
     return f"{NAMES.get(name, name)}@{k}"
 
 
+HYBRID = "hybrid:"  # column-key prefix of a model fused with BM25
+
+
 def _columns(results: dict[str, Any]) -> list[str]:
-    return (["bm25"] if results.get("bm25") else []) + list(results["models"])
+    hybrid = results.get("hybrid") or {}
+    return ((["bm25"] if results.get("bm25") else []) + list(results["models"])
+            + [HYBRID + m for m in results["models"] if m in hybrid])
+
+
+def _scores(results: dict[str, Any], column: str) -> dict[str, float]:
+    if column.startswith(HYBRID):
+        return results["hybrid"][column.removeprefix(HYBRID)]
+    return results[column]
 
 
 def _change(base: float, new: float) -> tuple[str, str]:
@@ -55,11 +67,11 @@ def markdown_report(results: dict[str, Any]) -> str:
         head += [f"Δ {_label(results, other)} (abs)", "Δ (rel)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for metric in metric_names(results):
-        row = [pretty(metric)] + [_fmt(results[c].get(metric)) for c in cols]
+        row = [pretty(metric)] + [_fmt(_scores(results, c).get(metric)) for c in cols]
         for other in models[1:]:
             row += list(_change(results[base][metric], results[other][metric]))
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", _verdict(results)] if len(models) > 1 else []
+    lines += ["", _verdict(results)] if len(models) > 1 or results.get("hybrid") else []
     lines += _matryoshka_md(results)
     lines += _timing_md(results)
     if results.get("endpoint"):
@@ -70,6 +82,8 @@ def markdown_report(results: dict[str, Any]) -> str:
 def _label(results: dict[str, Any], key: str) -> str:
     if key == "bm25":
         return "BM25"
+    if key.startswith(HYBRID):
+        return f"{_label(results, key.removeprefix(HYBRID))} + BM25"
     return {"base": "base", "finetuned": "fine-tuned"}.get(key, results[key].get("label", key))
 
 
@@ -85,6 +99,9 @@ def _verdict(results: dict[str, Any]) -> str:
         word = "better" if b > a else "worse" if b < a else "unchanged"
         parts.append(f"**{_label(results, other)}** nDCG@10 {b:.4f} vs {a:.4f}: {word} "
                      f"({b - a:+.4f}, {_change(a, b)[1]}).")
+    if hybrid := results.get("hybrid"):
+        fused = ", ".join(f"{_label(results, m)} {hybrid[m]['ndcg@10']:.4f}" for m in results["models"] if m in hybrid)
+        parts.append(f"Fused with BM25 (z-scores, BM25 weight {hybrid['bm25_weight']}), nDCG@10: {fused}.")
     return " ".join(parts)
 
 
@@ -133,7 +150,7 @@ def rich_table(results: dict[str, Any], metrics: list[str] | None = None) -> Tab
     for other in models[1:]:
         table.add_column(f"Δ {_label(results, other)}", justify="right")
     for metric in metrics or metric_names(results):
-        row = [pretty(metric)] + [_fmt(results[c].get(metric)) for c in cols]
+        row = [pretty(metric)] + [_fmt(_scores(results, c).get(metric)) for c in cols]
         for other in models[1:]:
             a, b = results[models[0]][metric], results[other][metric]
             colour = "green" if b > a else "red" if b < a else "dim"
@@ -157,7 +174,7 @@ def plot_report(results: dict[str, Any], path: str | Path) -> Path:
     ax = axes[0][0]
     width = 0.8 / len(cols)
     for i, c in enumerate(cols):
-        values = [results[c].get(m, 0.0) for m in HEADLINE]
+        values = [_scores(results, c).get(m, 0.0) for m in HEADLINE]
         bars = ax.bar([x + i * width for x in range(len(HEADLINE))], values, width, label=_label(results, c))
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks([x + width * (len(cols) - 1) / 2 for x in range(len(HEADLINE))], [pretty(m) for m in HEADLINE])

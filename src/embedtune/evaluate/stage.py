@@ -11,11 +11,11 @@ from embedtune.artifacts import Manifest, RunDir
 from embedtune.config import EvalConfig, Recipe
 from embedtune.console import log
 from embedtune.evaluate.beir import BeirDataset, load_beir
-from embedtune.evaluate.bm25 import evaluate_bm25
+from embedtune.evaluate.bm25 import BM25Index, evaluate_bm25
 from embedtune.evaluate.cache import EmbeddingCache
 from embedtune.evaluate.core import evaluate_encoder
 from embedtune.evaluate.encoders import Encoder, load_encoder
-from embedtune.evaluate.report import write_reports
+from embedtune.evaluate.report import HEADLINE, write_reports
 
 # Swept when the fine-tuned model does not say which dimensions it was trained at (the full dimension
 # is always included; dimensions above it are dropped).
@@ -51,7 +51,10 @@ def run_eval(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     results.update(split=cfg.split, queries_from=str(queries_dir) if queries_dir else None)
     outputs = write_reports(results, stage.dir)
     metrics = {f"{m}_{k}": results[m][k] for m in ("base", "finetuned", "bm25")
-               if results.get(m) for k in ("ndcg@10", "recall@10", "map@10")}
+               if results.get(m) for k in HEADLINE}
+    for m, values in (results.get("hybrid") or {}).items():
+        if m != "bm25_weight":
+            metrics.update({f"{m}_hybrid_{k}": values[k] for k in HEADLINE})
     counts = {"queries": results["n_queries"], "documents": results["n_docs"],
               "skipped_qrels": len(dataset.warnings), "cache_hits": cache.hits, "encoded": cache.misses}
     return stage.finish(outputs=outputs, counts=counts, metrics=metrics)
@@ -108,26 +111,35 @@ def compare_models(
     cache: EmbeddingCache | None = None,
     dims: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Evaluate each model (loaded one at a time, so two large models never share memory) and BM25;
-    return the results dict that :mod:`embedtune.evaluate.report` renders."""
+    """Evaluate each model (loaded one at a time, so two large models never share memory), BM25 and
+    each model fused with BM25 (``eval.hybrid_bm25_weight``); return the results dict that
+    :mod:`embedtune.evaluate.report` renders."""
     if not dataset.queries:
         raise ValueError(f"{dataset.name}: no query has a relevance judgement in split {cfg.split!r}")
     results: dict[str, Any] = {"dataset": dataset.name, "n_queries": len(dataset.queries),
                                "n_docs": len(dataset.corpus), "k_values": list(cfg.k_values),
                                "models": list(models), "warnings": dataset.warnings[:100]}
     matryoshka: dict[str, Any] = {}
+    hybrid: dict[str, Any] = {}
     score = dict(k_values=cfg.k_values, top_k=cfg.top_k, ignore_identical_ids=cfg.ignore_identical_ids)
+    # One BM25 index serves the lexical reference row and every model's hybrid row.
+    index = BM25Index(dataset.passages(list(dataset.corpus)), cfg.bm25_stopwords) if cfg.bm25 else None
     for key, make in models.items():
         encoder = make()
-        res = evaluate_encoder(encoder, dataset, cache=cache, dims=dims, backend=cfg.search, **score)
+        res = evaluate_encoder(encoder, dataset, cache=cache, dims=dims, backend=cfg.search,
+                               bm25_index=index, bm25_weight=cfg.hybrid_bm25_weight, **score)
         results[key] = res.to_json()
         matryoshka[key] = {str(d): m for d, m in res.by_dim.items()}
-        log.info("%s: nDCG@10 %.4f", encoder.label, res.metrics["ndcg@10"])
+        if res.hybrid is not None:
+            hybrid[key] = res.hybrid
+        log.info("%s: nDCG@10 %.4f%s", encoder.label, res.metrics["ndcg@10"],
+                 f" (+ BM25: {res.hybrid['ndcg@10']:.4f})" if res.hybrid else "")
         del encoder
         gc.collect()
     all_dims = sorted({int(d) for per in matryoshka.values() for d in per}, reverse=True)
     results["matryoshka"] = {"dims": all_dims, **matryoshka}
-    results["bm25"] = evaluate_bm25(dataset, stopwords=cfg.bm25_stopwords, **score) if cfg.bm25 else None
+    results["bm25"] = evaluate_bm25(dataset, stopwords=cfg.bm25_stopwords, index=index, **score) if index else None
+    results["hybrid"] = {"bm25_weight": cfg.hybrid_bm25_weight, **hybrid} if hybrid else None
     return results
 
 

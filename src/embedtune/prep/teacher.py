@@ -7,11 +7,9 @@ both. Measured on SciFact's real test claims (``bench/domain_adaptation.py``): M
 that is not the answer) and gives the finetune stage truer score margins to distil
 (``finetune.loss: margin_mse``), which is how the model learns what BM25 knew.
 
-Fusion, per query: the BM25 scores over the candidates are standardised (z-scores) and mapped onto that
-query's dense score distribution (dense mean + dense std x z), then mixed with the dense scores. The result
-stays in cosine units, so the margin rule (95 % of the weakest positive) and the margins the student is
-trained to reproduce mean what they mean for the dense judge; ranking by it equals ranking by the plain
-z-score fusion ``(1 - w) z(dense) + w z(bm25)``.
+The fusion is :func:`embedtune.evaluate.hybrid.fuse`: it stays in cosine units, so the margin rule (95 % of
+the weakest positive) and the margins the student is trained to reproduce mean what they mean for the
+dense judge.
 """
 
 from __future__ import annotations
@@ -21,25 +19,13 @@ from collections.abc import Sequence
 import torch
 
 from embedtune.console import log
+from embedtune.evaluate.hybrid import fuse
 
 #: Languages written without spaces between words: bm25s's word tokenizer would take a whole clause as
 #: one term, so the hybrid judge falls back to the dense one for them.
 UNSPACED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "km", "my"})
 #: Languages with a bm25s stopword list (ISO 639-1).
 BM25S_STOPWORDS = frozenset({"en", "de", "nl", "fr", "es", "pt", "it", "ru", "sv", "no", "tr", "ko", "da"})
-
-
-def fuse(dense: torch.Tensor, lexical: torch.Tensor, bm25_weight: float) -> torch.Tensor:
-    """Mix a block of BM25 scores into dense scores (rows are queries), in the dense scores' units.
-
-    A query sharing no term with any candidate (a constant BM25 row) keeps its dense scores.
-    """
-    mean, std = dense.mean(1, keepdim=True), dense.std(1, keepdim=True)
-    lex_std = lexical.std(1, keepdim=True)
-    informative = lex_std > 0
-    z = (lexical - lexical.mean(1, keepdim=True)) / torch.where(informative, lex_std, torch.ones_like(lex_std))
-    mixed = (1 - bm25_weight) * dense + bm25_weight * (mean + std * z)
-    return torch.where(informative, mixed, dense)
 
 
 class HybridTeacher:
