@@ -2,9 +2,9 @@
 
 The pipeline sees only ``<dataset>/corpus.jsonl`` (no real query, no qrels): corpus -> sdg (the local
 generator) -> prep -> finetune -> eval. The eval stage is pointed at the real BEIR folder, so its table is
-base vs fine-tuned (and BM25) on human-written queries (SciFact by default: 300 test claims). Then both
-models are scored on ``--check`` datasets the model was not adapted to (default: XQuAD de and zh), to see
-that adaptation did not cost general ability.
+base vs fine-tuned (and BM25, and each model fused with BM25) on human-written queries (SciFact by
+default: 300 test claims). Then both models are scored on ``--check`` datasets the model was not adapted
+to (default: XQuAD de and zh), to see that adaptation did not cost general ability.
 
 The multilingual check of issue 11 is the same benchmark on German:
 ``--dataset ../shared/data/xquad/de --check ../shared/data/xquad/zh --model multilingual-default
@@ -130,6 +130,10 @@ def run_variant(name: str, args: argparse.Namespace, scifact: Path, xquad: Path,
            "counts": {r.name: r.manifest.counts for r in results},
            "scifact": {m: {k: evaluated[m][k] for k in METRICS} for m in ("base", "finetuned", "bm25")
                        if evaluated.get(m)}}
+    for m, fused in (evaluated.get("hybrid") or {}).items():  # each model fused with BM25
+        if m != "bm25_weight":
+            row["scifact"][f"{m}_hybrid"] = {k: fused[k] for k in METRICS}
+    row["hybrid_bm25_weight"] = (evaluated.get("hybrid") or {}).get("bm25_weight")
     if xquad:
         row["xquad"] = xquad_check(recipe, run_dir, xquad, args.cache)
     return row
@@ -152,22 +156,31 @@ def xquad_check(recipe, run_dir: Path, folders: list[Path], cache_dir: Path) -> 
     return out
 
 
+def _vs_base(row: dict, base: dict, args: argparse.Namespace) -> str:
+    """"+0.7 % relative to the base model (goal ...: not met)"."""
+    gain = row["ndcg@10"] / base["ndcg@10"] - 1
+    goal = ""
+    if args.dataset.name == "scifact":
+        goal = f" (goal +10 %, >= {GOAL:.3f}: {'met' if row['ndcg@10'] >= GOAL else 'not met'})"
+    return f"{gain:+.1%} relative to the base model{goal}"
+
+
 def render(rows: list[dict], args: argparse.Namespace, seconds: float) -> str:
     main = rows[0]
     sci = main["scifact"]
     lines = [f"## Domain adaptation on {args.dataset.name} from the corpus alone ({args.model}, "
              f"{args.config.name}, {main['counts']['sdg'].get('chunks_processed', '?')} chunks for sdg)", "",
              "| model | " + " | ".join(SHOWN[m] for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for key, label in (("base", f"base ({args.model})"), ("finetuned", "fine-tuned"), ("bm25", "BM25")):
+    w = main.get("hybrid_bm25_weight")
+    labels = {"base": f"base ({args.model})", "finetuned": "fine-tuned", "bm25": "BM25",
+              "base_hybrid": f"base + BM25 (weight {w})", "finetuned_hybrid": f"fine-tuned + BM25 (weight {w})"}
+    for key, label in labels.items():
         if key in sci:
             lines.append(f"| {label} | " + " | ".join(f"{sci[key][m]:.4f}" for m in METRICS) + " |")
-    if "finetuned" in sci:
-        gain = sci["finetuned"]["ndcg@10"] / sci["base"]["ndcg@10"] - 1
-        goal = ""
-        if args.dataset.name == "scifact":
-            met = "met" if sci["finetuned"]["ndcg@10"] >= GOAL else "not met"
-            goal = f" (goal +10 %, >= {GOAL:.3f}: {met})"
-        lines += ["", f"nDCG@10 change: {gain:+.1%} relative{goal}"]
+    lines.append("")
+    for key in ("finetuned", "finetuned_hybrid"):
+        if key in sci:
+            lines.append(f"- {labels[key]}: nDCG@10 {_vs_base(sci[key], sci['base'], args)}")
     lines += ["", "| stage | seconds | counts |", "|---|---|---|"]
     for stage, secs in main["seconds"].items():
         counts = {k: v for k, v in main["counts"][stage].items() if isinstance(v, int | float)}
@@ -183,14 +196,15 @@ def render(rows: list[dict], args: argparse.Namespace, seconds: float) -> str:
                          f"{100 * (m['finetuned'] - m['base']):+.2f} pt |")
     if len(rows) > 1:
         lines += ["", "Ablations (same synthetic queries; prep, finetune and eval rerun):", "",
-                  "| variant | overrides | nDCG@10 | change vs base |", "|---|---|---|---|"]
+                  "| variant | overrides | nDCG@10 | change vs base | + BM25 |", "|---|---|---|---|---|"]
         for r in rows:
             ft = r["scifact"].get("finetuned", {}).get("ndcg@10")
+            fused = r["scifact"].get("finetuned_hybrid", {}).get("ndcg@10")
             base = r["scifact"]["base"]["ndcg@10"]
             extra = [o for o in r["overrides"] if o not in args.override]
             lines.append(f"| {r['name']} | {', '.join(extra) or 'defaults'} | "
-                         f"{ft:.4f} | {100 * (ft - base):+.2f} pt |" if ft is not None else
-                         f"| {r['name']} | {', '.join(extra)} | n/a | |")
+                         f"{ft:.4f} | {100 * (ft - base):+.2f} pt | {fused or float('nan'):.4f} |"
+                         if ft is not None else f"| {r['name']} | {', '.join(extra)} | n/a | | |")
     return "\n".join(lines)
 
 
