@@ -11,7 +11,7 @@ from _train_helpers import synthetic_examples
 from embedtune.artifacts import ArtifactError
 from embedtune.config import FinetuneConfig
 from embedtune.train.data import load_examples, prepare, to_dataset
-from embedtune.train.plan import matryoshka_dims, plan_batches
+from embedtune.train.plan import Hardware, MemoryBudget, activation_bytes, matryoshka_dims, memory_budget, plan_batches
 
 
 @pytest.mark.parametrize(
@@ -49,6 +49,43 @@ def test_batch_splits_across_ranks_and_picks_cached_loss_for_micro_batches():
     plan = plan_batches(FinetuneConfig(micro_batch_size=8), 5000, world_size=2)
     assert (plan.global_batch, plan.per_device, plan.loss, plan.mini_batch) == (128, 64, "cached_mnrl", 8)
     assert plan_batches(FinetuneConfig(), 5000).loss == "mnrl"
+
+
+def test_a_batch_whose_activations_do_not_fit_is_split_into_gradcache_mini_batches(caplog, monkeypatch):
+    caplog.set_level(logging.WARNING, logger="embedtune")
+    monkeypatch.setattr(logging.getLogger("embedtune"), "propagate", True)
+    # 64 examples x 2 passages x 100 MB = 12.8 GB of activations, 5 GB free: 25 examples fit at a time.
+    tight = MemoryBudget(bytes_per_text=100_000_000, texts_per_example=2, available=5_000_000_000)
+    plan = plan_batches(FinetuneConfig(), 1000, memory=tight)
+    assert (plan.global_batch, plan.loss, plan.mini_batch) == (64, "cached_mnrl", 25)
+    assert "12.8 GB of activations" in caplog.text
+    roomy = MemoryBudget(bytes_per_text=100_000_000, texts_per_example=2, available=50_000_000_000)
+    assert plan_batches(FinetuneConfig(), 1000, memory=roomy).loss == "mnrl"
+    # An explicit choice is the user's: kept, with a warning.
+    kept = plan_batches(FinetuneConfig(loss="mnrl"), 1000, memory=tight)
+    assert (kept.loss, kept.mini_batch) == ("mnrl", None) and "may run out of memory" in caplog.text
+    assert plan_batches(FinetuneConfig(micro_batch_size=8), 1000, memory=tight).mini_batch == 8
+
+
+def test_activation_estimate_matches_what_ran_and_what_was_killed_here():
+    """multilingual-e5-small, 512 tokens, 29 x 2 passages was OOM-killed on 24 GB; MiniLM-L6, 256 tokens,
+    64 x 2 passages trained (bench/domain_adaptation.py runs)."""
+    assert 24e9 < 58 * activation_bytes(512, 384, 12, 12) < 40e9
+    assert 5e9 < 128 * activation_bytes(256, 384, 12, 6) < 0.7 * 20e9
+
+
+def test_memory_budget_reads_the_models_shape(tiny_bert_dir, monkeypatch):
+    from embedtune.models import load_model
+    from embedtune.train import plan as plan_module
+
+    model = load_model(str(tiny_bert_dir))
+    monkeypatch.setattr(plan_module, "free_memory", lambda hw: 10_000_000_000)
+    budget = memory_budget(model, 3, Hardware(False, False, False, "adamw_torch"))
+    cfg = model[0].auto_model.config
+    assert budget.bytes_per_text == activation_bytes(model.max_seq_length, cfg.hidden_size,
+                                                     cfg.num_attention_heads, cfg.num_hidden_layers)
+    params = sum(p.numel() for p in model.parameters())
+    assert budget.available == 7_000_000_000 - 16 * params and budget.texts_per_example == 3
 
 
 def test_few_steps_warns(caplog, monkeypatch):

@@ -20,7 +20,7 @@ from embedtune.train.data import TrainingData, load_examples, prepare, to_datase
 from embedtune.train.distributed import init_distributed
 from embedtune.train.lora import add_lora, merge_lora, target_modules
 from embedtune.train.losses import build_loss
-from embedtune.train.plan import BatchPlan, hardware, matryoshka_dims, plan_batches
+from embedtune.train.plan import BatchPlan, Hardware, hardware, matryoshka_dims, memory_budget, plan_batches
 from embedtune.train.report import plot_curves, write_log, write_summary
 from embedtune.train.trainer import (
     Throughput,
@@ -54,7 +54,9 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
         examples, cfg.passages_per_query - 1, cfg.validation_fraction, cfg.val_corpus_size, cfg.seed
     )
     _report_data(data, len(examples), cfg)
-    plan = plan_batches(cfg, len(data.train), dist.world_size)
+    hw = hardware()
+    # Passages (positive + hard negatives) run to the model's max length; queries are short enough to ignore.
+    plan = plan_batches(cfg, len(data.train), dist.world_size, memory_budget(model, data.negatives + 1, hw))
     dims = matryoshka_dims(cfg.matryoshka_dims, model.get_embedding_dimension())
     log.info(
         "loss %s (scale %.0f%s), global batch %d = %d x %d ranks, %d steps, Matryoshka %s",
@@ -83,7 +85,7 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
     if resume_from:
         log.info("resuming from %s", Path(resume_from).name)
 
-    trainer, throughput = _trainer(cfg, plan, model, data, evaluator, metric, checkpoints, dims)
+    trainer, throughput = _trainer(cfg, plan, hw, model, data, evaluator, metric, checkpoints, dims)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - t0
@@ -151,6 +153,7 @@ def _evaluate_base(evaluator, model) -> tuple[float | None, str | None]:
 def _trainer(
     cfg: FinetuneConfig,
     plan: BatchPlan,
+    hw: Hardware,
     model,
     data: TrainingData,
     evaluator,
@@ -161,7 +164,7 @@ def _trainer(
     from sentence_transformers import SentenceTransformerTrainer
 
     args = training_arguments(
-        cfg, plan, hardware(), checkpoints, column_prompts(model, data.negatives), metric
+        cfg, plan, hw, checkpoints, column_prompts(model, data.negatives), metric
     )
     throughput = Throughput(plan.global_batch)
     trainer = SentenceTransformerTrainer(
