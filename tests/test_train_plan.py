@@ -86,6 +86,9 @@ def test_memory_budget_reads_the_models_shape(tiny_bert_dir, monkeypatch):
                                                      cfg.num_attention_heads, cfg.num_hidden_layers)
     params = sum(p.numel() for p in model.parameters())
     assert budget.available == 7_000_000_000 - 16 * params and budget.texts_per_example == 3
+    # Two CPU ranks on one machine share its RAM.
+    shared = memory_budget(model, 3, Hardware(False, False, False, "adamw_torch"), world_size=2)
+    assert shared.available == 3_500_000_000 - 16 * params
 
 
 def test_few_steps_warns(caplog, monkeypatch):

@@ -56,7 +56,8 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
     _report_data(data, len(examples), cfg)
     hw = hardware()
     # Passages (positive + hard negatives) run to the model's max length; queries are short enough to ignore.
-    plan = plan_batches(cfg, len(data.train), dist.world_size, memory_budget(model, data.negatives + 1, hw))
+    memory = memory_budget(model, data.negatives + 1, hw, world_size=dist.world_size)
+    plan = plan_batches(cfg, len(data.train), dist.world_size, memory)
     dims = matryoshka_dims(cfg.matryoshka_dims, model.get_embedding_dimension())
     log.info(
         "loss %s (scale %.0f%s), global batch %d = %d x %d ranks, %d steps, Matryoshka %s",

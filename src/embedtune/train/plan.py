@@ -116,16 +116,19 @@ def activation_bytes(seq_len: int, hidden: int, heads: int, layers: int, bytes_p
     return int(layers * seq_len * hidden * (34 + 5 * heads * seq_len / hidden) * bytes_per_value / 2)
 
 
-def memory_budget(model, texts_per_example: int, hw: Hardware, share: float = 0.7) -> MemoryBudget | None:
+def memory_budget(model, texts_per_example: int, hw: Hardware, share: float = 0.7,
+                  world_size: int = 1) -> MemoryBudget | None:
     """The budget for ``model`` (a SentenceTransformer) on this machine; None when its transformer config
-    does not say its shape. ``share`` of free memory is allowed, less weights, gradients and AdamW state."""
+    does not say its shape. ``share`` of free memory is allowed, less weights, gradients and AdamW state;
+    on CPU the ranks of one machine share its RAM, so each gets ``1 / world_size`` of it."""
     config = getattr(getattr(model[0], "auto_model", None), "config", None)
     shape = [getattr(config, k, None) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers")]
     if config is None or None in shape or not model.max_seq_length:
         return None
     per_text = activation_bytes(int(model.max_seq_length), *shape, bytes_per_value=2 if hw.bf16 else 4)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return MemoryBudget(per_text, texts_per_example, max(0, int(free_memory(hw) * share) - 16 * params))
+    free = free_memory(hw) // (1 if hw.cuda else world_size)
+    return MemoryBudget(per_text, texts_per_example, max(0, int(free * share) - 16 * params))
 
 
 def free_memory(hw: Hardware) -> int:
