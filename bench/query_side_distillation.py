@@ -44,7 +44,7 @@ def main() -> int:
     data = load_beir(args.dataset, "test")
     dids = list(data.corpus)
     texts = data.passages(dids)
-    queries, _ = training_queries(args, data)
+    queries = training_queries(args, data)
     console.print(f"{len(queries)} training queries, {len(dids)} documents")
     encoder = load_encoder(ModelConfig(name=args.model), "base", 64)
     docs = encode_cached(encoder, texts, "passage", EmbeddingCache(default_cache_dir() / "bench-eval"),
@@ -85,8 +85,8 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def training_queries(args: argparse.Namespace, data) -> tuple[list[str], list[str]]:
-    """(query texts, source document ids), deduplicated."""
+def training_queries(args: argparse.Namespace, data) -> list[str]:
+    """Query texts, deduplicated (the teacher, not the source document, labels them)."""
     rng = random.Random(args.seed)
     pairs: list[tuple[str, str]] = []
     if args.ict:
@@ -99,8 +99,7 @@ def training_queries(args: argparse.Namespace, data) -> tuple[list[str], list[st
             rows = [json.loads(line) for line in fh if line.strip()]
         pairs = [(r["text"].strip(), r["doc_id"]) for r in rows if r.get("doc_id") in data.corpus]
     seen: set[str] = set()
-    unique = [(q, d) for q, d in pairs if not (q.lower() in seen or seen.add(q.lower()))]
-    return [q for q, _ in unique], [d for _, d in unique]
+    return [q for q, _ in pairs if not (q.lower() in seen or seen.add(q.lower()))]
 
 
 def teacher_scores(queries: list[str], dense, texts: list[str], bm25_weight: float):
