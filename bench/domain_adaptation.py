@@ -86,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     if args.cache is None:
-        from embedtune.evaluate.cache import default_cache_dir
+        from embedtune.retrieval.cache import default_cache_dir
 
         args.cache = default_cache_dir() / "bench-eval"
     return args

@@ -37,8 +37,8 @@ def main() -> int:
     from embedtune.config import ModelConfig
     from embedtune.console import console, setup_logging
     from embedtune.evaluate import EmbeddingCache, evaluate_embeddings, load_beir, load_encoder
-    from embedtune.evaluate.cache import default_cache_dir, encode_cached
     from embedtune.models import encode_queries, load_model
+    from embedtune.retrieval.cache import default_cache_dir, encode_cached
 
     setup_logging(False)
     data = load_beir(args.dataset, "test")
@@ -105,8 +105,8 @@ def training_queries(args: argparse.Namespace, data) -> list[str]:
 def teacher_scores(queries: list[str], dense, texts: list[str], bm25_weight: float):
     import torch
 
-    from embedtune.evaluate.bm25 import BM25Index
-    from embedtune.evaluate.hybrid import fuse
+    from embedtune.retrieval.bm25 import BM25Index
+    from embedtune.retrieval.fusion import fuse
 
     lexical = BM25Index(texts).scores(queries)
     return fuse(torch.from_numpy(dense), torch.from_numpy(lexical), bm25_weight)

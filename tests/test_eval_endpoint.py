@@ -130,7 +130,7 @@ def test_endpoint_checked_against_a_runs_finetuned_model(server, run_with_finetu
 
 
 def test_endpoint_rejects_a_short_answer(tmp_path):
-    from embedtune.evaluate.encoders import EndpointEncoder
+    from embedtune.retrieval.encoders import EndpointEncoder
 
     class OneShort:
         class embeddings:  # noqa: N801 - mimics the client's attribute

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from embedtune.evaluate import evaluate_embeddings, load_beir
-from embedtune.evaluate.bm25 import BM25Index
-from embedtune.evaluate.hybrid import evaluate_hybrid, fuse, hybrid_search
+from embedtune.evaluate.hybrid import evaluate_hybrid
+from embedtune.retrieval.bm25 import BM25Index
+from embedtune.retrieval.fusion import fuse, hybrid_search
 from test_eval_core import _write_beir
 
 DOCS = ["the kinase phosphorylates tau protein", "tau tangles in alzheimer brains", "mice sleep more in winter",

@@ -22,8 +22,8 @@ from embedtune.evaluate import (
     model_fingerprint,
     run_eval,
 )
-from embedtune.evaluate.beir import BeirDataset
 from embedtune.models import load_model
+from embedtune.retrieval.beir import BeirDataset
 from test_eval_core import _write_beir
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -97,8 +97,8 @@ def test_stage_compares_base_and_finetuned_and_writes_reports(run_with_finetune,
 
 
 def test_stage_fuses_each_model_with_bm25_at_the_configured_weight(run_with_finetune, tiny_bert_dir):
-    from embedtune.evaluate.bm25 import BM25Index
     from embedtune.evaluate.hybrid import evaluate_hybrid
+    from embedtune.retrieval.bm25 import BM25Index
 
     run = run_with_finetune
     recipe = Recipe(model=ModelConfig(name=str(tiny_bert_dir)), eval=EvalConfig(hybrid_bm25_weight=0.4))
@@ -171,7 +171,7 @@ def test_cache_key_changes_with_prompt_and_texts(tiny_bert_dir, tmp_path):
     model = load_model(str(tiny_bert_dir))
     enc = LocalEncoder(model, model_fingerprint(tiny_bert_dir))
     cache = EmbeddingCache(tmp_path)
-    from embedtune.evaluate.cache import encode_cached
+    from embedtune.retrieval.cache import encode_cached
 
     a = encode_cached(enc, ["alpha beta", "gamma"], "passage", cache)
     b = encode_cached(enc, ["alpha beta", "gamma"], "passage", cache)

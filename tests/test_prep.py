@@ -14,9 +14,10 @@ from conftest import make_documents
 from embedtune.artifacts import ArtifactError, RunDir, read_json, read_jsonl, write_jsonl
 from embedtune.config import PrepConfig, Recipe
 from embedtune.prep import run_prep
-from embedtune.prep.formats import doc_id, read_training, write_automodel, write_inline
+from embedtune.prep.formats import read_training, write_automodel, write_inline
 from embedtune.prep.mining import Mined, mine_from_scores, mine_negatives
 from embedtune.prep.split import split_by_document
+from embedtune.retrieval.ids import passage_id as doc_id
 from embedtune.schemas import Chunk, SyntheticQuery, TrainExample, read_rows
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -337,9 +338,9 @@ def test_full_run_mines_the_best_candidates_below_the_margin(prepared, chunks):
 
 def test_hybrid_teacher_mines_and_scores_with_the_fused_scores(tmp_path, tiny_bert_dir, chunks):
     """teacher=hybrid: recorded scores are fuse(dense, BM25) over the pool, negatives its top survivors."""
-    from embedtune.evaluate.bm25 import BM25Index
     from embedtune.models import encode_passages, encode_queries, load_model
     from embedtune.prep.teacher import fuse
+    from embedtune.retrieval.bm25 import BM25Index
 
     run = make_run(tmp_path, chunks, make_queries(chunks))
     recipe = recipe_for(tiny_bert_dir, test_ratio=0.25, fill_missing="drop", negatives_used=1, bm25_weight=0.5)

@@ -188,6 +188,11 @@ class EvalConfig(StrictModel):
         0.2, ge=0, lt=1,
         description="also score each model fused with BM25 (z-scores, this weight on BM25); 0 turns it off",
     )
+    hybrid_weight_grid: list[float] = Field(
+        default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5],
+        description="BM25 weights tried on the run's synthetic held-out queries; the best is the one the index "
+        "deploys (no real query involved). Empty: deploy hybrid_bm25_weight",
+    )
     matryoshka_sweep: bool = True
     matryoshka_dims: list[int] | None = Field(
         None, description="dimensions to sweep; None: the fine-tune's Matryoshka dims, else 256/128/64"
@@ -219,6 +224,31 @@ class ExportConfig(StrictModel):
     allow_parity_failure: bool = False
 
 
+class IndexConfig(StrictModel):
+    """The vector store the run deploys into (Milvus; see :mod:`embedtune.retrieval.milvus`)."""
+
+    uri: str | None = Field(
+        None, description="None: Milvus Lite in <run>/index/milvus.db; a *.db path; or a Milvus server URI "
+        "(http://host:19530) for a corpus that outgrows one machine")
+    token_env: str | None = Field(None, description="environment variable holding the Milvus token (user:password)")
+    collection: str | None = Field(
+        None, description="the alias searches use; None: the run's name. Each build writes a new collection "
+        "and swaps the alias to it when complete")
+    dimensions: int | None = Field(None, gt=0, description="Matryoshka size stored; None: the model's full size")
+    batch_size: int = Field(64, ge=1, description="chunks encoded and inserted at once")
+    bm25: bool = Field(True, description="index the text for BM25 (Milvus's built-in function); off: dense only")
+    bm25_weight: float | None = Field(
+        None, ge=0, lt=1, description="hybrid fusion weight; None: the one eval chose on the synthetic held-out "
+        "queries, else eval.hybrid_bm25_weight")
+    fusion: Literal["zscore", "rrf", "weighted"] = Field(
+        "zscore", description="zscore: eval's fusion over candidate lists (what eval scored); rrf / weighted: "
+        "Milvus's RRFRanker / WeightedRanker")
+    candidates: int = Field(100, ge=1, le=16384, description="dense hits per query fused in hybrid search")
+    lexical_candidates: int = Field(1000, ge=1, le=16384, description="BM25 hits per query fused in hybrid search")
+    keep_previous: int = Field(1, ge=0, description="older collections kept after a swap (rollback)")
+    timeout: float = Field(30.0, gt=0, description="seconds to wait for the store")
+
+
 class ServeConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -242,6 +272,7 @@ class Recipe(StrictModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")

@@ -41,6 +41,7 @@ STAGES: tuple[StageInfo, ...] = (
     StageInfo("finetune", "embedtune.train:run_finetune", "contrastive fine-tuning"),
     StageInfo("eval", "embedtune.evaluate:run_eval", "BEIR metrics, base vs fine-tuned"),
     StageInfo("export", "embedtune.export:run_export", "ONNX export, int8, parity"),
+    StageInfo("index", "embedtune.index:run_index", "reindex the vector store (Milvus, dense + BM25)"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

@@ -47,7 +47,9 @@ def eval_command(
         help="model name at the endpoint (default: the first it serves)")] = None,
     api_key_env: Annotated[str, typer.Option(help="env variable holding the endpoint's key")] = "OPENAI_API_KEY",
     fail_on_drift: Annotated[bool, typer.Option(
-        help="exit 3 when the endpoint drifts beyond export.tolerance_low_k/high_k")] = False,
+        help="exit 3 when the endpoint (or --index) drifts beyond its tolerances")] = False,
+    index: Annotated[Path | None, typer.Option(
+        help="score this run's deployed Milvus index on --dataset, beside the same chunks in-process")] = None,
     run_dir: RunDirOpt = None,
     config: ConfigOpt = None,
     override: OverrideOpt = None,
@@ -58,6 +60,9 @@ def eval_command(
     sets: dict[str, Any] = {"eval__split": split, "eval__bm25": bm25, "eval__search": search,
                             "eval__hybrid_bm25_weight": hybrid,
                             "eval__cache_dir": cache_dir, "eval__matryoshka_dims": f"[{dims}]" if dims else None}
+    if index is not None:
+        _check_index(index, dataset, split or "test", config, override, verbose, fail_on_drift, out)
+        return
     if model:
         if dataset is None:
             raise ValueError("--model needs --dataset: the BEIR folder to evaluate on")
@@ -90,6 +95,36 @@ def _standalone(recipe: Recipe, dataset: Path, queries: Path | None, specs: list
     results = compare_models(data, models, cfg, cache=cache, dims=dims)
     results.update(split=cfg.split, queries_from=str(queries) if queries else None)
     return results, data
+
+
+def _check_index(index: Path, dataset: Path | None, split: str, config: Path | None, override: list[str] | None,
+                 verbose: bool, fail_on_drift: bool, out: Path | None) -> None:
+    from rich.table import Table
+
+    from embedtune.evaluate.deployed import HEADLINE as INDEX_HEADLINE
+    from embedtune.evaluate.deployed import evaluate_run_index
+
+    if dataset is None:
+        raise ValueError("--index needs --dataset: the BEIR folder whose queries to run through the index")
+    recipe = load(config, override, verbose)
+    result = evaluate_run_index(str(index), str(dataset), split, recipe.eval.bm25_stopwords,
+                                str(out) if out else None)
+    table = Table(title=f"{index} on {dataset} ({result['queries']} queries, {result['chunks']} chunks, "
+                        f"fusion {result['fusion']}, BM25 weight {result['bm25_weight']})")
+    table.add_column("mode")
+    table.add_column("search")
+    for key in INDEX_HEADLINE:
+        table.add_column(key, justify="right")
+    for mode in result["deployed"]:
+        for side in ("deployed", "exact"):
+            label = "Milvus (deployed)" if side == "deployed" else "in-process (exact)"
+            table.add_row(mode, label, *(f"{result[side][mode][k]:.4f}" for k in INDEX_HEADLINE))
+    console.print(table)
+    console.print(f"[dim]{result['written_to']}[/]")
+    for failure in result["failures"]:
+        console.print(f"[red]drift:[/] {failure}")
+    if result["failures"] and fail_on_drift:
+        raise typer.Exit(3)
 
 
 def _unique_keys(specs: list[str]) -> list[str]:

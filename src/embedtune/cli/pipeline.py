@@ -101,7 +101,7 @@ def _stage_command(name: str, summary: str) -> None:
 
 
 # Stages with options of their own define their command in a module of this package instead.
-_CUSTOM = {"corpus", "sdg", "prep", "finetune", "eval", "export"}
+_CUSTOM = {"corpus", "sdg", "prep", "finetune", "eval", "export", "index"}
 for _info in available_stages():
     if _info.name not in _CUSTOM:
         _stage_command(_info.name, _info.summary)

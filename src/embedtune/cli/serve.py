@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -27,6 +28,8 @@ def serve(
         help="auto | int8 | fp32 \\[serve.onnx_precision]")] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help="token budget of one batch")] = None,
     max_queue: Annotated[int | None, typer.Option(help="requests waiting before 429")] = None,
+    index: Annotated[Path | None, typer.Option(
+        help="serve /v1/search over this run's index (default: a served run directory's own index)")] = None,
     config: ConfigOpt = None,
     override: OverrideOpt = None,
     verbose: VerboseOpt = False,
@@ -41,9 +44,13 @@ def serve(
     key = api_key or (os.environ.get(cfg.api_key_env) if cfg.api_key_env else None)
     if cfg.api_key_env and not key:
         raise ValueError(f"serve.api_key_env is {cfg.api_key_env!r} but that environment variable is empty")
-    entries = [model_entry(arg, cfg.backend, cfg.onnx_precision) for arg in (model or [recipe.model.name])]
+    args = model or [recipe.model.name]
+    if index is not None and len(args) != 1:
+        raise ValueError("--index goes with exactly one --model (the one whose vectors fill the index)")
+    entries = [model_entry(arg, cfg.backend, cfg.onnx_precision, index) for arg in args]
     for entry in entries:
-        console.print(f"[bold]{entry.name}[/] <- {entry.source}")
+        search = f"  (/v1/search over {entry.index})" if entry.index else ""
+        console.print(f"[bold]{entry.name}[/] <- {entry.source}{search}")
     auth = "Bearer key required" if key else "no API key"
     console.print(f"serving on http://{cfg.host}:{cfg.port}/v1/embeddings ({auth})")
     run_server(entries, cfg, key, log_level="debug" if verbose else "info")

@@ -1,24 +1,25 @@
 """Eval stage: BEIR retrieval metrics for a model (base, fine-tuned, served) on a BEIR dataset.
 
-Core API, importable on its own:
-- :func:`load_beir` — strict BEIR loading (optionally queries from another folder: cross-lingual);
 - :func:`evaluate_encoder` — encode (through the embedding cache), search, pytrec_eval metrics, at the
   full dimension and at each Matryoshka dimension (truncate + renormalise, never re-encode);
 - :func:`evaluate_model` — the same for a loaded SentenceTransformer;
 - :func:`evaluate_bm25` — the lexical reference;
 - :func:`evaluate_endpoint`, :func:`compare_within_tolerance` — a served model vs local figures;
 - :func:`run_eval` — the pipeline stage (base vs fine-tuned, results.json, report.md, report.png).
+
+The toolkit underneath (BEIR loading, encoders, cache, search, BM25, fusion, metrics) is
+:mod:`embedtune.retrieval`; its most used names are re-exported here for scripts written against them.
 """
 
-from embedtune.evaluate.beir import BeirDataset, load_beir
 from embedtune.evaluate.bm25 import evaluate_bm25
-from embedtune.evaluate.cache import EmbeddingCache, default_cache_dir
-from embedtune.evaluate.core import ModelResult, evaluate_embeddings, evaluate_encoder, evaluate_model
-from embedtune.evaluate.encoders import EndpointEncoder, LocalEncoder, load_encoder, model_fingerprint
+from embedtune.evaluate.core import ModelResult, evaluate_encoder, evaluate_model
 from embedtune.evaluate.endpoint import Violation, compare_within_tolerance, evaluate_endpoint
-from embedtune.evaluate.metrics import compute_metrics
-from embedtune.evaluate.retrieval import dense_search, to_run
 from embedtune.evaluate.stage import run_eval
+from embedtune.retrieval.beir import BeirDataset, load_beir
+from embedtune.retrieval.cache import EmbeddingCache, default_cache_dir
+from embedtune.retrieval.encoders import EndpointEncoder, LocalEncoder, load_encoder, model_fingerprint
+from embedtune.retrieval.metrics import compute_metrics, evaluate_embeddings
+from embedtune.retrieval.search import dense_search, to_run
 
 __all__ = ["BeirDataset", "EmbeddingCache", "EndpointEncoder", "LocalEncoder", "ModelResult", "Violation",
            "compare_within_tolerance", "compute_metrics", "default_cache_dir", "dense_search",

@@ -1,54 +1,13 @@
-"""BM25 (bm25s, Lucene scoring): the lexical reference row of every report, and prep's lexical judge."""
+"""BM25 metrics: the lexical reference row of every report."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
-from embedtune.evaluate.beir import BeirDataset
-from embedtune.evaluate.metrics import compute_metrics
-from embedtune.evaluate.retrieval import to_run
-
-
-class BM25Index:
-    """A bm25s index over ``passages``: top-k search, or every passage's score (for score fusion).
-
-    k1=1.2, b=0.75 are the Lucene/Elasticsearch defaults BEIR's BM25 figures were produced with. No
-    stemmer (PyStemmer is not a dependency), so figures run slightly below BEIR's on English.
-    """
-
-    def __init__(self, passages: Sequence[str], stopwords: str | None = "en", k1: float = 1.2, b: float = 0.75):
-        import bm25s
-
-        self._tokenize = dict(stopwords=stopwords or [], return_ids=False, show_progress=False)
-        self.n_passages = len(passages)
-        self.retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
-        self.retriever.index(bm25s.tokenize(list(passages), **self._tokenize), show_progress=False)
-
-    def _query_tokens(self, queries: Sequence[str]) -> list[list[str]]:
-        import bm25s
-
-        return [toks or ["\0"] for toks in bm25s.tokenize(list(queries), **self._tokenize)]
-
-    def search(self, queries: Sequence[str], top_k: int = 100) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, indices) [n_queries, k], best first."""
-        k = min(top_k, self.n_passages)
-        idx, scores = self.retriever.retrieve(self._query_tokens(queries), k=k, show_progress=False, n_threads=1)
-        return np.asarray(scores, dtype=np.float32), np.asarray(idx, dtype=np.int64)
-
-    def scores(self, queries: Sequence[str]) -> np.ndarray:
-        """[n_queries, n_passages] BM25 scores (0 where a passage shares no term with the query)."""
-        out = np.zeros((len(queries), self.n_passages), dtype=np.float32)
-        for row, tokens in enumerate(self._query_tokens(queries)):
-            out[row] = self.retriever.get_scores(tokens)
-        return out
-
-
-def bm25_search(queries: Sequence[str], passages: Sequence[str], top_k: int = 100,
-                stopwords: str | None = "en", k1: float = 1.2, b: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, indices) [n_queries, k] of BM25 over ``passages``, best first."""
-    return BM25Index(passages, stopwords, k1, b).search(queries, top_k)
+from embedtune.retrieval.beir import BeirDataset
+from embedtune.retrieval.bm25 import BM25Index
+from embedtune.retrieval.metrics import compute_metrics
+from embedtune.retrieval.search import to_run
 
 
 def evaluate_bm25(dataset: BeirDataset, k_values: Sequence[int] = (1, 5, 10, 100), top_k: int = 100,

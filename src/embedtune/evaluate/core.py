@@ -7,42 +7,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from embedtune.evaluate.beir import BeirDataset
-from embedtune.evaluate.cache import EmbeddingCache, encode_cached
-from embedtune.evaluate.encoders import LocalEncoder
 from embedtune.evaluate.hybrid import evaluate_hybrid
-from embedtune.evaluate.metrics import compute_metrics
-from embedtune.evaluate.retrieval import search, to_run
+from embedtune.retrieval.beir import BeirDataset
+from embedtune.retrieval.cache import EmbeddingCache, encode_cached
+from embedtune.retrieval.encoders import LocalEncoder
+from embedtune.retrieval.metrics import evaluate_embeddings
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-    from embedtune.evaluate.bm25 import BM25Index
-    from embedtune.evaluate.encoders import Encoder
-
-
-def evaluate_embeddings(
-    dataset: BeirDataset,
-    query_ids: list[str],
-    query_emb: np.ndarray,
-    doc_ids: list[str],
-    doc_emb: np.ndarray,
-    k_values: Sequence[int] = (1, 5, 10, 100),
-    top_k: int = 100,
-    ignore_identical_ids: bool = False,
-    dimensions: int | None = None,
-    backend: str = "exact",
-) -> dict[str, float]:
-    """Metrics of already-computed, L2-normalised embeddings (truncated to ``dimensions`` if given)."""
-    if dimensions is not None:
-        query_emb, doc_emb = _truncate(query_emb, dimensions), _truncate(doc_emb, dimensions)
-    # One extra hit so that dropping a query's own id (ignore_identical_ids) still leaves top_k.
-    k = max(top_k, max(k_values)) + int(ignore_identical_ids)
-    scores, idx = search(query_emb, doc_emb, top_k=k, backend=backend)
-    run = to_run(query_ids, doc_ids, scores, idx, ignore_identical_ids)
-    return compute_metrics(dataset.qrels, run, k_values)
+    from embedtune.retrieval.bm25 import BM25Index
+    from embedtune.retrieval.encoders import Encoder
 
 
 @dataclass
@@ -56,6 +31,7 @@ class ModelResult:
     encode_seconds: float = 0.0  # wall time to get the embeddings (encoding or reading the cache)
     docs_per_second: float | None = None  # None when the corpus came from the cache
     hybrid: dict[str, float] | None = None  # fused with BM25, when a BM25 index was given
+    hybrid_sweep: dict[float, float] = field(default_factory=dict)  # BM25 weight -> fused nDCG@10
 
     def to_json(self) -> dict[str, object]:
         return {"label": self.label, "dim": self.dim, **self.metrics,
@@ -74,6 +50,7 @@ def evaluate_encoder(
     backend: str = "exact",
     bm25_index: BM25Index | None = None,
     bm25_weight: float = 0.0,
+    weight_grid: Sequence[float] = (),
 ) -> ModelResult:
     """Encode queries and corpus once (cached), then score at full dimension and at each of ``dims``,
     and fused with BM25 when ``bm25_index`` (over the dataset's corpus, in order) and a weight are given."""
@@ -96,9 +73,14 @@ def evaluate_encoder(
     if bm25_index is not None and bm25_weight > 0:
         hybrid = evaluate_hybrid(dataset, qids, q, dids, d, bm25_index, bm25_weight, k_values, top_k,
                                  ignore_identical_ids)
+    sweep = {}
+    if bm25_index is not None:  # nDCG@10 of the fusion at each weight: how the run picks the weight it deploys
+        for w in sorted(set(weight_grid)):
+            fused = evaluate_hybrid(dataset, qids, q, dids, d, bm25_index, w, (10,), top_k, ignore_identical_ids)
+            sweep[float(w)] = fused["ndcg@10"]
     # A rate only when the corpus was really encoded (a cache read says nothing about the model's speed).
     rate = round(len(dids) / t_docs, 2) if not corpus_cached and t_docs > 0 and dids else None
-    return ModelResult(encoder.label, full, metrics, by_dim, seconds, rate, hybrid)
+    return ModelResult(encoder.label, full, metrics, by_dim, seconds, rate, hybrid, sweep)
 
 
 def evaluate_model(
@@ -121,9 +103,3 @@ def evaluate_model(
     encoder = LocalEncoder(model, fingerprint, batch_size=batch_size)
     return evaluate_encoder(encoder, dataset, cache=cache, k_values=k_values, top_k=top_k,
                             ignore_identical_ids=ignore_identical_ids).metrics
-
-
-def _truncate(emb: np.ndarray, dims: int) -> np.ndarray:
-    cut = emb[:, :dims]
-    return cut / np.clip(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12, None)
-

@@ -6,9 +6,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-from embedtune.evaluate.beir import BeirDataset
 from embedtune.evaluate.core import ModelResult, evaluate_encoder
-from embedtune.evaluate.encoders import EndpointEncoder
+from embedtune.retrieval.beir import BeirDataset
+from embedtune.retrieval.encoders import EndpointEncoder
 
 
 def evaluate_endpoint(

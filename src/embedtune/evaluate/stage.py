@@ -10,12 +10,13 @@ from typing import Any
 from embedtune.artifacts import Manifest, RunDir
 from embedtune.config import EvalConfig, Recipe
 from embedtune.console import log
-from embedtune.evaluate.beir import BeirDataset, load_beir
-from embedtune.evaluate.bm25 import BM25Index, evaluate_bm25
-from embedtune.evaluate.cache import EmbeddingCache
+from embedtune.evaluate.bm25 import evaluate_bm25
 from embedtune.evaluate.core import evaluate_encoder
-from embedtune.evaluate.encoders import Encoder, load_encoder
 from embedtune.evaluate.report import HEADLINE, write_reports
+from embedtune.retrieval.beir import BeirDataset, load_beir
+from embedtune.retrieval.bm25 import BM25Index
+from embedtune.retrieval.cache import EmbeddingCache
+from embedtune.retrieval.encoders import Encoder, load_encoder
 
 # Swept when the fine-tuned model does not say which dimensions it was trained at (the full dimension
 # is always included; dimensions above it are dropped).
@@ -47,7 +48,9 @@ def run_eval(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
         "base": lambda: load_encoder(recipe.model, "base", cfg.batch_size)}
     if ft_dir is not None:
         models["finetuned"] = lambda: load_encoder(recipe.model, "fine-tuned", cfg.batch_size, path=ft_dir)
-    results = compare_models(dataset, models, cfg, cache=cache, dims=dims)
+    # The weight is chosen on the run's own synthetic held-out queries only, never on a user's real set.
+    grid = cfg.hybrid_weight_grid if not cfg.dataset else ()
+    results = compare_models(dataset, models, cfg, cache=cache, dims=dims, weight_grid=grid)
     results.update(split=cfg.split, queries_from=str(queries_dir) if queries_dir else None)
     outputs = write_reports(results, stage.dir)
     metrics = {f"{m}_{k}": results[m][k] for m in ("base", "finetuned", "bm25")
@@ -55,6 +58,8 @@ def run_eval(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     for m, values in (results.get("hybrid") or {}).items():
         if m != "bm25_weight":
             metrics.update({f"{m}_hybrid_{k}": values[k] for k in HEADLINE})
+    if chosen := results.get("hybrid_weight"):
+        metrics["hybrid_bm25_weight_chosen"] = chosen["chosen"]
     counts = {"queries": results["n_queries"], "documents": results["n_docs"],
               "skipped_qrels": len(dataset.warnings), "cache_hits": cache.hits, "encoded": cache.misses}
     return stage.finish(outputs=outputs, counts=counts, metrics=metrics)
@@ -110,6 +115,7 @@ def compare_models(
     *,
     cache: EmbeddingCache | None = None,
     dims: Sequence[int] = (),
+    weight_grid: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Evaluate each model (loaded one at a time, so two large models never share memory), BM25 and
     each model fused with BM25 (``eval.hybrid_bm25_weight``); return the results dict that
@@ -121,17 +127,21 @@ def compare_models(
                                "models": list(models), "warnings": dataset.warnings[:100]}
     matryoshka: dict[str, Any] = {}
     hybrid: dict[str, Any] = {}
+    sweeps: dict[str, dict[float, float]] = {}
     score = dict(k_values=cfg.k_values, top_k=cfg.top_k, ignore_identical_ids=cfg.ignore_identical_ids)
     # One BM25 index serves the lexical reference row and every model's hybrid row.
     index = BM25Index(dataset.passages(list(dataset.corpus)), cfg.bm25_stopwords) if cfg.bm25 else None
     for key, make in models.items():
         encoder = make()
         res = evaluate_encoder(encoder, dataset, cache=cache, dims=dims, backend=cfg.search,
-                               bm25_index=index, bm25_weight=cfg.hybrid_bm25_weight, **score)
+                               bm25_index=index, bm25_weight=cfg.hybrid_bm25_weight, weight_grid=weight_grid,
+                               **score)
         results[key] = res.to_json()
         matryoshka[key] = {str(d): m for d, m in res.by_dim.items()}
         if res.hybrid is not None:
             hybrid[key] = res.hybrid
+        if res.hybrid_sweep:
+            sweeps[key] = res.hybrid_sweep
         log.info("%s: nDCG@10 %.4f%s", encoder.label, res.metrics["ndcg@10"],
                  f" (+ BM25: {res.hybrid['ndcg@10']:.4f})" if res.hybrid else "")
         del encoder
@@ -140,7 +150,19 @@ def compare_models(
     results["matryoshka"] = {"dims": all_dims, **matryoshka}
     results["bm25"] = evaluate_bm25(dataset, stopwords=cfg.bm25_stopwords, index=index, **score) if index else None
     results["hybrid"] = {"bm25_weight": cfg.hybrid_bm25_weight, **hybrid} if hybrid else None
+    if sweeps:
+        results["hybrid_weight"] = chosen_weight(sweeps, list(models)[-1], cfg.hybrid_bm25_weight)
     return results
+
+
+def chosen_weight(sweeps: dict[str, dict[float, float]], deployed: str, default: float) -> dict[str, Any]:
+    """The BM25 weight with the best fused nDCG@10 for the model the run deploys (the last one scored:
+    fine-tuned when there is one); a tie keeps the configured weight."""
+    sweep = sweeps[deployed]
+    best = max(sweep.values())
+    weight = default if sweep.get(default) == best else max(sweep, key=lambda w: (sweep[w], -abs(w - default)))
+    return {"model": deployed, "chosen": weight, "sweep": {str(w): round(v, 5) for w, v in sorted(sweep.items())},
+            "on": "synthetic held-out queries"}
 
 
 def _warn(dataset: BeirDataset) -> None:

@@ -2,9 +2,9 @@
 
 - :func:`export_onnx` — library function, any SentenceTransformer / folder / spec -> serving folder;
 - :func:`run_export` — the pipeline stage (fine-tuned model if finetune completed, else the base model);
-- :class:`embedtune.export.runtime.OnnxEncoder` — run an exported folder with onnxruntime only.
+- :class:`embedtune.retrieval.onnx.OnnxEncoder` — run an exported folder with onnxruntime only.
 
-Names are imported lazily so that ``embedtune.export.runtime`` (used by the server) does not pull in torch.
+Names are imported lazily so that ``embedtune.retrieval.onnx`` (used by the server) does not pull in torch.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from embedtune.export.onnx_export import ExportResult, export_onnx
-    from embedtune.export.runtime import OnnxEncoder
     from embedtune.export.stage import ParityError, run_export
+    from embedtune.retrieval.onnx import OnnxEncoder
 
 __all__ = ["ExportResult", "OnnxEncoder", "ParityError", "export_onnx", "run_export"]
 
 _LOCATIONS = {
     "ExportResult": "embedtune.export.onnx_export",
     "export_onnx": "embedtune.export.onnx_export",
-    "OnnxEncoder": "embedtune.export.runtime",
+    "OnnxEncoder": "embedtune.retrieval.onnx",
     "ParityError": "embedtune.export.stage",
     "run_export": "embedtune.export.stage",
 }

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from embedtune.artifacts import write_json
 from embedtune.console import log
 from embedtune.export.graph import OUTPUT_NAME, backbone, describe, model_type, trace_to_onnx
 from embedtune.export.quantize import FUSABLE_TYPES, build_gpu_precisions, quantize_int8
-from embedtune.export.runtime import METADATA, MODEL_FILES
+from embedtune.retrieval.metadata import write_metadata
+from embedtune.retrieval.onnx import MODEL_FILES
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -73,7 +73,7 @@ def export_onnx(
         gpu = build_gpu_precisions(fp32, staging, list(gpu_precisions)) if gpu_precisions else {}
         model.tokenizer.save_pretrained(str(staging / "tokenizer"))
         metadata = _metadata(model, spec, opset, matryoshka_dims, source)
-        write_json(staging / METADATA, metadata)
+        write_metadata(staging, metadata)
         files = _move_into(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedtune.export.runtime import OnnxEncoder
+from embedtune.retrieval.onnx import OnnxEncoder
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -105,7 +105,7 @@ def int8_cosines(fp32: OnnxEncoder, int8: OnnxEncoder, probe: Probe) -> dict[str
 def int8_vs_fp32_retrieval(fp32: OnnxEncoder, int8: OnnxEncoder, eval_dir: Path, k_values: Sequence[int],
                            tolerance_low_k: float, tolerance_high_k: float, batch_size: int = 32) -> dict[str, Any]:
     """nDCG@k and Recall@k of int8 vs fp32 on a BEIR folder; drift beyond the tolerance fails."""
-    from embedtune.evaluate import evaluate_embeddings, load_beir
+    from embedtune.retrieval import evaluate_embeddings, load_beir
 
     data = load_beir(eval_dir)
     qids, dids = list(data.queries), list(data.corpus)

@@ -15,7 +15,8 @@ from embedtune.config import ModelConfig, Recipe
 from embedtune.console import log
 from embedtune.export import parity
 from embedtune.export.onnx_export import ExportResult, export_onnx
-from embedtune.export.runtime import METADATA, MODEL_FILES, OnnxEncoder
+from embedtune.retrieval.metadata import METADATA_FILE
+from embedtune.retrieval.onnx import MODEL_FILES, OnnxEncoder
 
 STAGE = "export"
 PROBE_SAMPLES_FROM_EVAL = 16  # real queries and passages added to the built-in probe set
@@ -37,7 +38,7 @@ def run_export(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
         return done
 
     result, report = export_and_check(recipe, model_cfg, st.dir, source, eval_dir, _matryoshka_dims(recipe, run))
-    outputs = [st.dir / MODEL_FILES["fp32"], st.dir / "tokenizer", st.dir / METADATA, st.dir / "parity.json"]
+    outputs = [st.dir / MODEL_FILES["fp32"], st.dir / "tokenizer", st.dir / METADATA_FILE, st.dir / "parity.json"]
     if cfg.int8:
         outputs.append(st.dir / MODEL_FILES["int8"])
     outputs += [st.dir / r["path"] for r in result.gpu.values() if r.get("status") == "built"]
@@ -130,7 +131,7 @@ def _eval_set(recipe: Recipe, run: RunDir) -> Path | None:
 def _eval_samples(eval_dir: Path | None) -> tuple[list[str], list[str]]:
     if eval_dir is None:
         return [], []
-    from embedtune.evaluate import load_beir
+    from embedtune.retrieval import load_beir
 
     data = load_beir(eval_dir)
     queries = list(data.queries.values())[:PROBE_SAMPLES_FROM_EVAL]

@@ -12,7 +12,6 @@ Every problem is a :class:`PlatformError` with a 4xx status and a message that n
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import stat
@@ -26,6 +25,7 @@ from typing import IO, Any
 from embedtune.artifacts import ArtifactError, write_jsonl
 from embedtune.platform.errors import PlatformError
 from embedtune.platform.settings import PlatformSettings
+from embedtune.retrieval.ids import passage_id
 
 FORMATS = ("corpus", "beir", "training")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -205,7 +205,7 @@ def find_beir_folder(root: Path, label: str) -> Path:
 
 
 def validate_beir(folder: Path, label: str) -> dict[str, Any]:
-    from embedtune.evaluate import load_beir
+    from embedtune.retrieval import load_beir
 
     splits = sorted(p.stem for p in (folder / "qrels").glob("*.tsv")) if (folder / "qrels").is_dir() else []
     if not splits:
@@ -233,11 +233,6 @@ def _texts(value: Any, field: str, where: str, required: bool) -> list[str]:
     if required and not items:
         raise bad(f"{where}: {field} is empty (a training example needs at least one positive)")
     return items
-
-
-def passage_id(text: str) -> str:
-    """NVIDIA's recipe's document id: ``d_`` + the first 16 hex digits of sha256(text)."""
-    return "d_" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def normalise_training(root: Path, out: Path, label: str) -> tuple[Path, dict[str, Any]]:

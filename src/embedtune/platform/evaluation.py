@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from embedtune.artifacts import write_json, write_text
@@ -32,7 +31,8 @@ def nvidia_names(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def run_evaluation(job: db.Job, sessions: sessionmaker[Session], settings: PlatformSettings, progress) -> dict:  # noqa: ANN001
-    from embedtune.evaluate import evaluate_embeddings, evaluate_model, load_beir
+    from embedtune.evaluate import evaluate_model
+    from embedtune.retrieval import EndpointEncoder, evaluate_embeddings, load_beir
 
     spec = job.spec
     progress.update(force=True, stage="load")
@@ -42,7 +42,8 @@ def run_evaluation(job: db.Job, sessions: sessionmaker[Session], settings: Platf
     if spec.get("_deployment_url"):
         progress.update(force=True, stage="encode (deployment)")
         qids, dids = list(dataset.queries), list(dataset.corpus)
-        client = EndpointEncoder(spec["_deployment_url"], spec.get("_served_model") or "model", spec["batch_size"])
+        client = EndpointEncoder(spec["_deployment_url"], spec.get("_served_model") or "model",
+                                 batch_size=spec["batch_size"], label="deployment")
         q = client.encode([dataset.queries[i] for i in qids], "query")
         d = client.encode(dataset.passages(dids), "passage")
         metrics = evaluate_embeddings(dataset, qids, q, dids, d, **kwargs)
@@ -72,26 +73,3 @@ def report_markdown(result: dict[str, Any]) -> str:
              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in rows]
     return "\n".join(lines) + "\n"
-
-
-class EndpointEncoder:
-    """Embeddings from an OpenAI/NIM-compatible endpoint, in batches, L2-normalised."""
-
-    def __init__(self, base_url: str, model: str, batch_size: int):
-        import httpx
-
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=120)
-        self.model, self.batch_size = model, batch_size
-
-    def encode(self, texts: list[str], input_type: str) -> np.ndarray:
-        vectors = []
-        for i in range(0, len(texts), self.batch_size):
-            body = {"model": self.model, "input": texts[i: i + self.batch_size], "input_type": input_type,
-                    "encoding_format": "float"}
-            resp = self.http.post("/v1/embeddings", json=body)
-            if resp.status_code != 200:
-                raise RuntimeError(f"deployment answered {resp.status_code}: {resp.text[:500]}")
-            data = sorted(resp.json()["data"], key=lambda d: d["index"])
-            vectors += [d["embedding"] for d in data]
-        emb = np.asarray(vectors, dtype=np.float32)
-        return emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)

@@ -26,10 +26,8 @@ import numpy as np
 from embedtune.artifacts import ArtifactError, Manifest, RunDir, write_json
 from embedtune.config import PrepConfig, Recipe
 from embedtune.console import console, log, track
-from embedtune.evaluate.cache import EmbeddingCache, encode_passages_cached, run_embedding_cache
 from embedtune.prep.formats import (
     TrainingRecord,
-    doc_id,
     read_training,
     write_automodel,
     write_beir,
@@ -39,9 +37,10 @@ from embedtune.prep.mining import Mined, Rescore, mine_from_scores, mine_negativ
 from embedtune.prep.report import audit, plot, score_report, stats_table, write_markdown
 from embedtune.prep.split import Split, load_queries, split_by_document
 from embedtune.prep.teacher import make_teacher
+from embedtune.retrieval.cache import EmbeddingCache, encode_passages_cached, run_embedding_cache
 from embedtune.schemas import Chunk, SyntheticQuery, TrainExample
 
-__all__ = ["Mined", "TrainingRecord", "audit", "doc_id", "load_training", "mine_from_scores",
+__all__ = ["Mined", "TrainingRecord", "audit", "load_training", "mine_from_scores",
            "mine_negatives", "read_training", "run_prep", "split_by_document"]
 
 

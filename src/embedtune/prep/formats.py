@@ -16,7 +16,6 @@ NVIDIA's recipe, so identical texts share one id.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from embedtune.artifacts import (
     write_json,
     write_jsonl,
 )
+from embedtune.retrieval.ids import passage_id
 from embedtune.schemas import Chunk, SyntheticQuery, TrainExample
 
 CORPUS_ID = "embedtune"
@@ -47,10 +47,6 @@ class TrainingRecord:
     query: str
     pos_doc: tuple[str, ...]
     neg_doc: tuple[str, ...]
-
-
-def doc_id(text: str) -> str:
-    return "d_" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ writers
@@ -80,7 +76,7 @@ def write_automodel(out_dir: Path, examples: list[TrainExample], corpus_id: str 
 
 
 def _register(texts: dict[str, str], text: str) -> str:
-    i = doc_id(text)
+    i = passage_id(text)
     texts.setdefault(i, text)
     return i
 

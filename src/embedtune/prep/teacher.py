@@ -7,7 +7,7 @@ both. Measured on SciFact's real test claims (``bench/domain_adaptation.py``): M
 that is not the answer) and gives the finetune stage truer score margins to distil
 (``finetune.loss: margin_mse``), which is how the model learns what BM25 knew.
 
-The fusion is :func:`embedtune.evaluate.hybrid.fuse`: it stays in cosine units, so the margin rule (95 % of
+The fusion is :func:`embedtune.retrieval.fusion.fuse`: it stays in cosine units, so the margin rule (95 % of
 the weakest positive) and the margins the student is trained to reproduce mean what they mean for the
 dense judge.
 """
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from embedtune.console import log
-from embedtune.evaluate.hybrid import fuse
+from embedtune.retrieval.fusion import fuse
 
 #: Languages written without spaces between words: bm25s's word tokenizer would take a whole clause as
 #: one term, so the hybrid judge falls back to the dense one for them.
@@ -33,7 +33,7 @@ class HybridTeacher:
 
     def __init__(self, queries: Sequence[str], passages: Sequence[str], bm25_weight: float,
                  language: str = "en"):
-        from embedtune.evaluate.bm25 import BM25Index
+        from embedtune.retrieval.bm25 import BM25Index
 
         self.queries = list(queries)
         self.bm25_weight = bm25_weight

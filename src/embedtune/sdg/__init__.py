@@ -222,8 +222,8 @@ class QueryFilter:
 
     def _passage_embeddings(self, model) -> np.ndarray:
         """All chunks' base-model embeddings, from the run's embedding cache (prep's mining reuses them)."""
-        from embedtune.evaluate.cache import EmbeddingCache, encode_passages_cached
         from embedtune.models import resolve
+        from embedtune.retrieval.cache import EmbeddingCache, encode_passages_cached
 
         cache = EmbeddingCache(self.cache_dir) if self.cache_dir else None
         return encode_passages_cached(model, resolve(self.recipe.model).path, [c.text for c in self.chunks],

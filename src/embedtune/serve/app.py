@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi import FastAPI
@@ -24,7 +25,11 @@ from embedtune.serve.guard import Guard
 from embedtune.serve.loading import ModelEntry
 from embedtune.serve.metrics import CONTENT_TYPE, Metrics
 from embedtune.serve.schemas import EmbeddingRequest, ModelCard, ModelList
+from embedtune.serve.search import add_search_route, attach_index
 from embedtune.serve.tokens import InputTooLongError, TokenIdError
+
+if TYPE_CHECKING:
+    from embedtune.retrieval.milvus import MilvusSearcher
 
 log = logging.getLogger("embedtune.serve")
 
@@ -36,6 +41,8 @@ class Served:
     backend: Backend | None = None
     batcher: Batcher | None = None
     error: str | None = None
+    searcher: MilvusSearcher | None = None  # /v1/search, when the entry has an index
+    search_error: str | None = None
 
 
 class ServerState:
@@ -64,6 +71,8 @@ class ServerState:
             await batcher.start()
             served.backend, served.batcher = backend, batcher
             log.info("serving %s from %s (%s)", name, served.entry.source, backend.describe())
+            if served.entry.index is not None:
+                await asyncio.to_thread(attach_index, served, served.entry.index)
 
     async def stop(self) -> None:
         for served in self.models.values():
@@ -108,6 +117,7 @@ def create_app(entries: Sequence[ModelEntry], config: ServeConfig | None = None,
     app.state.serve = state
     install_handlers(app)
     _add_routes(app, state, config, metrics)
+    add_search_route(app, state)
     app.add_middleware(Guard, metrics=metrics, api_key=api_key, max_body=config.max_request_bytes)
     return app
 

@@ -7,7 +7,6 @@ batch can mix requests that ask for different ``dimensions``.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,11 +14,11 @@ from typing import Literal
 
 import numpy as np
 
+from embedtune.retrieval.metadata import read_metadata
 from embedtune.serve.tokens import InputType, Tokenization, Truncate
 
 BackendKind = Literal["auto", "onnx", "torch"]
 OnnxPrecision = Literal["auto", "int8", "fp32"]
-MANIFEST = "embedtune.json"  # written by the export stage (and optionally next to a fine-tuned model)
 
 
 class DimensionsError(ValueError):
@@ -166,7 +165,7 @@ class OnnxBackend(Backend):
         from transformers import AutoTokenizer
 
         folder = Path(folder)
-        meta = json.loads((folder / MANIFEST).read_text())
+        meta = read_metadata(folder)
         self.model_file = _pick_onnx_file(folder, precision, ort.get_available_providers())
         options = ort.SessionOptions()
         if threads:

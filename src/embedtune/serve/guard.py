@@ -18,9 +18,9 @@ Message = dict
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-ENDPOINTS = ("/v1/embeddings", "/v1/models", "/v1/health/live", "/v1/health/ready", "/metrics", "/v1/metrics",
-             "/health")
-PROTECTED = ("/v1/embeddings", "/v1/models")  # health and metrics stay open for probes and scrapers
+ENDPOINTS = ("/v1/embeddings", "/v1/search", "/v1/models", "/v1/health/live", "/v1/health/ready", "/metrics",
+             "/v1/metrics", "/health")
+PROTECTED = ("/v1/embeddings", "/v1/search", "/v1/models")  # health and metrics stay open for probes and scrapers
 
 
 def endpoint_label(path: str) -> str:

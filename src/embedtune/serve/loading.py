@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from embedtune.serve.backends import MANIFEST, Backend, BackendKind, OnnxBackend, OnnxPrecision, TorchBackend
+from embedtune.retrieval.metadata import METADATA_FILE, matryoshka_dims
+from embedtune.serve.backends import Backend, BackendKind, OnnxBackend, OnnxPrecision, TorchBackend
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class ModelEntry:
     name: str
     source: str
     load: Callable[[], Backend]
+    index: Path | None = None  # a run's index/ folder: /v1/search over it
 
 
 def split_model_arg(arg: str) -> tuple[str | None, str]:
@@ -29,7 +30,7 @@ def split_model_arg(arg: str) -> tuple[str | None, str]:
 def export_folder(path: Path) -> Path | None:
     """The ONNX export inside ``path`` (a run directory) or ``path`` itself, if there is one."""
     for folder in (path, path / "export"):
-        if (folder / MANIFEST).is_file() and any(folder.glob("model*.onnx")):
+        if (folder / METADATA_FILE).is_file() and any(folder.glob("model*.onnx")):
             return folder
     return None
 
@@ -52,15 +53,37 @@ def default_name(spec: str) -> str:
     return path.name
 
 
-def model_entry(arg: str, backend: BackendKind = "auto", precision: OnnxPrecision = "auto") -> ModelEntry:
-    """Resolve a ``--model`` argument now (clear errors at start-up); load the weights later."""
+def model_entry(arg: str, backend: BackendKind = "auto", precision: OnnxPrecision = "auto",
+                index: Path | None = None) -> ModelEntry:
+    """Resolve a ``--model`` argument now (clear errors at start-up); load the weights later.
+
+    A run directory with an index (``embedtune index``) gets ``/v1/search`` over it; ``index`` names one
+    explicitly (a run directory or its ``index/`` folder).
+    """
+    entry = _model_entry(arg, backend, precision)
+    found = _index_folder(index) if index is not None else _index_folder(Path(split_model_arg(arg)[1]), quiet=True)
+    return replace(entry, index=found)
+
+
+def _index_folder(path: Path, quiet: bool = False) -> Path | None:
+    from embedtune.index.info import INFO_FILE, index_dir
+
+    folder = index_dir(path.expanduser())
+    if (folder / INFO_FILE).is_file():
+        return folder
+    if quiet:
+        return None
+    raise FileNotFoundError(f"--index {path}: no {INFO_FILE} there or in its index/ folder; run `embedtune index`")
+
+
+def _model_entry(arg: str, backend: BackendKind, precision: OnnxPrecision) -> ModelEntry:
     name, spec = split_model_arg(arg)
     name = name or default_name(spec)
     path = Path(spec).expanduser()
     onnx = export_folder(path) if path.is_dir() else None
     if backend == "onnx" or (backend == "auto" and onnx is not None):
         if onnx is None:
-            raise FileNotFoundError(f"--backend onnx: no ONNX export ({MANIFEST} + model*.onnx) in {spec} "
+            raise FileNotFoundError(f"--backend onnx: no ONNX export ({METADATA_FILE} + model*.onnx) in {spec} "
                                     "or its export/ folder; run `embedtune export` first")
         return ModelEntry(name, str(onnx), lambda: OnnxBackend(onnx, precision))
     if path.is_dir():
@@ -79,11 +102,5 @@ def load_torch(spec: str, matryoshka_dims: list[int] | None) -> TorchBackend:
 
 
 def _declared_dims(*folders: Path) -> list[int] | None:
-    """Matryoshka sizes a model declares in an ``embedtune.json`` next to it (or in its run's export)."""
-    for folder in (*folders, folders[0] / "export"):
-        manifest = folder / MANIFEST
-        if manifest.is_file():
-            dims = json.loads(manifest.read_text()).get("matryoshka_dims")
-            if dims:
-                return [int(d) for d in dims]
-    return None
+    """Matryoshka sizes a model declares in its ``embedtune.json`` (or in its run's export)."""
+    return matryoshka_dims(*folders, folders[0] / "export")

@@ -7,7 +7,6 @@ sample of other passages, which makes nDCG@10 a ranking among plausible distract
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embedtune.artifacts import ArtifactError
+from embedtune.retrieval.ids import passage_id
 from embedtune.schemas import TrainExample, read_rows_numbered
 
 if TYPE_CHECKING:
@@ -36,11 +36,6 @@ def load_examples(path: str | Path) -> list[TrainExample]:
     if not examples:
         raise ArtifactError(f"{path}: no training examples (the file is empty); rerun `embedtune prep`")
     return examples
-
-
-def passage_id(text: str) -> str:
-    """NVIDIA's recipe's document id: ``d_`` + the first 16 hex digits of sha256(text)."""
-    return "d_" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass

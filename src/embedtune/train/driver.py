@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from embedtune.artifacts import Manifest, RunDir, config_hash, write_json
+from embedtune.artifacts import Manifest, RunDir, config_hash
 from embedtune.config import FinetuneConfig, Recipe
 from embedtune.console import log
 from embedtune.models import load_model
+from embedtune.retrieval.metadata import write_metadata
 from embedtune.train.data import TrainingData, load_examples, prepare, to_dataset
 from embedtune.train.distributed import init_distributed
 from embedtune.train.lora import add_lora, merge_lora, target_modules
@@ -240,7 +241,7 @@ def _save_model(model, target: Path, matryoshka_dims: list[int] | None) -> Path:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(str(tmp))
-    write_json(tmp / "embedtune.json", {"matryoshka_dims": matryoshka_dims})
+    write_metadata(tmp, {"matryoshka_dims": matryoshka_dims})
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

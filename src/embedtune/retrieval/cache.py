@@ -17,7 +17,7 @@ import numpy as np
 
 from embedtune.artifacts import atomic_open, write_json
 from embedtune.console import log
-from embedtune.evaluate.encoders import Encoder, Kind, LocalEncoder, model_fingerprint
+from embedtune.retrieval.encoders import Encoder, Kind, LocalEncoder, model_fingerprint
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:

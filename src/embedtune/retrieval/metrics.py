@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytrec_eval
+
+from embedtune.retrieval.search import search, to_run
+
+if TYPE_CHECKING:
+    from embedtune.retrieval.beir import BeirDataset
 
 METRIC_NAMES = ("ndcg", "recall", "precision", "map")
 
@@ -40,3 +47,31 @@ def _mrr(rels: dict[str, int], hits: dict[str, float], k: int) -> float:
         if rels.get(did, 0) > 0:
             return 1.0 / rank
     return 0.0
+
+
+def evaluate_embeddings(
+    dataset: BeirDataset,
+    query_ids: list[str],
+    query_emb: np.ndarray,
+    doc_ids: list[str],
+    doc_emb: np.ndarray,
+    k_values: Sequence[int] = (1, 5, 10, 100),
+    top_k: int = 100,
+    ignore_identical_ids: bool = False,
+    dimensions: int | None = None,
+    backend: str = "exact",
+) -> dict[str, float]:
+    """Metrics of already-computed, L2-normalised embeddings (truncated to ``dimensions`` if given)."""
+    if dimensions is not None:
+        query_emb, doc_emb = truncate(query_emb, dimensions), truncate(doc_emb, dimensions)
+    # One extra hit so that dropping a query's own id (ignore_identical_ids) still leaves top_k.
+    k = max(top_k, max(k_values)) + int(ignore_identical_ids)
+    scores, idx = search(query_emb, doc_emb, top_k=k, backend=backend)
+    run = to_run(query_ids, doc_ids, scores, idx, ignore_identical_ids)
+    return compute_metrics(dataset.qrels, run, k_values)
+
+
+def truncate(emb: np.ndarray, dims: int) -> np.ndarray:
+    """Matryoshka: the first ``dims`` values of each row, L2-normalised again."""
+    cut = emb[:, :dims]
+    return cut / np.clip(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12, None)

@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from embedtune.artifacts import ArtifactError, read_json
+from embedtune.artifacts import ArtifactError
+from embedtune.retrieval.metadata import METADATA_FILE, read_metadata
 
-METADATA = "embedtune.json"
 MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 Precision = Literal["fp32", "int8", "fp16"]
 
@@ -50,7 +50,9 @@ class OnnxEncoder:
         from transformers import AutoTokenizer
 
         self.folder = Path(folder)
-        self.meta: dict[str, Any] = read_json(self.folder / METADATA)
+        self.meta: dict[str, Any] = read_metadata(self.folder)
+        if not self.meta:
+            raise ArtifactError(f"{self.folder} has no {METADATA_FILE}: not an embedtune ONNX export")
         if precision not in MODEL_FILES:
             raise ValueError(f"precision must be one of {', '.join(MODEL_FILES)}, got {precision!r}")
         model_path = self.folder / MODEL_FILES[precision]

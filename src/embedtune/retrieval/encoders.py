@@ -203,3 +203,93 @@ class EndpointEncoder:
         if not rows:
             return np.empty((0, self.dimensions or 0), dtype=np.float32)
         return normalize(np.asarray(rows, dtype=np.float32))
+
+
+# ------------------------------------------------------------------------------------------ ONNX export
+
+
+@dataclass
+class OnnxModelEncoder:
+    """An ONNX export (what `embedtune serve` deploys on a CPU: int8 when exported) as an :class:`Encoder`."""
+
+    folder: Path
+    precision: Literal["fp32", "int8", "fp16"] = "int8"
+    label: str = "onnx"
+    batch_size: int = 32
+    block_size: int = 1024
+
+    def __post_init__(self) -> None:
+        from embedtune.retrieval.onnx import MODEL_FILES, OnnxEncoder
+
+        self.folder = Path(self.folder)
+        self.model = OnnxEncoder(self.folder, self.precision)
+        self.fingerprint = model_fingerprint_file(self.folder / MODEL_FILES[self.precision])
+
+    def prompt_name(self, kind: Kind) -> str | None:
+        name = "query" if kind == "query" else "document"
+        return name if name in self.model.prompts else None
+
+    def cache_key(self, kind: Kind) -> dict[str, object] | None:
+        return {"model": self.fingerprint, "precision": self.precision,
+                "prompt": self.model.prompts.get(self.prompt_name(kind) or "", ""),
+                "max_seq_length": self.model.max_seq_length}
+
+    def encode(self, texts: Sequence[str], kind: Kind) -> np.ndarray:
+        out = np.empty((len(texts), self.model.dimension), dtype=np.float32)
+        with progress() as bar:
+            task = bar.add_task(f"{self.label}: {PLURAL[kind]}", total=len(texts), rate="")
+            for start in range(0, len(texts), self.block_size):
+                block = list(texts[start : start + self.block_size])
+                out[start : start + len(block)] = self.model.encode(block, prompt_name=self.prompt_name(kind),
+                                                                    batch_size=self.batch_size)
+                bar.advance(task, len(block))
+        return out
+
+
+def model_fingerprint_file(path: Path) -> str:
+    stat = path.stat()
+    return _hash_files(str(path.parent.resolve()), ((path.name, stat.st_size, stat.st_mtime_ns),))
+
+
+# ------------------------------------------------------------------------------------------ a run's model
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """Which weights a run deploys: its ONNX export (int8 on CPU), else its fine-tuned folder, else the base."""
+
+    kind: Literal["onnx", "torch"]
+    path: str
+    precision: str | None
+    label: str
+
+    def load(self, model: str | ModelConfig | ModelSpec, batch_size: int = 64) -> Encoder:
+        if self.kind == "onnx":
+            return OnnxModelEncoder(Path(self.path), self.precision or "fp32", self.label,  # type: ignore[arg-type]
+                                    batch_size=min(batch_size, 32))
+        path = None if self.label == "base" else self.path
+        return load_encoder(model, self.label, batch_size, path=path)
+
+
+def served_model(run_root: str | Path, base_path: str, prefer_onnx: bool = True) -> ServedModel:
+    """The model `embedtune serve --model RUN` loads on this machine (ONNX int8 on a CPU when exported)."""
+    from embedtune.retrieval.metadata import metadata_path
+    from embedtune.retrieval.onnx import MODEL_FILES
+
+    root = Path(run_root)
+    export = root / "export"
+    if prefer_onnx and metadata_path(export).is_file() and (export / MODEL_FILES["fp32"]).is_file():
+        precision = "int8" if (export / MODEL_FILES["int8"]).is_file() and not _has_cuda() else "fp32"
+        return ServedModel("onnx", str(export), precision, f"export ({precision})")
+    finetuned = root / "finetune" / "model"
+    if (finetuned / "modules.json").is_file() or (finetuned / "config.json").is_file():
+        return ServedModel("torch", str(finetuned), None, "fine-tuned")
+    return ServedModel("torch", base_path, None, "base")
+
+
+def _has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()

@@ -1,0 +1,43 @@
+"""The model metadata file, ``embedtune.json``, beside a fine-tuned model or in an ONNX export folder.
+
+Written by the finetune stage (``{"matryoshka_dims"}``) and the export stage (dimension, Matryoshka dims,
+max length, prompts, graph inputs and output, opset, pooling, source). Read by the server, the index
+stage and the export runtime through the functions here, so there is one name and one reader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from embedtune.artifacts import ArtifactError, read_json, write_json
+
+METADATA_FILE = "embedtune.json"
+
+
+def metadata_path(folder: str | Path) -> Path:
+    return Path(folder) / METADATA_FILE
+
+
+def read_metadata(folder: str | Path) -> dict[str, Any]:
+    """The folder's metadata; ``{}`` when it has none. A malformed file is an error naming it."""
+    path = metadata_path(folder)
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    return data
+
+
+def write_metadata(folder: str | Path, metadata: dict[str, Any]) -> Path:
+    return write_json(metadata_path(folder), metadata)
+
+
+def matryoshka_dims(*folders: str | Path) -> list[int] | None:
+    """The Matryoshka sizes the first folder with metadata declares (None: not declared)."""
+    for folder in folders:
+        dims = read_metadata(folder).get("matryoshka_dims")
+        if dims:
+            return sorted({int(d) for d in dims}, reverse=True)
+    return None
