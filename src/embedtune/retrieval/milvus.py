@@ -64,8 +64,11 @@ def connect(uri: str, token: str | None = None, timeout: float = 10.0) -> Any:
             raise MilvusIndexError(f"index.uri {uri!r} is neither a Milvus Lite file (a path ending in .db) "
                                    "nor a server URI (http://host:19530, https://…)")
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    # Milvus Lite's in-process server refuses pymilvus's default 10 s keepalive pings while idle (GOAWAY
+    # "too_many_pings" in the log during a long encode); a server URI keeps the defaults its operator expects.
+    options = {"grpc_options": {"grpc.keepalive_permit_without_calls": False}} if is_lite(uri) else {}
     try:
-        client = MilvusClient(uri=uri, token=token or "", timeout=timeout)
+        client = MilvusClient(uri=uri, token=token or "", timeout=timeout, **options)
         client.list_collections(timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - pymilvus raises many types; the user needs one clear line
         reason = getattr(exc, "message", None) or str(exc).splitlines()[0] if str(exc) else type(exc).__name__

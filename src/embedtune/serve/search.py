@@ -115,13 +115,23 @@ def _model_mismatch(info, source: str, backend: Backend | None) -> str | None:
     """Why the served model differs from the one that filled the index (None: same weights, same precision)."""
     if backend is None:
         return "the model did not load"
-    served_path, index_path = Path(source).resolve(), Path(info.model_path).resolve()
+    served_path, index_path = _weights_path(source), Path(info.model_path).resolve()
     kind = "onnx" if backend.kind.startswith("onnx") else "torch"
     precision = backend.kind.removeprefix("onnx-") if kind == "onnx" else None
     if (kind, served_path) != (info.model_kind, index_path) or (kind == "onnx" and precision != info.model_precision):
         return (f"the index was built with {info.model_kind} {info.model_precision or ''} {index_path}, this "
                 f"server loaded {backend.kind} {served_path}: rerun `embedtune index` or serve the same model")
     return None
+
+
+def _weights_path(source: str) -> Path:
+    """A served source's folder: itself, or where a built-in name (``default``) resolves to."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path.resolve()
+    from embedtune.models import resolve
+
+    return Path(resolve(source).path).resolve()
 
 
 def _no_text_embedding(texts):  # the server passes vectors from its batcher; text is never embedded here
