@@ -23,20 +23,29 @@ For 200,000 chunks and 50,000 queries at 384 dims: candidates 200,000 x 384 x 4 
 50,000 x 384 x 4 B = 77 MB, one 256-query block 256 x 200,000 x 4 B = 205 MB, about 3 copies = 615 MB:
 about 1.0 GB in all. Even at 1,024 dims (819 MB + 205 MB + 615 MB = 1.6 GB) it fits 4 GB, while the
 full 50,000 x 200,000 score matrix would need 40 GB. The search stays exact (no approximate index).
-Measured with ``bench/prep_mining.py`` (200,000 x 384 candidates, 1,024 queries, 2 busy cores): blocks of
-256 peaked at 1.07 GB RSS (174 MB above the embeddings) in 28 s; one 1,024-query block at 2.38 GB in 29 s.
+The measured peak is in the README (``bench/prep_mining.py``).
+
+Below the rule: the assembly the prep stage runs (:func:`build_examples`): embed, mask, mine, top up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from embedtune.console import track
+from embedtune.artifacts import ArtifactError
+from embedtune.config import PrepConfig, Recipe
+from embedtune.console import log, track
+from embedtune.prep.split import Split
+from embedtune.prep.teacher import make_teacher
+from embedtune.retrieval.cache import EmbeddingCache, encode_passages_cached
+from embedtune.schemas import Chunk, SyntheticQuery, TrainExample
 
 NEG_INF = float("-inf")
 
@@ -151,3 +160,140 @@ def random_fill(chosen: list[int], forbidden: set[int], n_candidates: int, need:
         rest = [j for j in range(n_candidates) if j not in taken]
         extra += rng.sample(rest, min(need - len(extra), len(rest)))
     return extra
+
+
+# ------------------------------------------------------------------------------------------ assembly
+
+
+def build_examples(recipe: Recipe, split: Split, chunks: list[Chunk],
+                   cache: EmbeddingCache | None = None) -> tuple[list[TrainExample], dict]:
+    """Embed the training queries and candidate chunks with the base model, mine, fill, assemble.
+
+    All chunks are embedded through ``cache`` (the run's: sdg's round-trip filter already embedded the
+    same chunks with the same model), and the candidate pool takes its rows from them.
+    """
+    cfg = recipe.prep
+    pool = [c for c in chunks if cfg.test_chunks_as_negatives or c.doc_id in split.train_docs]
+    positives, excluded = candidate_masks(split.train, pool, cfg.exclude_same_document)
+
+    from embedtune.models import encode_queries, load_model, resolve
+
+    model = load_model(recipe.model)
+    q_emb = _encode(encode_queries, model, [q.text for q in split.train], cfg.mining_batch_size,
+                    cfg.query_max_length, "encoding queries")
+    with _max_length(model, cfg.passage_max_length):
+        all_emb = encode_passages_cached(model, resolve(recipe.model).path, [c.text for c in chunks], cache,
+                                         what="base model, chunks")
+    row = {c.id: i for i, c in enumerate(chunks)}
+    p_emb = all_emb[[row[c.id] for c in pool]]
+    teacher = make_teacher(cfg.teacher, [q.text for q in split.train], [c.text for c in pool], cfg.bm25_weight,
+                           recipe.corpus.language)
+    mined = mine_negatives(q_emb, p_emb, positives, excluded, k=cfg.hard_negatives_to_mine,
+                           margin=cfg.margin, margin_type=cfg.margin_type, block=cfg.mining_query_block,
+                           rescore=teacher)
+    counts = {"candidates": len(pool), "mined_negatives": sum(map(len, mined.neg_idx)),
+              "short_of_negatives": sum(len(n) < cfg.negatives_used for n in mined.neg_idx)}
+    counts.update(fill_missing(mined, positives, excluded, q_emb, p_emb, cfg, teacher))
+    if counts["short_of_negatives"]:
+        log.info("%d of %d training queries had fewer than %d negatives under the margin rule (%s)",
+                 counts["short_of_negatives"], len(split.train), cfg.negatives_used, cfg.fill_missing)
+    examples = [_example(q, pool, positives[i], mined, i) for i, q in enumerate(split.train)
+                if mined.neg_idx[i] is not None]
+    return examples, counts
+
+
+def candidate_masks(queries: Sequence[SyntheticQuery], pool: Sequence[Chunk],
+                    exclude_same_document: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """Per query: pool indices of its positives, and of the other chunks it must never get as negatives.
+
+    A chunk whose text equals a positive's is excluded always (a duplicate passage is the same answer);
+    with ``exclude_same_document`` so is every chunk of a positive's document.
+    """
+    index = {c.id: i for i, c in enumerate(pool)}
+    by_doc: dict[str, list[int]] = defaultdict(list)
+    by_text: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(pool):
+        by_doc[c.doc_id].append(i)
+        by_text[c.text].append(i)
+    positives, excluded = [], []
+    for q in queries:
+        try:
+            pos = [index[pid] for pid in q.positive_ids]
+        except KeyError as exc:  # a training positive outside the pool means the split is broken
+            raise ArtifactError(f"query {q.id!r}: positive {exc} is not a training candidate") from None
+        banned = {j for i in pos for j in by_text[pool[i].text]}
+        if exclude_same_document:
+            banned |= {j for i in pos for j in by_doc[pool[i].doc_id]}
+        positives.append(pos)
+        excluded.append(sorted(banned - set(pos)))
+    return positives, excluded
+
+
+def fill_missing(mined: Mined, positives: list[list[int]], excluded: list[list[int]], q_emb: np.ndarray,
+                 p_emb: np.ndarray, cfg: PrepConfig, rescore: Rescore | None = None) -> dict[str, int]:
+    """Top up or drop queries with fewer than ``negatives_used`` negatives (a dropped row becomes None).
+
+    A random negative's recorded score is the judge's (``rescore``), like the mined ones'.
+    """
+    rng = random.Random(cfg.seed)
+    counts = {"random_negatives": 0, "dropped_short": 0, "still_short": 0}
+    for i, negs in enumerate(mined.neg_idx):
+        need = cfg.negatives_used - len(negs)
+        if need <= 0:
+            continue
+        if cfg.fill_missing == "drop":
+            mined.neg_idx[i] = None  # type: ignore[call-overload]
+            counts["dropped_short"] += 1
+            continue
+        extra = random_fill(negs, set(positives[i]) | set(excluded[i]), len(p_emb), need, rng)
+        negs.extend(extra)
+        mined.neg_scores[i].extend(_scores(i, extra, q_emb, p_emb, rescore))
+        counts["random_negatives"] += len(extra)
+        counts["still_short"] += len(extra) < need
+    return counts
+
+
+def _scores(i: int, cols: list[int], q_emb: np.ndarray, p_emb: np.ndarray,
+            rescore: Rescore | None) -> list[float]:
+    """Query ``i``'s scores for candidates ``cols``: dense, or the judge's over the whole row."""
+    if rescore is None:
+        return [float(q_emb[i] @ p_emb[j]) for j in cols]
+    import torch
+
+    row = rescore(i, i + 1, torch.from_numpy(q_emb[i:i + 1] @ p_emb.T))[0]
+    return [float(row[j]) for j in cols]
+
+
+def _example(q: SyntheticQuery, pool: list[Chunk], pos_idx: list[int], mined: Mined, i: int) -> TrainExample:
+    pos = [pool[j] for j in pos_idx]
+    neg = [pool[j] for j in mined.neg_idx[i]]
+    return TrainExample(query=q.text, pos_doc=[c.text for c in pos], neg_doc=[c.text for c in neg],
+                        query_id=q.id, pos_ids=[c.id for c in pos], neg_ids=[c.id for c in neg],
+                        pos_scores=_round(mined.pos_scores[i]), neg_scores=_round(mined.neg_scores[i]))
+
+
+def _round(values: list[float]) -> list[float]:
+    return [round(float(v), 6) for v in values]
+
+
+@contextlib.contextmanager
+def _max_length(model, max_length: int | None) -> Iterator[None]:
+    """Cap the model's max_seq_length for one pass (the embedding cache keys on it)."""
+    old = model.max_seq_length
+    if max_length:
+        model.max_seq_length = min(max_length, old or max_length)
+    try:
+        yield
+    finally:
+        model.max_seq_length = old
+
+
+def _encode(fn: Callable[..., np.ndarray], model, texts: list[str], batch_size: int, max_length: int | None,
+            description: str) -> np.ndarray:
+    """Encode in slices under a progress bar; ``max_length`` caps the model's length for this pass only."""
+    with _max_length(model, max_length):
+        step = batch_size * 8
+        parts = [fn(model, texts[s:s + step], batch_size=batch_size)
+                 for s in track(range(0, len(texts), step), description, total=-(-len(texts) // step))]
+    dim = model.get_embedding_dimension() or 0
+    return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
