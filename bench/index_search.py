@@ -53,8 +53,9 @@ def scifact(data: Path, out: Path, fusions: list[str], latency_queries: int) -> 
     from embedtune.console import setup_logging
     from embedtune.corpus import run_corpus
     from embedtune.evaluate.deployed import evaluate_index
-    from embedtune.index import open_searcher, run_index
+    from embedtune.index import run_index
     from embedtune.retrieval.beir import load_beir
+    from embedtune.retrieval.deployment import open_searcher
     from embedtune.retrieval.milvus import SearchSettings
 
     setup_logging()

@@ -20,8 +20,9 @@ from conftest import make_documents
 from embedtune.artifacts import RunDir
 from embedtune.config import load_recipe
 from embedtune.corpus import run_corpus
-from embedtune.index import open_searcher, read_info, run_index
+from embedtune.index import run_index
 from embedtune.retrieval import milvus
+from embedtune.retrieval.deployment import open_searcher, read_info
 
 RARE = "zyxqvw"  # a token no chunk but one contains: only BM25 can find it
 ALIAS = "run"  # the alias is the run directory's name

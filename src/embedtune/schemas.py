@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from embedtune.artifacts import ArtifactError, read_jsonl_lines
+from embedtune.artifacts import ArtifactError, RunDir, read_jsonl_lines
 
 
 class Row(BaseModel):
@@ -96,3 +96,8 @@ def read_rows_numbered(path: str | Path, model: type[R]) -> Iterator[tuple[int, 
             where = ".".join(map(str, first["loc"])) or "row"
             raise ArtifactError(f"{path}:{lineno}: {where}: {first['msg']}") from None
         yield lineno, row
+
+
+def load_chunks(run: RunDir) -> list[Chunk]:
+    """A finished corpus stage's chunks (what every later stage reads first)."""
+    return list(read_rows(run.require("corpus", "chunks.jsonl"), Chunk))

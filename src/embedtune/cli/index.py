@@ -52,7 +52,7 @@ def search(
     """Search a run's index: top-k chunks with id, title, score and a snippet."""
     from rich.table import Table
 
-    from embedtune.index import open_searcher
+    from embedtune.retrieval.deployment import open_searcher
 
     setup_logging(verbose)
     searcher = open_searcher(run_dir)

@@ -120,9 +120,8 @@ def evaluate_run_index(run_or_index: str, dataset_dir: str, split: str = "test",
     from pathlib import Path
 
     from embedtune.artifacts import write_json
-    from embedtune.index import open_searcher
-    from embedtune.index.info import index_dir
     from embedtune.retrieval.beir import load_beir
+    from embedtune.retrieval.deployment import index_dir, open_searcher
 
     dataset = load_beir(dataset_dir, split)
     result = evaluate_index(open_searcher(run_or_index), dataset, stopwords=stopwords).to_json()

@@ -17,8 +17,8 @@ from pathlib import Path
 from embedtune.artifacts import Manifest, RunDir, config_hash, read_json, write_json
 from embedtune.config import IndexConfig, Recipe
 from embedtune.console import log, progress
-from embedtune.index.info import INFO_FILE, STATS_FILE, IndexInfo
 from embedtune.retrieval import milvus
+from embedtune.retrieval.deployment import INFO_FILE, STATS_FILE, IndexInfo
 from embedtune.retrieval.encoders import ServedModel, served_model
 from embedtune.schemas import Chunk, read_rows
 

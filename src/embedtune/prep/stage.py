@@ -37,7 +37,7 @@ def run_prep(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     if (done := stage.up_to_date(force)) is not None:
         return done
 
-    from embedtune.corpus import load_chunks
+    from embedtune.schemas import load_chunks
 
     chunks = load_chunks(run)
     queries = load_queries(queries_path, {c.id for c in chunks})

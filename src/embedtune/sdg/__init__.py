@@ -50,7 +50,7 @@ REJECTED = "rejected.jsonl"
 
 
 def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
-    from embedtune.corpus import load_chunks
+    from embedtune.schemas import load_chunks
 
     chunks_path = run.require("corpus", "chunks.jsonl")
     config = {"sdg": recipe.sdg.model_dump(mode="json"), "model": recipe.model.model_dump(mode="json")}

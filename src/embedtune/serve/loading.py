@@ -66,7 +66,7 @@ def model_entry(arg: str, backend: BackendKind = "auto", precision: OnnxPrecisio
 
 
 def _index_folder(path: Path, quiet: bool = False) -> Path | None:
-    from embedtune.index.info import INFO_FILE, index_dir
+    from embedtune.retrieval.deployment import INFO_FILE, index_dir
 
     folder = index_dir(path.expanduser())
     if (folder / INFO_FILE).is_file():

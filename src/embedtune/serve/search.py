@@ -58,8 +58,7 @@ class SearchResponse(BaseModel):
 def attach_index(served: Served, index: Path) -> None:
     """Open ``index`` for ``served`` (after its backend loaded); a mismatch or an unreachable store is
     kept as the reason /v1/search answers 503, never a crash of the server."""
-    from embedtune.index.info import read_info
-    from embedtune.index.searcher import searcher_for
+    from embedtune.retrieval.deployment import read_info, searcher_for
 
     try:
         info = read_info(index)

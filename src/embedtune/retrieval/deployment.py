@@ -1,15 +1,64 @@
-"""Open a run's index for searching: the store, the fusion settings and the model that filled it."""
+"""A deployed index as its readers see it: ``index/index.json`` (where the collection is, which model
+filled it so a server can refuse to answer with a different one, how hybrid search fuses) and the
+searcher that `/v1/search`, `embedtune search` and `embedtune eval --index` share.
+
+Written by the index stage (:mod:`embedtune.index`); read here, below every stage and the server.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
-from embedtune.index.info import STATS_FILE, IndexInfo, index_dir, read_info
+from embedtune.artifacts import ArtifactError, read_json
 from embedtune.retrieval import milvus
+
+INFO_FILE = "index.json"
+STATS_FILE = "dense_stats.npz"
+
+
+class IndexInfo(BaseModel):
+    collection: str  # the physical collection this build wrote
+    alias: str  # the name searches use; swapped to a new collection by the next build
+    uri: str  # Milvus Lite file (relative to the index folder when inside it) or a server URI
+    token_env: str | None = None
+    chunks: int
+    dimension: int
+    model_kind: str  # onnx | torch
+    model_path: str
+    model_precision: str | None = None
+    model_label: str = ""
+    model_fingerprint: str = ""
+    bm25: bool = True
+    bm25_weight: float = 0.2
+    fusion: str = "zscore"
+    candidates: int = 100
+    lexical_candidates: int = 1000
+    analyzer: dict[str, Any] = {}
+
+    def resolved_uri(self, index_dir: Path) -> str:
+        if milvus.is_lite(self.uri) and not Path(self.uri).is_absolute():
+            return str(index_dir / self.uri)
+        return self.uri
+
+
+def index_dir(run_or_index: str | Path) -> Path:
+    """A run directory's ``index/`` folder, or the folder itself when given one."""
+    path = Path(run_or_index)
+    return path if (path / INFO_FILE).is_file() else path / "index"
+
+
+def read_info(run_or_index: str | Path) -> IndexInfo:
+    folder = index_dir(run_or_index)
+    path = folder / INFO_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{run_or_index} has no index ({path} is missing): run `embedtune index` first")
+    return IndexInfo.model_validate(read_json(path))
 
 
 def settings_of(info: IndexInfo) -> milvus.SearchSettings:
