@@ -227,6 +227,9 @@ class ServeConfig(StrictModel):
     max_queue: int = Field(256, ge=1)
     max_inputs: int = Field(2048, ge=1)
     max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    max_request_tokens: int = Field(
+        65536, gt=0, description="tokens one request may hold after tokenisation (413 above); 2,048 inputs "
+        "of a few words fit, 2,048 long passages do not")
     backend: Literal["auto", "onnx", "torch"] = Field(
         "auto", description="auto = the ONNX export when the model folder or run has one, else torch")
     onnx_precision: Literal["auto", "int8", "fp32"] = Field(

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from embedtune.config import ServeConfig
 from embedtune.serve.backends import Backend, DimensionsError, reduce_dimensions
 from embedtune.serve.batching import Batcher, QueueFullError, ShuttingDownError
-from embedtune.serve.errors import APIError, error_body, install_handlers
+from embedtune.serve.errors import APIError, clip, error_body, install_handlers
 from embedtune.serve.guard import Guard
 from embedtune.serve.loading import ModelEntry
 from embedtune.serve.metrics import CONTENT_TYPE, Metrics
@@ -78,7 +78,7 @@ class ServerState:
             name = next(iter(self.models))
         served = self.models.get(name)
         if served is None:
-            raise APIError(404, f"The model `{name}` does not exist. Served models: {sorted(self.models)}",
+            raise APIError(404, f"The model `{clip(name)}` does not exist. Served models: {sorted(self.models)}",
                            code="model_not_found", param="model")
         if served.batcher is None:
             reason = f"failed to load: {served.error}" if served.error else "is still loading"
@@ -124,7 +124,7 @@ def _add_routes(app: FastAPI, state: ServerState, config: ServeConfig, metrics: 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> ModelCard:
         if model not in state.models:
-            raise APIError(404, f"The model `{model}` does not exist", code="model_not_found", param="model")
+            raise APIError(404, f"The model `{clip(model)}` does not exist", code="model_not_found", param="model")
         return _card(state.models[model])
 
     @app.get("/v1/health/live")
@@ -190,6 +190,11 @@ async def _embed(request: EmbeddingRequest, state: ServerState, config: ServeCon
         raise APIError(400, str(exc), code="input_too_long", param="input") from None
     except TokenIdError as exc:
         raise APIError(400, str(exc), code="invalid_token_id", param="input") from None
+    n_tokens = sum(len(x) for x in ids)
+    if n_tokens > config.max_request_tokens:  # one request must not hold the batcher for everyone else
+        raise APIError(413, f"the request holds {n_tokens} tokens after tokenisation, more than the "
+                       f"{config.max_request_tokens} one request may send (serve.max_request_tokens); "
+                       "split it into several requests", code="request_too_large", param="input")
     try:
         vectors = await batcher.submit(ids)
     except QueueFullError:
@@ -197,7 +202,6 @@ async def _embed(request: EmbeddingRequest, state: ServerState, config: ServeCon
     except ShuttingDownError as exc:
         raise APIError(503, str(exc), code="shutting_down") from None
     vectors = reduce_dimensions(vectors, request.dimensions)
-    n_tokens = sum(len(x) for x in ids)
     metrics.tokens.labels(served.entry.name).inc(n_tokens)
     return Response(_render(vectors, request, served.entry.name, n_tokens), media_type="application/json")
 
