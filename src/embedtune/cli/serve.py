@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,8 +20,15 @@ def serve(
              "NAME=PATH to choose the id clients use (repeatable) \\[recipe model.name]")] = None,
     host: Annotated[str | None, typer.Option(help="interface to bind \\[serve.host]")] = None,
     port: Annotated[int | None, typer.Option(help="port \\[serve.port]")] = None,
+    api_key_env: Annotated[str | None, typer.Option(
+        help="require 'Authorization: Bearer KEY', KEY read from this environment variable "
+             "\\[serve.api_key_env]")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(
+        help="require 'Authorization: Bearer KEY', KEY read from this file (chmod 600)")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth", help="allow a non-loopback --host without an API key")] = False,
     api_key: Annotated[str | None, typer.Option(
-        help="require 'Authorization: Bearer KEY' (else the env var named by serve.api_key_env)")] = None,
+        hidden=True, help="refused: a key on the command line shows in `ps`")] = None,
     backend: Annotated[str | None, typer.Option(help="auto | onnx | torch \\[serve.backend]")] = None,
     onnx_precision: Annotated[str | None, typer.Option(
         help="auto | int8 | fp32 \\[serve.onnx_precision]")] = None,
@@ -33,14 +40,16 @@ def serve(
 ) -> None:
     """Serve /v1/embeddings (OpenAI + NIM fields) with dynamic batching, plus /v1/models, health, metrics."""
     from embedtune.serve import model_entry, run_server
+    from embedtune.serve.keys import CLI_VALUE_REFUSED, check_exposure, read_api_key
 
+    if api_key is not None:
+        raise ValueError(CLI_VALUE_REFUSED)
     recipe = load(config, override, verbose, serve__host=host, serve__port=port, serve__backend=backend,
                   serve__onnx_precision=onnx_precision, serve__max_batch_tokens=max_batch_tokens,
-                  serve__max_queue=max_queue)
+                  serve__max_queue=max_queue, serve__api_key_env=api_key_env)
     cfg = recipe.serve
-    key = api_key or (os.environ.get(cfg.api_key_env) if cfg.api_key_env else None)
-    if cfg.api_key_env and not key:
-        raise ValueError(f"serve.api_key_env is {cfg.api_key_env!r} but that environment variable is empty")
+    key = read_api_key(None if api_key_file else cfg.api_key_env, api_key_file)
+    check_exposure(cfg.host, key, insecure_no_auth)
     entries = [model_entry(arg, cfg.backend, cfg.onnx_precision) for arg in (model or [recipe.model.name])]
     for entry in entries:
         console.print(f"[bold]{entry.name}[/] <- {entry.source}")
