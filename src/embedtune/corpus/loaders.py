@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedtune.artifacts import ArtifactError, read_jsonl_lines
+from embedtune.artifacts import ArtifactError, decode_utf8, read_json, read_jsonl_lines
 from embedtune.console import log
 from embedtune.corpus.clean import html_to_text, pdf_to_text
 
@@ -48,12 +47,28 @@ def iter_documents(path: str | Path, stats: LoadStats | None = None) -> Iterator
         stats.files += 1
         try:
             yield from _read_file(file, rel)
+        except UnreadableDocument as exc:
+            _skip(stats, str(exc))
         except ArtifactError:
-            raise  # a malformed JSONL line is an error the user must fix, not a skip
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            reason = f"{file}: {type(exc).__name__}: {exc}"
-            log.warning("skipped %s", reason)
-            stats.skipped_files.append(reason)
+            raise  # a malformed JSON record is an error the user must fix, not a skip
+        except (OSError, ValueError) as exc:
+            _skip(stats, f"{file}: {type(exc).__name__}: {exc}")
+
+
+class UnreadableDocument(ValueError):
+    """A text, HTML or PDF document that cannot be read: skipped with a warning, the rest goes on."""
+
+
+def _skip(stats: LoadStats, reason: str) -> None:
+    log.warning("skipped %s", reason)
+    stats.skipped_files.append(reason)
+
+
+def _decode(file: Path) -> str:
+    try:
+        return decode_utf8(file.read_bytes(), file)
+    except ArtifactError as exc:  # names file, line and column
+        raise UnreadableDocument(str(exc)) from None
 
 
 def _read_file(file: Path, rel: str) -> Iterator[Document]:
@@ -63,10 +78,10 @@ def _read_file(file: Path, rel: str) -> Iterator[Document]:
     elif suffix == ".pdf":
         yield Document(rel, pdf_to_text(file), title=file.stem, source=rel)
     elif suffix in HTML_SUFFIXES:
-        title, text = html_to_text(file.read_bytes().decode("utf-8"))
+        title, text = html_to_text(_decode(file))
         yield Document(rel, text, title=title or file.stem, source=rel)
     else:
-        text = file.read_bytes().decode("utf-8")
+        text = _decode(file)
         yield Document(rel, text, title=_markdown_title(text) if suffix in {".md", ".markdown"} else "",
                        source=rel)
 
@@ -74,10 +89,7 @@ def _read_file(file: Path, rel: str) -> Iterator[Document]:
 def _read_json_records(file: Path, rel: str) -> Iterator[Document]:
     """JSONL (BEIR corpus or any records with a text field), or a .json list of records."""
     if file.suffix.lower() == ".json":
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{file}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        data = read_json(file)
         records = enumerate(data if isinstance(data, list) else [data], 1)
     else:
         records = read_jsonl_lines(file)
