@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -24,6 +25,7 @@ from pydantic import BaseModel, Field
 from embedtune import __version__
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("embedtune")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -40,7 +42,9 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     """Open a temporary file beside ``path``; on success fsync and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The writer's pid in the name: a file left by a process that was killed (kill -9 skips the cleanup
+    # below) can be told from one another process is still writing; see remove_orphan_temp_files.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a published artifact gets the usual permissions
     binary = "b" in mode
     try:
@@ -53,6 +57,33 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def remove_orphan_temp_files(root: str | Path) -> list[Path]:
+    """Delete :func:`atomic_open` temp files under ``root`` whose writing process no longer exists."""
+    removed = []
+    for tmp in Path(root).rglob(".*.tmp"):
+        match = _TEMP_NAME.match(tmp.name)
+        if match and tmp.is_file() and not _process_alive(int(match["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except (OverflowError, ValueError):
+        return False
+    return True
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -262,6 +293,10 @@ class Stage:
         with contextlib.suppress(FileNotFoundError):
             (self.dir / MANIFEST).unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
+        # A stage killed mid-write (kill -9, OOM killer) leaves its temp file behind: the rerun clears
+        # them from the whole run directory (stage folders and the run-wide caches).
+        if removed := remove_orphan_temp_files(self.run.root):
+            log.info("removed %d temp file(s) left by a killed run: %s", len(removed), removed[0].name)
         self._t0 = time.perf_counter()
         return None
 
