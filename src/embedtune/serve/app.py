@@ -23,7 +23,7 @@ from embedtune.serve.errors import APIError, clip, error_body, install_handlers
 from embedtune.serve.guard import Guard
 from embedtune.serve.loading import ModelEntry
 from embedtune.serve.metrics import CONTENT_TYPE, Metrics
-from embedtune.serve.schemas import EmbeddingRequest, ModelCard, ModelList
+from embedtune.serve.schemas import EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, error_responses
 from embedtune.serve.tokens import InputTooLongError, TokenIdError
 
 log = logging.getLogger("embedtune.serve")
@@ -113,15 +113,18 @@ def create_app(entries: Sequence[ModelEntry], config: ServeConfig | None = None,
 
 
 def _add_routes(app: FastAPI, state: ServerState, config: ServeConfig, metrics: Metrics) -> None:
-    @app.post("/v1/embeddings")
+    # The documented responses are every one the route can give, so the spec is a contract a client (and
+    # the schemathesis suite) can check: 4xx/5xx bodies are OpenAI's error shape, not FastAPI's.
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse,
+              responses=error_responses(400, 401, 404, 413, 422, 429, 503))
     async def embeddings(request: EmbeddingRequest) -> Response:
         return await _embed(request, state, config, metrics)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401))
     async def list_models() -> ModelList:
         return ModelList(data=[_card(s) for s in state.models.values()])
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", responses=error_responses(401, 404))
     async def get_model(model: str) -> ModelCard:
         if model not in state.models:
             raise APIError(404, f"The model `{clip(model)}` does not exist", code="model_not_found", param="model")
@@ -131,7 +134,7 @@ def _add_routes(app: FastAPI, state: ServerState, config: ServeConfig, metrics: 
     async def live() -> dict:
         return {"object": "health.response", "message": "live"}
 
-    @app.get("/v1/health/ready")
+    @app.get("/v1/health/ready", responses=error_responses(503))
     async def ready() -> Response:
         if state.ready:
             return JSONResponse({"object": "health.response", "message": "ready"})
@@ -139,8 +142,11 @@ def _add_routes(app: FastAPI, state: ServerState, config: ServeConfig, metrics: 
         message = f"models failed to load: {failed}" if failed else "models are loading"
         return JSONResponse(error_body(503, message, "not_ready"), status_code=503)
 
-    @app.get("/metrics")
-    @app.get("/v1/metrics")  # NIM's path
+    prometheus_text = {200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus exposition format"}}
+
+    @app.get("/metrics", response_class=Response, responses=prometheus_text)
+    @app.get("/v1/metrics", response_class=Response, responses=prometheus_text)  # NIM's path
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

@@ -56,3 +56,45 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class EmbeddingObject(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    """What ``/v1/embeddings`` returns (rendered by hand for speed; this model documents it)."""
+
+    object: Literal["list"] = "list"
+    data: list[EmbeddingObject]
+    model: str
+    usage: Usage
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape, used for every 4xx and 5xx."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` entries for these statuses, all in the OpenAI error shape."""
+    why = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model",
+           413: "body over serve.max_request_bytes or tokens over serve.max_request_tokens",
+           422: "body does not match the schema", 429: "queue full, retry later",
+           503: "model loading, failed, or shutting down"}
+    return {s: {"model": ErrorBody, "description": why.get(s, "error")} for s in statuses}
