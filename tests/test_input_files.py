@@ -166,3 +166,27 @@ def test_beir_bad_qrels_name_file_and_line(tmp_path, qrels, expected):
 def test_beir_clean_folder_still_loads(tmp_path):
     ds = load_beir(beir(tmp_path, DOCS, [*QUERIES, {"_id": 2, "text": "two?"}], b"q1\td1\t1\n2\td2\t1\n"))
     assert ds.queries == {"q1": "which one?", "2": "two?"} and ds.qrels == {"q1": {"d1": 1}, "2": {"d2": 1}}
+
+
+def test_non_utf8_file_name_is_skipped_and_named(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "ok.txt").write_text("Plain text about boats.\n")
+    with open(os.fsencode(docs) + b"/caf\xe9.txt", "wb") as fh:  # a Latin-1 name on a UTF-8 system
+        fh.write(b"Text whose file name is not UTF-8.\n")
+    stats = LoadStats()
+    assert [d.id for d in iter_documents(docs, stats)] == ["ok.txt"]
+    assert stats.skipped_files == [f"{docs}/caf\\xe9.txt: the file name is not valid UTF-8; rename the file"]
+    from embedtune.artifacts import sha256_path
+
+    assert len(sha256_path(docs)) == 64  # the stage's input hash reads names as bytes
+
+
+@pytest.mark.parametrize("data", [b"%PDF-1.4\n" + b"<<" * 50_000 + b"\n%%EOF", b"%PDF-1.4\n1 0 obj << /Type",
+                                  b"not a pdf at all"])
+def test_broken_pdf_is_skipped_with_a_reason(tmp_path, data):
+    write(tmp_path / "docs" / "ok.txt", b"Plain text about boats.\n")
+    write(tmp_path / "docs" / "bad.pdf", data)
+    stats = LoadStats()
+    assert [d.id for d in iter_documents(tmp_path / "docs", stats)] == ["ok.txt"]
+    assert len(stats.skipped_files) == 1 and "bad.pdf" in stats.skipped_files[0]

@@ -200,7 +200,7 @@ def sha256_path(path: str | Path) -> str:
         return sha256_file(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
+        h.update(os.fsencode(f.relative_to(path)))  # the name's bytes: same as .encode() for UTF-8 names
         h.update(sha256_file(f).encode())
     return h.hexdigest()
 

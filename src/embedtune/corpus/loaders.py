@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ def iter_documents(path: str | Path, stats: LoadStats | None = None) -> Iterator
             continue
         rel = file.name if root.is_file() else str(file.relative_to(root))
         stats.files += 1
+        if not _valid_utf8(rel):  # ids and sources are written to UTF-8 files: a name like b"caf\xe9" can't be
+            _skip(stats, f"{_printable(file)}: the file name is not valid UTF-8; rename the file")
+            continue
         try:
             yield from _read_file(file, rel)
         except UnreadableDocument as exc:
@@ -64,6 +68,27 @@ def _skip(stats: LoadStats, reason: str) -> None:
     stats.skipped_files.append(reason)
 
 
+def _valid_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # the OS handed over undecodable bytes as lone surrogates
+        return False
+    return True
+
+
+def _printable(path: Path) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _pdf_text(file: Path) -> str:
+    try:
+        return pdf_to_text(file)
+    except (OSError, ValueError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a hostile PDF can break the parser in any way (recursion too)
+        raise UnreadableDocument(f"{file}: unreadable PDF ({type(exc).__name__})") from None
+
+
 def _decode(file: Path) -> str:
     try:
         return decode_utf8(file.read_bytes(), file)
@@ -76,7 +101,7 @@ def _read_file(file: Path, rel: str) -> Iterator[Document]:
     if suffix in JSON_SUFFIXES:
         yield from _read_json_records(file, rel)
     elif suffix == ".pdf":
-        yield Document(rel, pdf_to_text(file), title=file.stem, source=rel)
+        yield Document(rel, _pdf_text(file), title=file.stem, source=rel)
     elif suffix in HTML_SUFFIXES:
         title, text = html_to_text(_decode(file))
         yield Document(rel, text, title=title or file.stem, source=rel)
