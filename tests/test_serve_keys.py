@@ -76,6 +76,12 @@ def test_non_loopback_host_with_a_key_and_loopback_without_one_are_allowed(start
     assert serve("--host", "127.0.0.1").exit_code == 0 and started["key"] is None
 
 
+def test_request_token_budget_flag_reaches_the_config(started):
+    assert serve("--max-request-tokens", "4096").exit_code == 0
+    assert started["cfg"].max_request_tokens == 4096
+    assert serve("--max-request-tokens", "0").exit_code == 2  # a recipe error names the key
+
+
 @pytest.mark.parametrize(("host", "loopback"), [
     ("127.0.0.1", True), ("127.9.9.9", True), ("::1", True), ("[::1]", True), ("localhost", True),
     ("0.0.0.0", False), ("::", False), ("10.0.0.5", False), ("example.com", False), ("", False),

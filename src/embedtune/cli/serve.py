@@ -34,6 +34,8 @@ def serve(
         help="auto | int8 | fp32 \\[serve.onnx_precision]")] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help="token budget of one batch")] = None,
     max_queue: Annotated[int | None, typer.Option(help="requests waiting before 429")] = None,
+    max_request_tokens: Annotated[int | None, typer.Option(
+        help="tokens one request may hold after tokenisation (413 above) \\[serve.max_request_tokens]")] = None,
     config: ConfigOpt = None,
     override: OverrideOpt = None,
     verbose: VerboseOpt = False,
@@ -46,7 +48,8 @@ def serve(
         raise ValueError(CLI_VALUE_REFUSED)
     recipe = load(config, override, verbose, serve__host=host, serve__port=port, serve__backend=backend,
                   serve__onnx_precision=onnx_precision, serve__max_batch_tokens=max_batch_tokens,
-                  serve__max_queue=max_queue, serve__api_key_env=api_key_env)
+                  serve__max_queue=max_queue, serve__max_request_tokens=max_request_tokens,
+                  serve__api_key_env=api_key_env)
     cfg = recipe.serve
     key = read_api_key(None if api_key_file else cfg.api_key_env, api_key_file)
     check_exposure(cfg.host, key, insecure_no_auth)
