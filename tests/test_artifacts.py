@@ -73,3 +73,43 @@ def test_manifest_records_hashes_counts_and_time(tmp_path):
     data = json.loads(run.path("demo", "manifest.json").read_text())
     assert set(data) >= {"stage", "version", "config", "inputs", "outputs", "counts", "seconds"}
     assert data["inputs"][str(src)] and data["config"] == {"k": 1} and data["seconds"] >= 0
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_rerun_removes_temp_files_of_killed_writers_only(tmp_path):
+    import os
+
+    run = RunDir(tmp_path / "run")
+    src = tmp_path / "in.txt"
+    src.write_text("x")
+    _run_stage(run, src, {"k": 1})
+    dead, alive = _dead_pid(), os.getpid()
+    orphans = [run.path("demo", f".out.jsonl.{dead}.abc123de.tmp"),
+               run.root / "cache" / "embeddings" / f".k.npy.{dead}.zz_9yy8x.tmp"]
+    in_flight = run.path("demo", f".other.jsonl.{alive}.q1w2e3r4.tmp")  # a live writer's file stays
+    foreign = run.path("demo", "notes.tmp")  # not ours: left alone
+    for p in [*orphans, in_flight, foreign]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("partial")
+    assert _run_stage(run, src, {"k": 1}).skipped  # an up-to-date stage touches nothing
+    assert all(p.exists() for p in orphans)
+    assert not _run_stage(run, src, {"k": 2}).skipped
+    assert not any(p.exists() for p in orphans)
+    assert in_flight.exists() and foreign.exists()
+
+
+def test_atomic_open_temp_name_carries_the_writer_pid(tmp_path):
+    import os
+
+    with atomic_open(tmp_path / "f.txt") as fh:
+        names = [p.name for p in tmp_path.iterdir()]
+        fh.write("x")
+    assert len(names) == 1 and names[0].startswith(f".f.txt.{os.getpid()}.") and names[0].endswith(".tmp")

@@ -40,6 +40,40 @@ def test_bad_value_names_key_and_allowed_values():
         load_recipe(None, ["prep.test_ratio=1.5"])
 
 
+@pytest.mark.parametrize(("override", "key"), [
+    ("finetune.epochs=.inf", "finetune.epochs"),
+    ("finetune.learning_rate=.nan", "finetune.learning_rate"),
+    ("sdg.llm.timeout=inf", "sdg.llm.timeout"),  # a string pydantic would read as infinity
+    ("prep.margin=1e999", "prep.margin"),  # overflows to infinity
+    ("eval.hybrid_bm25_weight=-.inf", "eval.hybrid_bm25_weight"),
+])
+def test_inf_and_nan_are_refused_with_the_key_named(override, key):
+    with pytest.raises(RecipeError, match=rf"'{key}': Input should be a finite number"):
+        load_recipe(None, [override])
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("finetune.seed=99999999999999999999", "finetune.seed"),  # numpy and torch overflow on it
+    ("prep.seed=-1", "prep.seed"),
+    ("finetune.epochs=1e12", "finetune.epochs"),
+    ("finetune.global_batch_size=10000000000", "finetune.global_batch_size"),
+    ("sdg.llm.timeout=1e10", "sdg.llm.timeout"),
+    ("sdg.llm.concurrency=100000", "sdg.llm.concurrency"),
+    ("serve.max_request_bytes=1099511627776", "serve.max_request_bytes"),
+    ("serve.max_request_tokens=0", "serve.max_request_tokens"),
+])
+def test_absurd_values_are_refused_with_the_key_named(override, key):
+    with pytest.raises(RecipeError, match=rf"'{key}': Input should be"):
+        load_recipe(None, [override])
+
+
+def test_inf_in_a_yaml_recipe_names_the_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("finetune:\n  temperature: .nan\n")
+    with pytest.raises(RecipeError, match=r"'finetune.temperature': Input should be a finite number"):
+        load_recipe(path)
+
+
 def test_malformed_override_and_yaml(tmp_path):
     with pytest.raises(RecipeError, match="section.key=value"):
         load_recipe(None, ["finetune.epochs"])

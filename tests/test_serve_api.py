@@ -15,7 +15,7 @@ from embedtune.serve import ModelEntry, TorchBackend, create_app, start_in_threa
 
 KEY = "sekret"
 PROMPTS = {"query_prompt": "query: ", "passage_prompt": "passage: "}
-CONFIG = ServeConfig(max_inputs=16, max_request_bytes=64 * 1024, max_queue=64)
+CONFIG = ServeConfig(max_inputs=16, max_request_bytes=64 * 1024, max_queue=64, max_request_tokens=300)
 TEXTS = ["The rudder steers the boat through the harbour.", "Bake the dough in a hot oven.", "stars"]
 LONG = " ".join(["sailing boats and harbour tides"] * 40)  # far more than the tiny model's 64 tokens
 
@@ -222,6 +222,50 @@ def test_api_key_is_required_and_checked(server):
 def test_oversized_body_is_413(server):
     big = {"model": "tiny", "input": ["word " * 2000] * 10}  # ~100 kB > 64 KiB limit
     assert_openai_error(post(server, big), 413, "request_too_large")
+
+
+def test_request_token_budget_is_413_counted_after_tokenisation(server):
+    # 8 inputs truncated to the tiny model's 64 tokens = 512 tokens > 300; the body is only ~10 kB.
+    too_many = {"model": "tiny", "input": [LONG] * 8, "truncate": "END"}
+    error = assert_openai_error(post(server, too_many), 413, "request_too_large")
+    assert "512 tokens" in error["message"] and "max_request_tokens" in error["message"]
+    fits = {"model": "tiny", "input": [LONG] * 4, "truncate": "END"}  # 256 tokens
+    assert post(server, fits).json()["usage"]["prompt_tokens"] == 256
+
+
+def raw_post(server, body: bytes, authorization: bytes = f"Bearer {KEY}".encode()) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/embeddings", content=body, timeout=30,
+                      headers={"Authorization": authorization, "Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (rb'{"model": "tiny", "input": "a\ud800b"}', "input"),  # JSON may escape a lone surrogate
+    (rb'{"model": "tiny", "input": ["fine", "\udfff"]}', "input.1"),
+    (rb'{"model": "\udc00", "input": "x"}', "model"),  # would be echoed in the 404 message
+    (rb'{"model": "tiny", "input": "x", "user": "\ud83d"}', "user"),
+])
+def test_lone_surrogate_is_a_4xx_naming_the_field(server, body, param):
+    error = assert_openai_error(raw_post(server, body), 422, "invalid_unicode")
+    assert error["param"] == param and "surrogate" in error["message"]
+
+
+def test_non_ascii_bearer_token_is_401_not_500(server):
+    for token in ("sekrét".encode(), b"\xff\xfe", "ключ".encode()):
+        assert_openai_error(raw_post(server, b'{"model": "tiny", "input": "x"}', b"Bearer " + token), 401,
+                            "invalid_api_key")
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "tiny", "input": "caf\xe9"}',  # Latin-1, not UTF-8
+    b'{"model": "tiny", "input": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",  # nested 30k deep (limit 64 KiB)
+])
+def test_undecodable_bodies_are_400_in_openai_shape(server, body):
+    assert_openai_error(raw_post(server, body), 400, "invalid_body")
+
+
+def test_unknown_model_name_is_not_echoed_in_full(server):
+    error = assert_openai_error(post(server, {"input": "x", "model": "m" * 50_000}), 404, "model_not_found")
+    assert len(error["message"]) < 500 and "50000 characters" in error["message"]
 
 
 def test_server_survives_garbage_and_still_answers_correctly(server, reference):

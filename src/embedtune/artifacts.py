@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -23,6 +25,7 @@ from pydantic import BaseModel, Field
 from embedtune import __version__
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("embedtune")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -39,7 +42,9 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     """Open a temporary file beside ``path``; on success fsync and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The writer's pid in the name: a file left by a process that was killed (kill -9 skips the cleanup
+    # below) can be told from one another process is still writing; see remove_orphan_temp_files.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a published artifact gets the usual permissions
     binary = "b" in mode
     try:
@@ -52,6 +57,33 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def remove_orphan_temp_files(root: str | Path) -> list[Path]:
+    """Delete :func:`atomic_open` temp files under ``root`` whose writing process no longer exists."""
+    removed = []
+    for tmp in Path(root).rglob(".*.tmp"):
+        match = _TEMP_NAME.match(tmp.name)
+        if match and tmp.is_file() and not _process_alive(int(match["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except (OverflowError, ValueError):
+        return False
+    return True
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -83,18 +115,21 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def read_jsonl_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Like :func:`read_jsonl`, with each object's 1-based line number (blank lines are skipped)."""
+    """Like :func:`read_jsonl`, with each object's 1-based line number (blank lines are skipped).
+
+    Every way a line can be unusable (not UTF-8, not JSON, nested too deep to decode, not an object) is
+    an :class:`ArtifactError` naming the file and line, never a bare decoder exception.
+    """
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"file not found: {path}")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark, as some Windows editors write
+            if not raw.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ArtifactError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            obj = _parse_json(decode_utf8(raw, path, lineno), path, lineno)
             if not isinstance(obj, dict):
                 raise ArtifactError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
@@ -103,11 +138,51 @@ def read_jsonl_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"{path} is a directory, expected a JSON file") from None
+    return _parse_json(decode_utf8(data.removeprefix(b"\xef\xbb\xbf"), path), path)
+
+
+def decode_utf8(data: bytes, path: str | Path, first_line: int = 1) -> str:
+    """``data`` as text; invalid UTF-8 is an :class:`ArtifactError` naming the file, line and column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + data.count(b"\n", 0, exc.start)
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ArtifactError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
+                            "save the file as UTF-8") from None
+
+
+def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        where = line if line is not None else exc.lineno
+        raise ArtifactError(f"{path}:{where}: malformed JSON ({exc.msg})") from None
+    except RecursionError:  # the stdlib decoder recurses once per nesting level
+        where = line if line is not None else 1
+        raise ArtifactError(f"{path}:{where}: JSON nested too deeply to decode") from None
+    if _ESCAPED_SURROGATE.search(text):
+        _check_no_lone_surrogate(obj, path, line)
+    return obj
+
+
+# JSON may escape half of a UTF-16 pair ("\\ud800"): Python decodes it into a string no UTF-8 writer or
+# tokenizer accepts, so it would fail stages later, far from the file that holds it.
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_no_lone_surrogate(obj: Any, path: Path, line: int | None) -> None:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        where = f"{path}:{line}" if line is not None else str(path)
+        raise ArtifactError(f"{where}: text holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is "
+                            "not valid Unicode") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -125,7 +200,7 @@ def sha256_path(path: str | Path) -> str:
         return sha256_file(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
+        h.update(os.fsencode(f.relative_to(path)))  # the name's bytes: same as .encode() for UTF-8 names
         h.update(sha256_file(f).encode())
     return h.hexdigest()
 
@@ -218,6 +293,10 @@ class Stage:
         with contextlib.suppress(FileNotFoundError):
             (self.dir / MANIFEST).unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
+        # A stage killed mid-write (kill -9, OOM killer) leaves its temp file behind: the rerun clears
+        # them from the whole run directory (stage folders and the run-wide caches).
+        if removed := remove_orphan_temp_files(self.run.root):
+            log.info("removed %d temp file(s) left by a killed run: %s", len(removed), removed[0].name)
         self._t0 = time.perf_counter()
         return None
 

@@ -19,7 +19,13 @@ class RecipeError(ValueError):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/NaN pass a `gt=0` check (inf) or poison every later computation (NaN): refused with the key named.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Upper bounds below are not tuning advice: they reject values that are typos or attacks (a seed numpy and
+# torch overflow on, a timeout of centuries, a batch no machine holds), before any stage runs.
+SEED_MAX = 2**32 - 1  # numpy's and transformers.set_seed's range
 
 
 class ModelConfig(StrictModel):
@@ -28,14 +34,14 @@ class ModelConfig(StrictModel):
     name: str = Field("default", description="'default', 'multilingual-default', a local folder or a hub id")
     query_prompt: str | None = Field(None, description="overrides the spec's query prompt")
     passage_prompt: str | None = Field(None, description="overrides the spec's passage prompt")
-    max_seq_length: int | None = Field(None, gt=0)
+    max_seq_length: int | None = Field(None, gt=0, le=1_048_576)
     pooling: Literal["mean", "cls", "lasttoken"] | None = None
 
 
 class CorpusConfig(StrictModel):
     path: str | None = Field(None, description="folder, file or BEIR corpus.jsonl with the documents")
     chunk_tokens: int | None = Field(
-        None, gt=16, description="chunk size in the model's tokens; None fits the model's max length"
+        None, gt=16, le=1_048_576, description="chunk size in the model's tokens; None fits the model's max length"
     )
     overlap_sentences: int = Field(0, ge=0, description="sentences repeated at the start of the next chunk")
     min_chars: int = Field(20, ge=0, description="documents shorter than this are dropped")
@@ -49,25 +55,25 @@ class LLMGeneratorConfig(StrictModel):
     api_key_env: str = Field("OPENAI_API_KEY", description="name of the environment variable holding the key")
     temperature: float = Field(0.6, ge=0, le=2)
     top_p: float = Field(0.95, gt=0, le=1)
-    max_tokens: int = Field(2048, gt=0)
-    timeout: float = Field(120.0, gt=0)
-    concurrency: int = Field(8, ge=1)
-    max_retries: int = Field(5, ge=0)
+    max_tokens: int = Field(2048, gt=0, le=1_048_576)
+    timeout: float = Field(120.0, gt=0, le=86_400)
+    concurrency: int = Field(8, ge=1, le=1024)
+    max_retries: int = Field(5, ge=0, le=100)
     structured_output: bool = Field(True, description="ask for response_format=json_object")
-    parse_retries: int = Field(2, ge=0, description="new attempts when an answer holds no valid JSON")
+    parse_retries: int = Field(2, ge=0, le=100, description="new attempts when an answer holds no valid JSON")
     judge_model: str | None = Field(None, description="defaults to `model`")
 
 
 class LocalGeneratorConfig(StrictModel):
     model_path: str | None = Field(None, description="GGUF file or HF folder; None = shipped SmolLM2-135M")
-    batch_size: int = Field(8, ge=1, description="chunks per forward pass")
-    samples_per_chunk: int = Field(4, ge=1, description="sampled queries per chunk, before filtering")
-    max_passage_tokens: int = Field(256, gt=0, description="the passage is cut to this many tokens")
-    max_new_tokens: int = Field(40, gt=0)
+    batch_size: int = Field(8, ge=1, le=65_536, description="chunks per forward pass")
+    samples_per_chunk: int = Field(4, ge=1, le=1024, description="sampled queries per chunk, before filtering")
+    max_passage_tokens: int = Field(256, gt=0, le=1_048_576, description="the passage is cut to this many tokens")
+    max_new_tokens: int = Field(40, gt=0, le=65_536)
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads while generating; 1 is far faster on an oversubscribed CPU"
     )
-    temperature: float = Field(0.7, ge=0, description="0 = greedy (one sample per chunk makes sense then)")
+    temperature: float = Field(0.7, ge=0, le=100, description="0 = greedy (one sample per chunk makes sense then)")
     top_p: float = Field(0.95, gt=0, le=1)
 
 
@@ -90,9 +96,9 @@ class QueryFilterConfig(StrictModel):
 
 class SdgConfig(StrictModel):
     generator: str = Field("local", description="registered generator name: local, llm or a plug-in")
-    queries_per_chunk: int = Field(2, ge=1)
+    queries_per_chunk: int = Field(2, ge=1, le=1024)
     max_chunks: int | None = Field(None, gt=0, description="sample at most this many chunks")
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     query_mix: dict[str, float] = Field(
         default_factory=lambda: {"multi_hop": 0.2, "structural": 0.3, "contextual": 0.5}
     )
@@ -112,7 +118,7 @@ class SdgConfig(StrictModel):
 
 class PrepConfig(StrictModel):
     test_ratio: float = Field(0.2, ge=0, lt=1, description="share of query-bearing documents held out")
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     max_pos_docs: int = Field(5, ge=1, description="queries with more positives are dropped")
     hard_negatives_to_mine: int = Field(5, ge=0)
     negatives_used: int = Field(4, ge=0, description="minimum negatives per query (fill_missing)")
@@ -139,21 +145,21 @@ class PrepConfig(StrictModel):
 
 
 class LoraConfig(StrictModel):
-    rank: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
+    rank: int = Field(16, ge=1, le=4096)
+    alpha: int = Field(32, ge=1, le=65_536)
     dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, description="None: chosen per architecture")
 
 
 class FinetuneConfig(StrictModel):
     finetuning_type: Literal["all_weights", "lora_merged"] = "all_weights"
-    epochs: float = Field(3, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    learning_rate: float = Field(1e-5, gt=0)
-    warmup_steps: int = Field(5, ge=0)
+    epochs: float = Field(3, gt=0, le=10_000)
+    max_steps: int | None = Field(None, gt=0, le=10**9)
+    learning_rate: float = Field(1e-5, gt=0, le=10)
+    warmup_steps: int = Field(5, ge=0, le=10**9)
     lr_scheduler: str = "cosine"
     weight_decay: float = Field(0.01, ge=0)
-    global_batch_size: int = Field(128, ge=1)
+    global_batch_size: int = Field(128, ge=1, le=1_048_576)
     micro_batch_size: int | None = Field(
         None, ge=1, description="GradCache mini-batch; None: whole per-device batch in one forward pass"
     )
@@ -162,7 +168,7 @@ class FinetuneConfig(StrictModel):
         "margin_mse: distil prep's teacher score margins (positive minus each negative), as GPL does"
     )
     auto_scale_batch: bool = True
-    passages_per_query: int = Field(5, ge=1, description="1 positive + (n-1) hard negatives")
+    passages_per_query: int = Field(5, ge=1, le=1024, description="1 positive + (n-1) hard negatives")
     temperature: float = Field(0.02, gt=0)
     in_batch_negatives: bool = True
     matryoshka_dims: list[int] | Literal["auto"] | None = "auto"
@@ -171,7 +177,7 @@ class FinetuneConfig(StrictModel):
     checkpoint_steps: int = Field(50, gt=0)
     save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept (plus the best)")
     val_corpus_size: int = Field(1000, ge=0, description="other passages added to the validation corpus")
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
@@ -253,10 +259,13 @@ class ServeConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key_env: str | None = Field(None, description="environment variable with the Bearer key")
-    max_batch_tokens: int = Field(16384, gt=0)
-    max_queue: int = Field(256, ge=1)
-    max_inputs: int = Field(2048, ge=1)
-    max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    max_batch_tokens: int = Field(16384, gt=0, le=16_777_216)
+    max_queue: int = Field(256, ge=1, le=1_000_000)
+    max_inputs: int = Field(2048, ge=1, le=1_000_000)
+    max_request_bytes: int = Field(8 * 1024 * 1024, gt=0, le=1 << 30)
+    max_request_tokens: int = Field(
+        65536, gt=0, le=16_777_216, description="tokens one request may hold after tokenisation (413 above); "
+        "2,048 inputs of a few words fit, 2,048 long passages do not")
     backend: Literal["auto", "onnx", "torch"] = Field(
         "auto", description="auto = the ONNX export when the model folder or run has one, else torch")
     onnx_precision: Literal["auto", "int8", "fp32"] = Field(

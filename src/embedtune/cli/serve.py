@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -21,13 +20,22 @@ def serve(
              "NAME=PATH to choose the id clients use (repeatable) \\[recipe model.name]")] = None,
     host: Annotated[str | None, typer.Option(help="interface to bind \\[serve.host]")] = None,
     port: Annotated[int | None, typer.Option(help="port \\[serve.port]")] = None,
+    api_key_env: Annotated[str | None, typer.Option(
+        help="require 'Authorization: Bearer KEY', KEY read from this environment variable "
+             "\\[serve.api_key_env]")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(
+        help="require 'Authorization: Bearer KEY', KEY read from this file (chmod 600)")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth", help="allow a non-loopback --host without an API key")] = False,
     api_key: Annotated[str | None, typer.Option(
-        help="require 'Authorization: Bearer KEY' (else the env var named by serve.api_key_env)")] = None,
+        hidden=True, help="refused: a key on the command line shows in `ps`")] = None,
     backend: Annotated[str | None, typer.Option(help="auto | onnx | torch \\[serve.backend]")] = None,
     onnx_precision: Annotated[str | None, typer.Option(
         help="auto | int8 | fp32 \\[serve.onnx_precision]")] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help="token budget of one batch")] = None,
     max_queue: Annotated[int | None, typer.Option(help="requests waiting before 429")] = None,
+    max_request_tokens: Annotated[int | None, typer.Option(
+        help="tokens one request may hold after tokenisation (413 above) \\[serve.max_request_tokens]")] = None,
     index: Annotated[Path | None, typer.Option(
         help="serve /v1/search over this run's index (default: a served run directory's own index)")] = None,
     config: ConfigOpt = None,
@@ -36,14 +44,17 @@ def serve(
 ) -> None:
     """Serve /v1/embeddings (OpenAI + NIM fields) with dynamic batching, plus /v1/models, health, metrics."""
     from embedtune.serve import model_entry, run_server
+    from embedtune.serve.keys import CLI_VALUE_REFUSED, check_exposure, read_api_key
 
+    if api_key is not None:
+        raise ValueError(CLI_VALUE_REFUSED)
     recipe = load(config, override, verbose, serve__host=host, serve__port=port, serve__backend=backend,
                   serve__onnx_precision=onnx_precision, serve__max_batch_tokens=max_batch_tokens,
-                  serve__max_queue=max_queue)
+                  serve__max_queue=max_queue, serve__max_request_tokens=max_request_tokens,
+                  serve__api_key_env=api_key_env)
     cfg = recipe.serve
-    key = api_key or (os.environ.get(cfg.api_key_env) if cfg.api_key_env else None)
-    if cfg.api_key_env and not key:
-        raise ValueError(f"serve.api_key_env is {cfg.api_key_env!r} but that environment variable is empty")
+    key = read_api_key(None if api_key_file else cfg.api_key_env, api_key_file)
+    check_exposure(cfg.host, key, insecure_no_auth)
     args = model or [recipe.model.name]
     if index is not None and len(args) != 1:
         raise ValueError("--index goes with exactly one --model (the one whose vectors fill the index)")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedtune.artifacts import ArtifactError, read_jsonl_lines
+from embedtune.artifacts import ArtifactError, decode_utf8, read_json, read_jsonl_lines
 from embedtune.console import log
 from embedtune.corpus.clean import html_to_text, pdf_to_text
 
@@ -46,14 +46,54 @@ def iter_documents(path: str | Path, stats: LoadStats | None = None) -> Iterator
             continue
         rel = file.name if root.is_file() else str(file.relative_to(root))
         stats.files += 1
+        if not _valid_utf8(rel):  # ids and sources are written to UTF-8 files: a name like b"caf\xe9" can't be
+            _skip(stats, f"{_printable(file)}: the file name is not valid UTF-8; rename the file")
+            continue
         try:
             yield from _read_file(file, rel)
+        except UnreadableDocument as exc:
+            _skip(stats, str(exc))
         except ArtifactError:
-            raise  # a malformed JSONL line is an error the user must fix, not a skip
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            reason = f"{file}: {type(exc).__name__}: {exc}"
-            log.warning("skipped %s", reason)
-            stats.skipped_files.append(reason)
+            raise  # a malformed JSON record is an error the user must fix, not a skip
+        except (OSError, ValueError) as exc:
+            _skip(stats, f"{file}: {type(exc).__name__}: {exc}")
+
+
+class UnreadableDocument(ValueError):
+    """A text, HTML or PDF document that cannot be read: skipped with a warning, the rest goes on."""
+
+
+def _skip(stats: LoadStats, reason: str) -> None:
+    log.warning("skipped %s", reason)
+    stats.skipped_files.append(reason)
+
+
+def _valid_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # the OS handed over undecodable bytes as lone surrogates
+        return False
+    return True
+
+
+def _printable(path: Path) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _pdf_text(file: Path) -> str:
+    try:
+        return pdf_to_text(file)
+    except (OSError, ValueError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a hostile PDF can break the parser in any way (recursion too)
+        raise UnreadableDocument(f"{file}: unreadable PDF ({type(exc).__name__})") from None
+
+
+def _decode(file: Path) -> str:
+    try:
+        return decode_utf8(file.read_bytes(), file)
+    except ArtifactError as exc:  # names file, line and column
+        raise UnreadableDocument(str(exc)) from None
 
 
 def _read_file(file: Path, rel: str) -> Iterator[Document]:
@@ -61,12 +101,12 @@ def _read_file(file: Path, rel: str) -> Iterator[Document]:
     if suffix in JSON_SUFFIXES:
         yield from _read_json_records(file, rel)
     elif suffix == ".pdf":
-        yield Document(rel, pdf_to_text(file), title=file.stem, source=rel)
+        yield Document(rel, _pdf_text(file), title=file.stem, source=rel)
     elif suffix in HTML_SUFFIXES:
-        title, text = html_to_text(file.read_bytes().decode("utf-8"))
+        title, text = html_to_text(_decode(file))
         yield Document(rel, text, title=title or file.stem, source=rel)
     else:
-        text = file.read_bytes().decode("utf-8")
+        text = _decode(file)
         yield Document(rel, text, title=_markdown_title(text) if suffix in {".md", ".markdown"} else "",
                        source=rel)
 
@@ -74,10 +114,7 @@ def _read_file(file: Path, rel: str) -> Iterator[Document]:
 def _read_json_records(file: Path, rel: str) -> Iterator[Document]:
     """JSONL (BEIR corpus or any records with a text field), or a .json list of records."""
     if file.suffix.lower() == ".json":
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{file}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        data = read_json(file)
         records = enumerate(data if isinstance(data, list) else [data], 1)
     else:
         records = read_jsonl_lines(file)

@@ -20,11 +20,11 @@ from starlette.concurrency import run_in_threadpool
 from embedtune.config import ServeConfig
 from embedtune.serve.backends import Backend, DimensionsError, reduce_dimensions
 from embedtune.serve.batching import Batcher, QueueFullError, ShuttingDownError
-from embedtune.serve.errors import APIError, error_body, install_handlers
+from embedtune.serve.errors import APIError, clip, error_body, install_handlers
 from embedtune.serve.guard import Guard
 from embedtune.serve.loading import ModelEntry
 from embedtune.serve.metrics import CONTENT_TYPE, Metrics
-from embedtune.serve.schemas import EmbeddingRequest, ModelCard, ModelList
+from embedtune.serve.schemas import EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, error_responses
 from embedtune.serve.search import add_search_route, attach_index
 from embedtune.serve.tokens import InputTooLongError, TokenIdError
 
@@ -87,7 +87,7 @@ class ServerState:
             name = next(iter(self.models))
         served = self.models.get(name)
         if served is None:
-            raise APIError(404, f"The model `{name}` does not exist. Served models: {sorted(self.models)}",
+            raise APIError(404, f"The model `{clip(name)}` does not exist. Served models: {sorted(self.models)}",
                            code="model_not_found", param="model")
         if served.batcher is None:
             reason = f"failed to load: {served.error}" if served.error else "is still loading"
@@ -123,25 +123,28 @@ def create_app(entries: Sequence[ModelEntry], config: ServeConfig | None = None,
 
 
 def _add_routes(app: FastAPI, state: ServerState, config: ServeConfig, metrics: Metrics) -> None:
-    @app.post("/v1/embeddings")
+    # The documented responses are every one the route can give, so the spec is a contract a client (and
+    # the schemathesis suite) can check: 4xx/5xx bodies are OpenAI's error shape, not FastAPI's.
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse,
+              responses=error_responses(400, 401, 404, 413, 422, 429, 503))
     async def embeddings(request: EmbeddingRequest) -> Response:
         return await _embed(request, state, config, metrics)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401))
     async def list_models() -> ModelList:
         return ModelList(data=[_card(s) for s in state.models.values()])
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", responses=error_responses(401, 404))
     async def get_model(model: str) -> ModelCard:
         if model not in state.models:
-            raise APIError(404, f"The model `{model}` does not exist", code="model_not_found", param="model")
+            raise APIError(404, f"The model `{clip(model)}` does not exist", code="model_not_found", param="model")
         return _card(state.models[model])
 
     @app.get("/v1/health/live")
     async def live() -> dict:
         return {"object": "health.response", "message": "live"}
 
-    @app.get("/v1/health/ready")
+    @app.get("/v1/health/ready", responses=error_responses(503))
     async def ready() -> Response:
         if state.ready:
             return JSONResponse({"object": "health.response", "message": "ready"})
@@ -149,8 +152,11 @@ def _add_routes(app: FastAPI, state: ServerState, config: ServeConfig, metrics: 
         message = f"models failed to load: {failed}" if failed else "models are loading"
         return JSONResponse(error_body(503, message, "not_ready"), status_code=503)
 
-    @app.get("/metrics")
-    @app.get("/v1/metrics")  # NIM's path
+    prometheus_text = {200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus exposition format"}}
+
+    @app.get("/metrics", response_class=Response, responses=prometheus_text)
+    @app.get("/v1/metrics", response_class=Response, responses=prometheus_text)  # NIM's path
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
@@ -200,6 +206,11 @@ async def _embed(request: EmbeddingRequest, state: ServerState, config: ServeCon
         raise APIError(400, str(exc), code="input_too_long", param="input") from None
     except TokenIdError as exc:
         raise APIError(400, str(exc), code="invalid_token_id", param="input") from None
+    n_tokens = sum(len(x) for x in ids)
+    if n_tokens > config.max_request_tokens:  # one request must not hold the batcher for everyone else
+        raise APIError(413, f"the request holds {n_tokens} tokens after tokenisation, more than the "
+                       f"{config.max_request_tokens} one request may send (serve.max_request_tokens); "
+                       "split it into several requests", code="request_too_large", param="input")
     try:
         vectors = await batcher.submit(ids)
     except QueueFullError:
@@ -207,7 +218,6 @@ async def _embed(request: EmbeddingRequest, state: ServerState, config: ServeCon
     except ShuttingDownError as exc:
         raise APIError(503, str(exc), code="shutting_down") from None
     vectors = reduce_dimensions(vectors, request.dimensions)
-    n_tokens = sum(len(x) for x in ids)
     metrics.tokens.labels(served.entry.name).inc(n_tokens)
     return Response(_render(vectors, request, served.entry.name, n_tokens), media_type="application/json")
 

@@ -32,6 +32,7 @@ def endpoint_label(path: str) -> str:
 class Guard:
     def __init__(self, app, metrics: Metrics, api_key: str | None, max_body: int):
         self.app, self.metrics, self.api_key, self.max_body = app, metrics, api_key, max_body
+        self._key = api_key.encode("utf-8") if api_key else b""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,9 +67,11 @@ class Guard:
         await self.app(scope, receive, send)
 
     def _authorised(self, scope: Scope) -> bool:
+        # Compared as bytes: a header may carry any octet (a non-ASCII token is simply a wrong key), and
+        # compare_digest refuses non-ASCII str.
         headers = dict(scope.get("headers") or [])
-        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key or "")
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self._key)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole body, or None when it is larger than allowed (the rest is drained, up to a bound,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 
 from embedtune.serve.errors import APIError
+from embedtune.serve.schemas import error_responses
 
 if TYPE_CHECKING:
     from embedtune.retrieval.milvus import MilvusSearcher
@@ -76,7 +77,8 @@ def attach_index(served: Served, index: Path) -> None:
 
 
 def add_search_route(app: FastAPI, state: ServerState) -> None:
-    @app.post("/v1/search", response_model=SearchResponse)
+    @app.post("/v1/search", response_model=SearchResponse,
+              responses=error_responses(400, 401, 404, 413, 422, 429, 503))
     async def search(request: SearchRequest) -> SearchResponse:
         served = state.resolve(request.model)
         searcher = _searcher_of(served)
