@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("onnxruntime")
-
-from embedtune.artifacts import RunDir, write_jsonl, write_text  # noqa: E402
-from embedtune.config import Recipe  # noqa: E402
-from embedtune.export import ParityError, run_export  # noqa: E402
-from embedtune.export import parity as parity_mod  # noqa: E402
+from embedtune.artifacts import RunDir, write_jsonl, write_text
+from embedtune.config import Recipe
+from embedtune.export import ParityError, run_export
+from embedtune.export import parity as parity_mod
 
 
 def _recipe(model_dir: Path, **export: object) -> Recipe:
