@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -29,28 +30,58 @@ def trained(tmp_path_factory, tiny_bert_dir):
         validation_fraction=0.2,
         matryoshka_dims=[32, 16],
     )
-    return recipe, run, run_finetune(recipe, run)
+    t0 = time.perf_counter()
+    manifest = run_finetune(recipe, run)
+    return recipe, run, manifest, time.perf_counter() - t0
+
+
+def _validation_scorer(recipe, run):
+    """The stage's own held-out split of prep/train.jsonl, and an evaluator over it (nDCG@10 of a model)."""
+    from embedtune.train.data import load_examples, prepare
+    from embedtune.train.trainer import build_evaluator
+
+    cfg = recipe.finetune
+    data = prepare(load_examples(run.path("prep", "train.jsonl")), cfg.passages_per_query - 1,
+                   cfg.validation_fraction, cfg.val_corpus_size, cfg.seed)
+
+    def score(model) -> float:
+        evaluator = build_evaluator(data.validation, model, 16)
+        return float(evaluator(model)[evaluator.primary_metric])
+
+    return data, score
 
 
 def test_output_is_a_sentence_transformers_folder_with_prompts(trained):
     from sentence_transformers import SentenceTransformer
 
-    _, run, _ = trained
+    _, run, _, _ = trained
     model = SentenceTransformer(str(run.path("finetune", "model")))
     assert model.prompts["query"] == "query: " and model.prompts["document"] == "passage: "
     assert model.encode(TEXTS).shape == (3, 32)
 
 
 def test_manifest_reports_steps_throughput_and_validation(trained):
-    _, run, manifest = trained
+    from embedtune.models import load_model
+
+    recipe, run, manifest, wall_seconds = trained
     assert manifest.counts["steps"] == 4
     assert manifest.counts["train_examples"] == 32 and manifest.counts["val_queries"] == 8
     assert manifest.counts["global_batch_size"] == 16
-    assert manifest.metrics["examples_per_second"] > 0 and manifest.metrics["train_seconds"] > 0
+    # Training time lies within the stage's wall time; throughput counts optimizer steps only (evaluation
+    # and checkpoint writes excluded), so it is at least 4 steps x 16 examples over the whole training time.
+    train_seconds = manifest.metrics["train_seconds"]
+    assert 0 < train_seconds <= wall_seconds
+    assert manifest.metrics["examples_per_second"] >= 4 * 16 / train_seconds * 0.99
     assert manifest.metrics["matryoshka_dims"] == [32, 16]
     declared = json.loads(run.path("finetune", "model", "embedtune.json").read_text())
     assert declared == {"matryoshka_dims": [32, 16]}  # what the server accepts as `dimensions`
-    assert 0 <= manifest.metrics["best_val_ndcg@10"] <= 1
+    # Validation figures, re-derived: the base model (with the recipe's prompts) on the held-out split, and
+    # the best logged one.
+    _, score = _validation_scorer(recipe, run)
+    assert manifest.metrics["base_val_ndcg@10"] == pytest.approx(score(load_model(recipe.model)), abs=1e-5)
+    logged = [r["eval_val_cosine_ndcg@10"] for r in read_jsonl(run.path("finetune", "train_log.jsonl"))
+              if "eval_val_cosine_ndcg@10" in r]
+    assert manifest.metrics["best_val_ndcg@10"] == pytest.approx(max(logged), abs=1e-5)
     assert run.path("finetune", "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = run.path("finetune", "summary.md").read_text()
     assert "| steps | 4 |" in summary and "examples/s" in summary
@@ -58,34 +89,63 @@ def test_manifest_reports_steps_throughput_and_validation(trained):
     assert [r["step"] for r in losses] == [1, 2, 3, 4]
 
 
-def test_keeps_the_best_checkpoint_not_the_last(trained):
+def test_saved_model_scores_the_best_logged_validation_value(trained):
     from sentence_transformers import SentenceTransformer
 
-    from embedtune.train.data import load_examples, prepare
-    from embedtune.train.trainer import build_evaluator
-
-    recipe, run, manifest = trained
+    recipe, run, manifest, _ = trained
     history = list(read_jsonl(run.path("finetune", "train_log.jsonl")))
     scores = {r["step"]: r["eval_val_cosine_ndcg@10"] for r in history if "eval_val_cosine_ndcg@10" in r}
-    assert len(scores) == 4
-    assert manifest.metrics["best_val_ndcg@10"] == pytest.approx(max(scores.values()), abs=1e-5)
+    assert sorted(scores) == [1, 2, 3, 4]
     assert scores[manifest.metrics["best_step"]] == max(scores.values())
     # The saved model scores exactly the best value on the same held-out queries.
-    cfg = recipe.finetune
-    data = prepare(
-        load_examples(run.path("prep", "train.jsonl")),
-        4,
-        cfg.validation_fraction,
-        cfg.val_corpus_size,
-        cfg.seed,
-    )
-    model = SentenceTransformer(str(run.path("finetune", "model")))
-    evaluator = build_evaluator(data.validation, model, 16)
-    assert evaluator(model)[evaluator.primary_metric] == pytest.approx(max(scores.values()), abs=1e-5)
+    _, score = _validation_scorer(recipe, run)
+    assert score(SentenceTransformer(str(run.path("finetune", "model")))) == pytest.approx(
+        max(scores.values()), abs=1e-5)
+
+
+def test_keeps_the_best_checkpoint_not_the_last(tmp_path, tiny_bert_dir, monkeypatch):
+    """A run whose validation peaks at step 2 of 4: the saved model is step 2's weights, not step 4's."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedtune.train import driver
+
+    # The held-out score after each step, as if training overfits after step 2 (the first call scores the
+    # base model). The evaluator still really runs; only its primary figure is replaced by this curve.
+    curve = iter([0.10, 0.30, 0.90, 0.50, 0.40])
+    real_build = driver.build_evaluator
+
+    def build_with_curve(*args, **kwargs):
+        evaluator = real_build(*args, **kwargs)
+        real_call = evaluator.__call__
+
+        class Curve(type(evaluator)):
+            def __call__(self, model, *a, **kw):
+                scores = real_call(model, *a, **kw)
+                return {**scores, self.primary_metric: next(curve)}
+
+        evaluator.__class__ = Curve
+        return evaluator
+
+    monkeypatch.setattr(driver, "build_evaluator", build_with_curve)
+    run = make_run(tmp_path / "run", synthetic_examples(40))
+    recipe = tiny_recipe(tiny_bert_dir, epochs=2, checkpoint_steps=1, learning_rate=5e-3,
+                         validation_fraction=0.2, save_total_limit=None)
+    manifest = run_finetune(recipe, run)
+    assert manifest.counts["steps"] == 4
+    assert (manifest.metrics["best_step"], manifest.metrics["best_val_ndcg@10"]) == (2, 0.9)
+    assert manifest.metrics["base_val_ndcg@10"] == 0.1
+
+    def vectors(folder) -> np.ndarray:
+        return SentenceTransformer(str(folder), device="cpu").encode(TEXTS)
+
+    saved = vectors(run.path("finetune", "model"))
+    checkpoints = run.path("finetune", "checkpoints")
+    np.testing.assert_allclose(saved, vectors(checkpoints / "checkpoint-2"), atol=1e-6)
+    assert np.abs(saved - vectors(checkpoints / "checkpoint-4")).max() > 1e-4  # the last really differs
 
 
 def test_unchanged_rerun_is_skipped(trained):
-    recipe, run, _ = trained
+    recipe, run, _, _ = trained
     assert run_finetune(recipe, run).skipped
 
 
