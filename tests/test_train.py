@@ -245,3 +245,58 @@ def test_to_dataset_labels_are_the_positive_then_the_used_negatives_scores():
     data = to_dataset(rows, 2, seed=0, scores=True)
     assert data.num_rows == 1 and data["label"] == [pytest.approx([0.9, 0.5, 0.4])]
     assert data["negative_1"] == [rows[0].neg_doc[0]]
+
+
+def _without_dropout(src, dst):
+    """A copy of the tiny model with dropout off: GradCache then computes exactly MNRL's loss and gradient."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_cached_mnrl_trains_in_mini_batches_like_mnrl_on_the_whole_batch(tmp_path, tiny_bert_dir, monkeypatch):
+    """loss=cached_mnrl end to end: the encoder never sees more than micro_batch_size texts at once, yet the
+    loss and the trained model are those of plain MNRL on the whole batch of 16 (GradCache is exact)."""
+    from embedtune.models import load_model
+    from embedtune.train import driver
+
+    model_dir = _without_dropout(tiny_bert_dir, tmp_path / "no-dropout")
+    rows = synthetic_examples(32, negatives=2)
+    seen: list[int] = []
+
+    def load_and_watch(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        # Texts per encoder pass, read off the embedding layer's output (batch, tokens, hidden).
+        model[0].auto_model.embeddings.register_forward_hook(
+            lambda module, args, output: seen.append(int(output.shape[0])))
+        return model
+
+    def train(loss: str, **extra):
+        run = make_run(tmp_path / loss, rows)
+        recipe = tiny_recipe(model_dir, loss=loss, passages_per_query=3, max_steps=2, learning_rate=5e-3,
+                             validation_fraction=0.0, **extra)
+        return run, run_finetune(recipe, run)
+
+    monkeypatch.setattr(driver, "load_model", load_and_watch)
+    cached_run, cached = train("cached_mnrl", micro_batch_size=4)
+    assert cached.counts["loss"] == "cached_mnrl" and cached.counts["steps"] == 2
+    assert cached.counts["per_device_batch_size"] == 16
+    assert seen and max(seen) == 4, sorted(set(seen))
+    seen.clear()
+    plain_run, plain = train("mnrl")
+    assert plain.counts["loss"] == "mnrl" and max(seen) == 16 * 3  # all passages of the batch in one pass
+
+    def losses(run) -> list[float]:
+        return [r["loss"] for r in read_jsonl(run.path("finetune", "train_log.jsonl")) if "loss" in r]
+
+    assert losses(cached_run) == pytest.approx(losses(plain_run), rel=1e-4)
+    base = load_model(str(model_dir)).encode(TEXTS)
+    tuned_cached = load_model(str(cached_run.path("finetune", "model"))).encode(TEXTS)
+    tuned_plain = load_model(str(plain_run.path("finetune", "model"))).encode(TEXTS)
+    moved = np.abs(tuned_cached - base).max()
+    assert moved > 1e-3
+    assert np.abs(tuned_cached - tuned_plain).max() < 0.05 * moved, (moved, np.abs(tuned_cached - tuned_plain).max())
