@@ -30,11 +30,16 @@ demo: install
 	$(BIN)/python -m embedtune.demo build demo_corpus
 	$(BIN)/embedtune run --corpus demo_corpus --run-dir runs/demo -c recipes/demo.yaml
 
+# Quick loop: everything not marked slow. CI runs test-all: the whole suite, slow tests included, with the
+# 20 slowest durations listed so a test that grows slow is visible; a test stuck for 15 min fails (with its
+# stack) instead of hanging CI.
+PYTEST_ARGS ?=
+
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 test-all: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20 --timeout=900 $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests bench

@@ -6,13 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
-from embedtune.export import OnnxEncoder, export_onnx  # noqa: E402
-from embedtune.export.quantize import sensitive_matmuls  # noqa: E402
+from embedtune.export import OnnxEncoder, export_onnx
+from embedtune.export.quantize import sensitive_matmuls
 
 TEXTS = [
     "x",

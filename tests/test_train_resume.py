@@ -79,3 +79,92 @@ def test_resume_after_kill_reaches_the_same_step_count(tmp_path, tiny_bert_dir):
     # The log carries the steps trained before the kill (restored trainer state) and those after it.
     steps = [r["step"] for r in read_jsonl(run.path("finetune", "train_log.jsonl")) if "loss" in r]
     assert steps[0] == 1 and steps[-1] == 16
+
+
+# ------------------------------------------------------------------------------ checkpoint rules
+
+
+def _checkpoint(folder: Path, step: int, state: str | None = '{"global_step": 0}') -> Path:
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"weights")
+    if state is not None:
+        (path / "trainer_state.json").write_text(state)
+    return path
+
+
+def test_last_checkpoint_is_the_highest_complete_step(tmp_path):
+    from embedtune.train.trainer import last_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    assert last_checkpoint(folder) is None  # no folder yet
+    _checkpoint(folder, 9)
+    ten = _checkpoint(folder, 10)  # numeric order: 10 after 9, not before it
+    _checkpoint(folder, 12, state='{"global_st')  # kill -9 while the state file was written
+    _checkpoint(folder, 14, state=None)  # killed before the state file
+    (folder / "checkpoint-tmp").mkdir()
+    assert last_checkpoint(folder) == ten
+
+
+def test_clean_checkpoints_keeps_same_config_and_drops_incomplete_ones(tmp_path):
+    from embedtune.train.trainer import clean_checkpoints
+
+    folder = tmp_path / "checkpoints"
+    clean_checkpoints(folder, "fp-a", resume=True)
+    assert (folder / "fingerprint.txt").read_text() == "fp-a\n"
+    kept = _checkpoint(folder, 2)
+    _checkpoint(folder, 4, state="{")
+    _checkpoint(folder, 6, state=None)
+    clean_checkpoints(folder, "fp-a", resume=True)
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == [kept.name]
+    assert (kept / "model.safetensors").read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize(("fingerprint", "resume", "marker"), [
+    ("fp-b", True, "fp-a"),  # config or input changed
+    ("fp-a", False, "fp-a"),  # --no-resume / --force
+    ("fp-a", True, None),  # checkpoints of unknown origin (no fingerprint written)
+])
+def test_clean_checkpoints_discards_everything_it_cannot_resume_from(tmp_path, fingerprint, resume, marker):
+    from embedtune.train.trainer import clean_checkpoints
+
+    folder = tmp_path / "checkpoints"
+    _checkpoint(folder, 2)
+    _checkpoint(folder, 4)
+    if marker is not None:
+        (folder / "fingerprint.txt").write_text(marker + "\n")
+    clean_checkpoints(folder, fingerprint, resume=resume)
+    assert not list(folder.glob("checkpoint-*"))
+    assert (folder / "fingerprint.txt").read_text() == fingerprint + "\n"
+
+
+def test_stage_resumes_only_from_complete_checkpoints_of_the_same_config(tmp_path, tiny_bert_dir):
+    """Through run_finetune: an interrupted run resumes from its last complete checkpoint (a half-written
+    later one is dropped); after a config change the old checkpoints are discarded and training restarts."""
+    import shutil
+
+    rows = synthetic_examples(32)
+    recipe = tiny_recipe(tiny_bert_dir, max_steps=2, checkpoint_steps=1, validation_fraction=0.0,
+                         save_total_limit=None)
+    run = make_run(tmp_path / "run", rows)
+    first = run_finetune(recipe, run)
+    assert first.counts["steps"] == 2 and first.metrics["resumed_from_step"] == 0
+    checkpoints = run.path("finetune", "checkpoints")
+
+    # As after a kill: no manifest, step 2's state file lost mid-write, a half checkpoint-3 folder.
+    run.path("finetune", "manifest.json").unlink()
+    (checkpoints / "checkpoint-2" / "trainer_state.json").write_text('{"best_metric": nu')
+    _checkpoint(checkpoints, 3, state=None)
+    resumed = run_finetune(recipe, run)
+    assert resumed.metrics["resumed_from_step"] == 1
+    assert resumed.counts["steps"] == 2
+    assert not (checkpoints / "checkpoint-3").exists()
+    assert read_json(checkpoints / "checkpoint-2" / "trainer_state.json")["global_step"] == 2  # rewritten
+
+    # Another learning rate is another training: nothing of the old one may be resumed.
+    run.path("finetune", "manifest.json").unlink()
+    shutil.rmtree(checkpoints / "checkpoint-2")
+    changed = tiny_recipe(tiny_bert_dir, max_steps=2, checkpoint_steps=1, validation_fraction=0.0,
+                          save_total_limit=None, learning_rate=2e-3)
+    restarted = run_finetune(changed, run)
+    assert restarted.metrics["resumed_from_step"] == 0 and restarted.counts["steps"] == 2  # not from step 1
