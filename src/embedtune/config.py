@@ -163,8 +163,9 @@ class FinetuneConfig(StrictModel):
     micro_batch_size: int | None = Field(
         None, ge=1, description="GradCache mini-batch; None: whole per-device batch in one forward pass"
     )
-    loss: Literal["auto", "mnrl", "cached_mnrl", "margin_mse"] = Field(
-        "auto", description="auto: cached_mnrl (GradCache) if micro_batch_size < per-device batch, else mnrl; "
+    loss: str = Field(
+        "auto", description="a name in embedtune.train.losses.LOSSES (checked when finetune starts), or auto: "
+        "cached_mnrl (GradCache) if micro_batch_size < per-device batch, else mnrl; "
         "margin_mse: distil prep's teacher score margins (positive minus each negative), as GPL does"
     )
     auto_scale_batch: bool = True

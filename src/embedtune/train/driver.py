@@ -20,7 +20,7 @@ from embedtune.retrieval.metadata import write_metadata
 from embedtune.train.data import TrainingData, load_examples, prepare, to_dataset
 from embedtune.train.distributed import init_distributed
 from embedtune.train.lora import add_lora, merge_lora, target_modules
-from embedtune.train.losses import build_loss
+from embedtune.train.losses import LOSSES, build_loss
 from embedtune.train.plan import BatchPlan, Hardware, hardware, matryoshka_dims, memory_budget, plan_batches
 from embedtune.train.report import plot_curves, write_log, write_summary
 from embedtune.train.trainer import (
@@ -172,7 +172,7 @@ def _trainer(
     trainer = SentenceTransformerTrainer(
         model=model,
         args=args,
-        train_dataset=to_dataset(data.train, data.negatives, cfg.seed, scores=plan.loss == "margin_mse"),
+        train_dataset=to_dataset(data.train, data.negatives, cfg.seed, scores=LOSSES[plan.loss].needs_scores),
         loss=build_loss(model, plan, cfg.temperature, dims),
         evaluator=evaluator,
         callbacks=[throughput],

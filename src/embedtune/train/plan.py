@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 from embedtune.config import FinetuneConfig
 from embedtune.console import log
@@ -37,7 +36,7 @@ class BatchPlan:
     per_device: int
     world_size: int
     mini_batch: int | None  # GradCache mini-batch when the cached loss is used
-    loss: Literal["mnrl", "cached_mnrl", "margin_mse"]
+    loss: str  # a name in embedtune.train.losses.LOSSES
     steps_per_epoch: int
     total_steps: int
     scaled: bool
@@ -58,6 +57,7 @@ def plan_batches(cfg: FinetuneConfig, n_train: int, world_size: int = 1,
     global_batch = per_device * world_size
     mini = cfg.micro_batch_size
     kind = cfg.loss
+    _check_loss(kind)
     if memory is not None and mini is None and per_device > (fits := memory.examples_that_fit()):
         if kind == "auto":  # GradCache: the same batch (same negatives, same gradient) in pieces that fit
             mini = fits
@@ -183,3 +183,10 @@ def hardware() -> Hardware:
     tf32 = torch.cuda.get_device_capability()[0] >= 8
     log.info("CUDA: bf16=%s tf32=%s, fused AdamW", bf16, tf32)
     return Hardware(True, bf16, tf32, "adamw_torch_fused")
+
+
+def _check_loss(name: str) -> None:
+    from embedtune.train.losses import LOSSES
+
+    if name != "auto" and name not in LOSSES:
+        raise ValueError(f"finetune.loss: unknown loss {name!r}; one of: auto, {', '.join(LOSSES)}")
