@@ -282,14 +282,16 @@ class MilvusSearcher:
     def _hybrid_zscore(self, queries: Sequence[str], vectors: np.ndarray, top_k: int,
                        fields: list[str]) -> list[list[Hit]]:
         s = self.settings
-        dense_rows = self._dense(vectors, max(s.candidates, top_k), fields)
+        # Candidates travel as ids and scores only; the text of the final top-k is fetched once at the end.
+        dense_rows = self._dense(vectors, max(s.candidates, top_k), ["doc_id"])
         lexical_rows = self._lexical(queries, max(s.lexical_candidates, top_k), ["doc_id"])
         entities: dict[str, dict] = {}
         dense_scores, lexical_scores = [], []
         for d_row, l_row in zip(dense_rows, lexical_rows, strict=True):
             dense_scores.append({h["id"]: float(h["distance"]) for h in d_row})
             lexical_scores.append({h["id"]: _bm25_score(h) for h in l_row})
-            entities.update((h["id"], h.get("entity") or {}) for h in d_row)
+            for h in (*d_row, *l_row):
+                entities[h["id"]] = h.get("entity") or {}
         self._fill_dense(vectors, dense_scores, lexical_scores, s.candidates)
         if self.stats is not None:
             mu, sigma = self.stats.of(vectors)
@@ -303,9 +305,8 @@ class MilvusSearcher:
             fused = zscore_fuse(dense, lexical, s.bm25_weight, float(mu[i]), float(sigma[i]), n_docs)
             best = sorted(fused.items(), key=lambda kv: -kv[1])[:top_k]
             results.append([(cid, float(score)) for cid, score in best])
-        missing = {cid for row in results for cid, _ in row if cid not in entities}
-        if missing:
-            entities.update(self._entities(sorted(missing), fields))
+        if fields != ["doc_id"]:
+            entities = self._entities(sorted({cid for row in results for cid, _ in row}), fields)
         return [[Hit(cid, score, **_entity_fields(entities.get(cid, {}))) for cid, score in row]
                 for row in results]
 
