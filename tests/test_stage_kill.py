@@ -101,7 +101,7 @@ def sdg_run(root: Path, model_dir: Path) -> tuple[RunDir, Path]:
     return run, recipe_file
 
 
-@pytest.mark.slow  # three CLI processes, each loading SmolLM2-135M: ~60 s (6.5 min at load 15 on 2 cores)
+@pytest.mark.slow  # three CLI processes, each loading SmolLM2-135M: 7.5 min at load 20 on 2 cores
 def test_sdg_killed_mid_generation_and_mid_write_reruns_to_completion(tmp_path, tiny_bert_dir):
     run, recipe_file = sdg_run(tmp_path / "run", tiny_bert_dir)
     args = ("sdg", "-c", str(recipe_file), "-r", str(run.root))
