@@ -101,7 +101,7 @@ def sdg_run(root: Path, model_dir: Path) -> tuple[RunDir, Path]:
     return run, recipe_file
 
 
-@pytest.mark.slow  # three CLI processes, each loading SmolLM2-135M: ~60 s (6.5 min at load 15 on 2 cores)
+@pytest.mark.slow  # three CLI processes, each loading SmolLM2-135M: 7.5 min at load 20 on 2 cores
 def test_sdg_killed_mid_generation_and_mid_write_reruns_to_completion(tmp_path, tiny_bert_dir):
     run, recipe_file = sdg_run(tmp_path / "run", tiny_bert_dir)
     args = ("sdg", "-c", str(recipe_file), "-r", str(run.root))
@@ -150,7 +150,7 @@ def prep_reference(tmp_path_factory, tiny_bert_dir):
 
 
 # train.jsonl: the first artifact; manifest.json: every artifact is in place, yet the stage must not look done.
-@pytest.mark.slow  # two CLI processes per case (each loads a tiny model): ~15-30 s a case
+@pytest.mark.slow  # two CLI processes per case (each loads a tiny model): 47 s a case at load 15 on 2 cores
 @pytest.mark.parametrize("kill_name", ["train.jsonl", "manifest.json"])
 def test_prep_killed_at_a_write_reruns_to_the_same_result(tmp_path, prep_reference, kill_name):
     recipe, reference, ref_manifest = prep_reference
