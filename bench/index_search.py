@@ -118,6 +118,7 @@ def synthetic(n: int, out: Path, dim: int, queries: int, seed: int = 0) -> dict:
         client.flush(name)
         stats.result().save(out / f"synthetic-{n}-stats.npz")
     build_s = time.perf_counter() - t0
+    client.load_collection(name)
     stats = milvus.DenseStats.load(out / f"synthetic-{n}-stats.npz")
     qvec = rng.standard_normal((queries, dim)).astype(np.float32)
     qvec /= np.linalg.norm(qvec, axis=1, keepdims=True)

@@ -63,6 +63,7 @@ def test_index_writes_a_collection_a_plain_milvus_client_can_query(indexed):
     assert manifest.counts["chunks"] == info.chunks == len(chunks) >= 12
     client = MilvusClient(str(run.path("index", "milvus.db")))  # not our code: pymilvus as a user would
     assert client.describe_alias(info.alias)["collection_name"] == info.collection
+    client.load_collection(info.alias)  # a reopened collection starts released, as on any Milvus
     rows = client.query(info.alias, filter=f'id == "{chunks[3]["_id"]}"',
                         output_fields=["doc_id", "title", "text", "dense"])
     assert rows[0]["doc_id"] == chunks[3]["doc_id"] and rows[0]["title"] == chunks[3]["title"]
@@ -224,3 +225,13 @@ def test_zscore_fuse_matches_the_exact_fusion_when_every_nonzero_hit_is_listed()
                                float(dense.mean()), float(dense.std()), 50)
     # Ranking depends on the ratio of the two spreads only: population/population = sample/sample.
     assert [k for k, _ in sorted(fused.items(), key=lambda kv: -kv[1])] == [ids[i] for i in np.argsort(-exact)]
+
+
+def test_search_cli_in_another_process_reads_the_index(indexed):
+    """`embedtune search` opens the index the stage wrote (collections start released in a new process)."""
+    _, run, _ = indexed
+    cli = subprocess.run([sys.executable, "-m", "embedtune", "search", "-r", str(run.root), "-k", "2",
+                          "--mode", "bm25", f"{RARE} protocol"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "COLUMNS": "200"})
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert _docs()[5]["_id"] in cli.stdout and "bm25:" in cli.stdout

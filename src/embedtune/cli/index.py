@@ -19,7 +19,7 @@ from embedtune.cli._app import (
     report_stage,
     user_errors,
 )
-from embedtune.console import console, setup_logging
+from embedtune.console import setup_logging
 
 
 @app.command()
@@ -50,12 +50,14 @@ def search(
     verbose: VerboseOpt = False,
 ) -> None:
     """Search a run's index: top-k chunks with id, title, score and a snippet."""
+    from rich.console import Console
     from rich.table import Table
 
     from embedtune.retrieval.deployment import open_searcher
 
     setup_logging(verbose)
     searcher = open_searcher(run_dir)
+    out = Console()  # results are the command's output: stdout (logs and progress stay on stderr)
     for text, hits in zip(query, searcher.search(query, mode=mode, top_k=top_k), strict=True):  # type: ignore[arg-type]
         table = Table(title=f"{mode}: {text}", title_justify="left")
         for col in ("#", "id", "title", "score", "text"):
@@ -63,4 +65,4 @@ def search(
         for rank, hit in enumerate(hits, 1):
             short = hit.text if len(hit.text) <= snippet else hit.text[:snippet].rstrip() + "…"
             table.add_row(str(rank), hit.id, hit.title, f"{hit.score:.4f}", short)
-        console.print(table)
+        out.print(table)

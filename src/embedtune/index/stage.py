@@ -41,6 +41,14 @@ def run_index(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
               "bm25_weight": weight, "language": recipe.corpus.language, "stopwords": recipe.eval.bm25_stopwords}
     stage = run.stage("index", config, inputs=inputs)
     client = milvus.connect(uri, _token(cfg), cfg.timeout)
+    try:
+        return _index(client, stage, cfg, recipe, model, chunks_path, alias, uri, weight, config, force)
+    finally:
+        milvus.release(client, uri)  # Lite: free the file for the server or `embedtune search`
+
+
+def _index(client, stage, cfg: IndexConfig, recipe: Recipe, model: ServedModel, chunks_path: Path, alias: str,
+           uri: str, weight: float, config: dict, force: bool) -> Manifest:
     if (done := stage.up_to_date(force)) is not None:
         if _still_served(client, done):
             return done

@@ -77,6 +77,8 @@ def searcher_for(run_or_index: str | Path, embed: Callable[[Sequence[str]], np.n
                  timeout: float = 30.0) -> milvus.MilvusSearcher:
     """A searcher over the index whose queries ``embed`` turns into vectors (the server's loaded model)."""
     info, client = connect_index(run_or_index, timeout)
+    # A collection reopened by another process (or after a server restart) starts released: load it.
+    client.load_collection(info.alias, timeout=timeout)
     stats_path = index_dir(run_or_index) / STATS_FILE
     stats = milvus.DenseStats.load(stats_path) if stats_path.is_file() else None
     return milvus.MilvusSearcher(client, info.alias, embed, info.dimension, settings_of(info), stats)

@@ -71,9 +71,39 @@ def connect(uri: str, token: str | None = None, timeout: float = 10.0) -> Any:
         client = MilvusClient(uri=uri, token=token or "", timeout=timeout, **options)
         client.list_collections(timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - pymilvus raises many types; the user needs one clear line
+        if is_lite(uri) and _locked_elsewhere(uri):
+            raise MilvusIndexError(
+                f"Milvus Lite file {uri!r} is open in another process (a running `embedtune serve`?): Lite serves "
+                "one process at a time; stop it first, or point index.uri at a Milvus server to reindex while "
+                "serving") from None
         reason = getattr(exc, "message", None) or str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MilvusIndexError(f"cannot connect to Milvus at {uri!r}: {reason}") from None
     return client
+
+
+def release(client: Any, uri: str) -> None:
+    """Close ``client``; for Milvus Lite also stop its in-process server, releasing the file's lock so that
+    another process (the server after a reindex, `embedtune search`) can open it."""
+    client.close()
+    if is_lite(uri):
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(uri)
+
+
+def _locked_elsewhere(uri: str) -> bool:
+    import fcntl
+
+    lock = Path(uri) / "LOCK"
+    if not lock.is_file():
+        return False
+    with lock.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
 
 
 # ------------------------------------------------------------------------------------------ build
