@@ -69,7 +69,7 @@ def upload_dataset(
         budget = settings.max_upload_bytes
         for upload in files:
             filename = upload.filename or "upload"
-            rel = ds.safe_member_path(filename, what="upload file name")
+            rel = ds.safe_file_name(filename, what="upload file name")
             if ds.is_archive(filename) and len(files) == 1:
                 archive = staging / "upload.archive"
                 budget -= ds.copy_limited(upload.file, archive, budget, "the upload")
