@@ -77,7 +77,7 @@ class PlatformClient:
         try:
             return self.request("POST", "/v2/workspaces", json={"name": self.workspace, "description": description})
         except PlatformAPIError as exc:
-            if exc.status != 409:
+            if exc.status not in (403, 409):  # 403: a workspace key may use, not create, a workspace
                 raise
             return self.request("GET", self._ws())
 

@@ -33,8 +33,8 @@ class PlatformError(Exception):
 
 
 def not_found(kind: str, name: str, workspace: str | None = None) -> PlatformError:
-    where = f" in workspace '{workspace}'" if workspace else ""
-    return PlatformError(404, f"{kind} '{name}' not found{where}", code=f"{kind}_not_found")
+    where = f" in workspace '{workspace[:130]}'" if workspace else ""
+    return PlatformError(404, f"{kind} '{name[:260]}' not found{where}", code=f"{kind}_not_found")
 
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
