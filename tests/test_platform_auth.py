@@ -98,7 +98,7 @@ def assert_shaped(resp, status: int) -> dict:  # noqa: ANN001
 def test_matrix_covers_every_route(platform):
     routes = every_route(platform["app"])
     templates = {t for _, _, t in routes}
-    assert len(routes) >= 30 and PUBLIC <= templates and "/v2/admin/audit" in templates
+    assert len(routes) >= 30 and templates >= PUBLIC and "/v2/admin/audit" in templates
     spec = platform["client"].get("/openapi.json").json()
     assert templates == set(spec["paths"])  # nothing the spec lists escapes the matrix
 
@@ -142,7 +142,7 @@ def test_another_workspaces_key_sees_nothing_of_it(platform):
 
 def test_admin_key_reaches_every_route_without_5xx(platform):
     client, admin = platform["client"], platform["admin"]
-    for method, path, template in every_route(platform["app"]):
+    for method, path, _ in every_route(platform["app"]):
         resp = call(client, method, path, bearer(admin))
         assert resp.status_code not in (401, 403) and resp.status_code < 500, (method, path, resp.text)
 
