@@ -51,7 +51,29 @@ def admin_key() -> dict[str, str]:
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_platform_api_never_answers_5xx(case):
-    resp = case.call(headers=admin_key())
+    case.headers = {**(case.headers or {}), **admin_key()}  # over any generated Authorization
+    resp = case.call()
     assert resp.status_code < 500, (case.method, case.formatted_path, resp.status_code, resp.text[:500])
     if resp.status_code >= 400:
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}, resp.text[:500]
+
+
+class PlatformWorkflow(schema.as_state_machine()):
+    """The stateful phase: sequences along the links schemathesis infers (create -> get/cancel/delete ...),
+    in the service's default workspace so that created things are found again."""
+
+    def before_call(self, case) -> None:  # noqa: ANN001
+        if case.path_parameters and "workspace" in case.path_parameters:
+            case.path_parameters["workspace"] = "default"
+        case.headers = {**(case.headers or {}), **admin_key()}  # over any generated Authorization
+
+    def validate_response(self, response, case, additional_checks=None, **kwargs) -> None:  # noqa: ANN001
+        assert response.status_code < 500, (case.method, case.formatted_path, response.status_code,
+                                             response.text[:500])
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}, response.text[:500]
+
+
+TestPlatformWorkflow = PlatformWorkflow.TestCase
+TestPlatformWorkflow.settings = settings(max_examples=EXAMPLES, stateful_step_count=8, deadline=None,
+                                         suppress_health_check=list(HealthCheck))
