@@ -70,7 +70,8 @@ def multipart(fields: dict[str, str], filename: str, payload: bytes) -> tuple[by
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def raw_post(api: TestClient, path: str, content_type: str, body: bytes, chunk: int = 65536) -> tuple[int, int]:
+def raw_post(api: TestClient, path: str, content_type: str, body: bytes, chunk: int = 65536,
+             authorization: str | None = "admin") -> tuple[int, int]:
     """POST ``body`` to the running app as a chunked transfer (no content-length), one ASGI message per chunk;
     returns (status, bytes the app pulled). Raw ASGI, because the test client hands the app the whole body."""
     pulled = 0
@@ -88,8 +89,10 @@ def raw_post(api: TestClient, path: str, content_type: str, body: bytes, chunk: 
     async def send(message: dict) -> None:
         messages.append(message)
 
-    headers = [(b"content-type", content_type.encode()), (b"transfer-encoding", b"chunked"),
-               (b"authorization", api.headers["Authorization"].encode())]
+    headers = [(b"content-type", content_type.encode()), (b"transfer-encoding", b"chunked")]
+    if authorization:
+        key = api.headers["Authorization"] if authorization == "admin" else authorization
+        headers.append((b"authorization", key.encode()))
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
@@ -102,6 +105,14 @@ def test_chunked_upload_is_cut_at_the_limit(api):
     status, pulled = raw_post(api, f"{WS}/datasets", ctype, body)
     assert status == 413
     assert pulled < 300_000 + (1 << 20) + 65536  # reading stopped at the cap (+ the multipart envelope allowance)
+    nothing_left(api)
+
+
+def test_anonymous_upload_is_refused_before_a_byte_is_read(api):
+    body, ctype = multipart({"name": "anon"}, "a.txt", b"x" * 200_000)
+    for authorization in (None, "Bearer etk-key000000000000-wrong"):
+        status, pulled = raw_post(api, f"{WS}/datasets", ctype, body, authorization=authorization)
+        assert (status, pulled) == (401, 0)
     nothing_left(api)
 
 
