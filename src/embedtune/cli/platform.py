@@ -12,7 +12,8 @@ import typer
 from embedtune.cli._app import app, user_errors
 from embedtune.console import console
 
-platform_app = typer.Typer(help="Run the platform service; manage its API keys.", invoke_without_command=True,
+platform_app = typer.Typer(help="Run the platform service (no subcommand; see SECURITY.md), or manage its API keys.",
+                           invoke_without_command=True,
                            no_args_is_help=False)
 keys_app = typer.Typer(help="API keys of the platform (hashed at rest; a token is shown once).",
                        no_args_is_help=True)
@@ -86,7 +87,8 @@ def keys_create(
     data_dir: DataDirOpt = Path("platform-data"),
 ) -> None:
     """Create a key and print its token once (only a hash is stored)."""
-    from embedtune.platform.auth import create_key
+    from embedtune.platform import db as tables
+    from embedtune.platform.auth import audit, create_key
     from embedtune.platform.schemas import WorkspaceCreate
     from embedtune.platform.state import ensure_workspace
 
@@ -96,7 +98,9 @@ def keys_create(
         WorkspaceCreate(name=ws)  # the same name rule as the API
     with _sessions(db, data_dir)() as s:
         for ws in workspace or []:
-            ensure_workspace(s, ws, "created with an API key")
+            if s.get(tables.Workspace, ws) is None:
+                audit(s, "cli", "create", "workspace", ws, workspace=ws)
+                ensure_workspace(s, ws, "created with an API key")
         row, token = create_key(s, name, admin=admin, workspaces=workspace or [])
     console.print(f"created key {row.id} ({name}); the token is shown only now:", soft_wrap=True)
     print(token)
