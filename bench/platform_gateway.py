@@ -2,9 +2,9 @@
 
 Starts `embedtune platform` on a temporary data folder, deploys the shipped default model, then sends the
 same requests (8 short texts each) alternately straight to the deployment and through the gateway
-(`/v2/workspaces/default/inference/gateway/model/default/-/v1/embeddings`), interleaved so load changes hit
-both alike. Prints latency percentiles and the gateway/direct ratio. Also prints how long a job takes from
-POST to a running worker with a recorded pid (the scheduler's latency).
+(`/v2/workspaces/default/inference/gateway/model/default/-/v1/embeddings`, API key checked), interleaved so
+load changes hit both alike. Prints latency percentiles and the gateway/direct ratio. Also prints how long a
+job takes from POST to a running worker with a recorded pid (the scheduler's latency).
 
     PYTHONPATH=src .venv/bin/python bench/platform_gateway.py [--requests 200]
 """
@@ -60,10 +60,12 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     service = subprocess.Popen([sys.executable, "-m", "embedtune", "platform", "--data-dir", str(data), "--port",
                                 str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pc = PlatformClient(f"http://127.0.0.1:{port}")
-    dep = None
+    url = f"http://127.0.0.1:{port}"
+    dep = pc = None
     try:
-        wait(lambda: _ok(f"{pc.base_url}/v1/health/ready"), 120, "service ready")
+        wait(lambda: _ok(f"{url}/v1/health/ready"), 120, "service ready")
+        key = (data / "admin.key").read_text().strip()  # written by the service on its first start
+        pc = PlatformClient(url, api_key=key)
         folder = data / "docs"
         folder.mkdir()
         (folder / "a.txt").write_text("Boats need wind in their sails to cross the harbour before the tide turns.")
@@ -75,7 +77,8 @@ def main() -> None:
         pc.wait_job(job["id"], timeout=600)
         dep = pc.wait_deployment(pc.create_deployment("default", name="bench")["name"], timeout=600)
         direct = httpx.Client(base_url=dep["url"], timeout=60)
-        gateway = httpx.Client(base_url=pc.gateway_url(model="default").removesuffix("/v1"), timeout=60)
+        gateway = httpx.Client(base_url=pc.gateway_url(model="default").removesuffix("/v1"), timeout=60,
+                               headers={"Authorization": f"Bearer {key}"})  # the gateway checks the platform key
         body = {"model": "default", "input": TEXTS, "encoding_format": "float"}
         for client in (direct, gateway):  # warm-up
             client.post("/v1/embeddings", json=body).raise_for_status()
@@ -93,7 +96,7 @@ def main() -> None:
         extra = statistics.median(times["gateway"]) - statistics.median(times["direct"])
         print(f"  gateway/direct median ratio {ratio:.2f} (+{extra:.2f} ms per request)")
     finally:
-        if dep is not None:
+        if dep is not None and pc is not None:
             pc.delete_deployment("bench")
         service.send_signal(signal.SIGTERM)
         service.wait(30)

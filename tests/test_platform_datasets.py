@@ -20,9 +20,11 @@ WS = "/v2/workspaces/default"
 
 @pytest.fixture
 def api(tmp_path):
-    settings = PlatformSettings(data_dir=tmp_path / "data", max_upload_bytes=200_000, max_extracted_bytes=400_000)
+    settings = PlatformSettings(data_dir=tmp_path / "data", max_upload_bytes=200_000, max_extracted_bytes=400_000,
+                                allow_path_registration=True, path_roots=[tmp_path])
     with TestClient(create_app(settings)) as client:
         client.data_dir = settings.data_dir
+        client.headers["Authorization"] = f"Bearer {(settings.data_dir / 'admin.key').read_text().strip()}"
         yield client
 
 
@@ -179,8 +181,8 @@ def test_register_server_path_is_not_deleted_with_the_dataset(api, tmp_path):
     assert resp.status_code == 201 and resp.json()["source"] == "path" and resp.json()["path"] == str(folder)
     assert api.delete(f"{WS}/datasets/shared").status_code == 204
     assert (folder / "a.txt").is_file()
-    assert_error(api.post(f"{WS}/datasets/register", json={"name": "x", "format": "corpus",
-                                                           "path": str(tmp_path / "nope")}), 422, "does not exist")
+    missing = {"name": "x", "format": "corpus", "path": str(tmp_path / "nope")}
+    assert_error(api.post(f"{WS}/datasets/register", json=missing), 422, "cannot be registered")
 
 
 def test_workspaces_models_and_validation_errors(api, tmp_path):
@@ -194,7 +196,7 @@ def test_workspaces_models_and_validation_errors(api, tmp_path):
     folder.mkdir()
     assert api.post("/v2/workspaces/team-a/models", json={"name": "mine", "path": str(folder)}).json()["kind"] == "base"
     err = assert_error(api.post("/v2/workspaces/team-a/models", json={"name": "x", "path": str(tmp_path / "no")}),
-                       422, "is not a built-in")
+                       422, "cannot be registered")
     assert err["param"] == "path"
     assert_error(api.get("/v2/workspaces/nope/datasets"), 404, "workspace 'nope' not found")
     assert api.delete("/v2/workspaces/team-a").status_code == 204

@@ -106,13 +106,17 @@ def test_customize_deploy_and_query_through_gateway(platform_e2e, tiny_bert_dir)
     assert dep["status"] == "ready", dep["error"]
 
     texts = ["wind in the sails", "butter and flour for the dough"]
-    client = OpenAI(base_url=pc.gateway_url(model="tiny-ft"), api_key="unused")
+    client = OpenAI(base_url=pc.gateway_url(model="tiny-ft"), api_key=pc.api_key)  # the platform key
     got = client.embeddings.create(model="tiny-ft", input=texts)  # base64 on the wire, decoded by openai
     vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
     local = SentenceTransformer(model["path"], device="cpu").encode(texts, normalize_embeddings=True)
     assert vectors.shape == (2, 32)
     np.testing.assert_allclose(vectors, local, atol=1e-4)  # the gateway serves exactly the fine-tuned model
-    by_provider = OpenAI(base_url=pc.gateway_url(deployment="ft-dep"), api_key="unused")
+    by_provider = pc.openai(deployment="ft-dep")
+    with pytest.raises(Exception) as denied:  # noqa: PT011 (the gateway wants the platform key too)
+        OpenAI(base_url=pc.gateway_url(deployment="ft-dep"), api_key="unused").embeddings.create(
+            model="tiny-ft", input=texts[:1])
+    assert getattr(denied.value, "status_code", None) == 401
     again = by_provider.embeddings.create(model="tiny-ft", input=texts[:1], encoding_format="float")
     np.testing.assert_allclose(again.data[0].embedding, vectors[0], atol=1e-5)
 

@@ -53,6 +53,9 @@ class Service:
 
     def __init__(self, data_dir: Path, *args: str):
         self.data_dir, self.args = data_dir, args
+        # Path registration is off by default; here it is allowed under pytest's base temp folder, where the
+        # tests' model folders (tiny_bert_dir) live.
+        self.path_root = data_dir.parents[1]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -60,7 +63,8 @@ class Service:
     def start(self, timeout: float = 60) -> Service:
         env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
         cmd = [sys.executable, "-m", "embedtune", "platform", "--data-dir", str(self.data_dir), "--port",
-               str(self.port), "--heartbeat", "0.5", "--stale-after", "5", *self.args]
+               str(self.port), "--heartbeat", "0.5", "--stale-after", "5", "--allow-path-registration",
+               "--path-root", str(self.path_root), *self.args]
         log = (self.data_dir.parent / f"service-{self.port}.log").open("ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -74,8 +78,13 @@ class Service:
         wait_for(ready, timeout, what="service ready")
         return self
 
-    def client(self, workspace: str = "default") -> PlatformClient:
-        return PlatformClient(self.url, workspace=workspace, timeout=60)
+    @property
+    def admin_key(self) -> str:
+        """Written by the service on its first start (0600), as an operator would read it."""
+        return (self.data_dir / "admin.key").read_text().strip()
+
+    def client(self, workspace: str = "default", api_key: str | None = None) -> PlatformClient:
+        return PlatformClient(self.url, workspace=workspace, timeout=60, api_key=api_key or self.admin_key)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

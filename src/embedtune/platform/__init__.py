@@ -4,8 +4,11 @@
 service a team shares; :func:`create_app` builds the FastAPI app; :func:`serve` runs it with uvicorn.
 The OpenAPI spec is served at ``/openapi.json`` (interactive docs at ``/docs``).
 
-Quick start (``embedtune.client.PlatformClient`` wraps the same calls)::
+Every route but health needs an API key (``Authorization: Bearer``); the first start creates an admin key,
+prints it once and writes it to ``DATA_DIR/admin.key`` (0600). ``embedtune platform keys create`` makes more.
+Quick start (``embedtune.platform.client.PlatformClient`` wraps the same calls; ``-H "$AUTH"`` on each)::
 
+    AUTH="Authorization: Bearer $(cat platform-data/admin.key)"
     curl -F name=docs -F format=corpus -F files=@docs.tar.gz  $URL/v2/workspaces/default/datasets
     curl -H 'content-type: application/json' $URL/v2/workspaces/default/customization/jobs \
          -d '{"model": "default", "dataset": "docs", "hyperparameters": {"epochs": 1}, "output": {"name": "ft"}}'
@@ -15,7 +18,9 @@ Quick start (``embedtune.client.PlatformClient`` wraps the same calls)::
 
 Layout: ``db`` (tables, compare-and-set status transitions), ``jobs`` (request bodies -> recipe),
 ``datasets`` (safe extraction, validation), ``executors`` (local subprocess, Ray), ``scheduler`` (launch,
-reap, recover), ``worker`` (runs one job), ``evaluation``, ``deployments``, ``app`` (routes, gateway).
+reap, recover), ``worker`` (runs one job), ``evaluation``, ``deployments``, ``auth`` (keys, access, audit),
+``sandbox`` (what a job or registration may touch), ``routes/`` (one module per router), ``app`` (assembly).
+See SECURITY.md for the threat model and the operator settings.
 """
 
 from __future__ import annotations
@@ -34,4 +39,7 @@ def create_app(settings: PlatformSettings | None = None):  # noqa: ANN201
 def serve(settings: PlatformSettings, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
     import uvicorn
 
+    from embedtune.platform.auth import check_auth_setting
+
+    check_auth_setting(settings.auth, host)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)

@@ -11,7 +11,19 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, UniqueConstraint, create_engine, event, update
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    update,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -113,6 +125,33 @@ class Deployment(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: only a hash of the token is stored (see :mod:`embedtune.platform.auth`)."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # also the token's public prefix
+    name: Mapped[str] = mapped_column(String(128))
+    secret_hash: Mapped[str] = mapped_column(String(128))
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    workspaces: Mapped[list[str]] = mapped_column(JSON, default=list)  # ignored for admin keys (all)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class AuditEvent(Base):
+    """Who created, cancelled, deleted (or revoked) what, and when."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(256))  # "key-id (name)", or "cli", or "anonymous" (auth off)
+    action: Mapped[str] = mapped_column(String(32))  # create | cancel | delete | revoke
+    kind: Mapped[str] = mapped_column(String(32))  # workspace | dataset | model | job | deployment | api_key
+    target: Mapped[str] = mapped_column(String(256))
+    workspace: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 TERMINAL = ("completed", "failed", "cancelled")

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
           409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
           429: "rate_limit_error", 502: "bad_gateway", 503: "service_unavailable"}
 
@@ -33,8 +33,8 @@ class PlatformError(Exception):
 
 
 def not_found(kind: str, name: str, workspace: str | None = None) -> PlatformError:
-    where = f" in workspace '{workspace}'" if workspace else ""
-    return PlatformError(404, f"{kind} '{name}' not found{where}", code=f"{kind}_not_found")
+    where = f" in workspace '{workspace[:130]}'" if workspace else ""
+    return PlatformError(404, f"{kind} '{name[:260]}' not found{where}", code=f"{kind}_not_found")
 
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
@@ -47,18 +47,23 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(PlatformError)
     async def _platform(_: Request, exc: PlatformError) -> JSONResponse:
-        return error_response(exc.status, exc.message, param=exc.param, code=exc.code, type=exc.type)
+        resp = error_response(exc.status, exc.message, param=exc.param, code=exc.code, type=exc.type)
+        if exc.status == 401:
+            resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        # The detail of a framework error can quote the request (e.g. a body it could not parse): cap it.
+        return error_response(exc.status_code, str(exc.detail)[:300])
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
-        param = ".".join(loc) or None
+        param = ".".join(loc)[:120] or None
         message = f"{param}: {first['msg']}" if param else first["msg"]
+        message = message[:300]  # never echo megabytes of input back
         extra = len(exc.errors()) - 1
         if extra:
             message += f" (and {extra} more problem{'s' * (extra > 1)})"

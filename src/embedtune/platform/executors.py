@@ -45,10 +45,23 @@ def src_root() -> str:
     return str(Path(embedtune.__file__).resolve().parents[1])
 
 
-def worker_env(settings: PlatformSettings) -> dict[str, str]:
-    env = dict(os.environ)
+# What a worker or serving process inherits from the service's environment: nothing else (SECURITY.md).
+# The service may hold cloud credentials, database passwords or tokens a job has no business seeing.
+PASSED_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "VIRTUAL_ENV",
+              "HF_HOME", "HF_HUB_CACHE", "SENTENCE_TRANSFORMERS_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+              "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+              "NUMEXPR_NUM_THREADS", "TORCH_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTHONPATH")
+
+
+def worker_env(settings: PlatformSettings, source: dict[str, str] | None = None) -> dict[str, str]:
+    """The minimal environment of a job's worker: the variables above, the operator's allowed secrets, and
+    where to find the platform (``EMBEDTUNE_PLATFORM_SETTINGS``)."""
+    source = dict(os.environ if source is None else source)
+    env = {k: source[k] for k in PASSED_ENV if k in source}
+    env.update({k: source[k] for k in settings.allowed_secret_env if k in source})
     env.update(settings.to_env())
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src_root(), env.get("PYTHONPATH")]))
+    env.setdefault("PATH", os.defpath)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
@@ -103,10 +116,11 @@ class LocalExecutor:
         self.procs.clear()
 
 
-def _ray_entry(job_id: str, settings_json: str, log_path: str) -> int:
-    """Runs inside a fresh Ray worker process (max_calls=1): log to the job's file, then run the job."""
-    os.environ["EMBEDTUNE_PLATFORM_SETTINGS"] = settings_json
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def _ray_entry(job_id: str, settings_json: str, log_path: str, env: dict[str, str]) -> int:
+    """Runs inside a fresh Ray worker process (max_calls=1): take the job's minimal environment (a Ray worker
+    inherits the raylet's, i.e. the service's), log to the job's file, then run the job."""
+    os.environ.clear()
+    os.environ.update(env)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -136,7 +150,8 @@ class RayExecutor:
 
     def launch(self, job_id: str, log_path: Path) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.refs[job_id] = self.remote.remote(job_id, self.settings.model_dump_json(), str(log_path))
+        self.refs[job_id] = self.remote.remote(job_id, self.settings.model_dump_json(), str(log_path),
+                                               worker_env(self.settings))
         return None
 
     def finished(self) -> list[tuple[str, str]]:

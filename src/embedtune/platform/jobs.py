@@ -19,7 +19,6 @@ from embedtune.config import RecipeError, validate_recipe
 from embedtune.pipeline import STAGE_NAMES, stage_info
 from embedtune.platform.errors import PlatformError
 
-STATUSES = ("created", "pending", "running", "cancelling", "completed", "failed", "cancelled")
 DEFAULT_LAST_STAGE = "eval"  # export is opt-in: it needs time and the serving path can use torch
 
 

@@ -24,7 +24,7 @@ class ListOf(BaseModel, Generic[T]):
 
 
 class WorkspaceCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "team-a"}]})
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     description: str = ""
 
@@ -57,7 +57,7 @@ class DatasetOut(Out):
 
 
 class ModelRegister(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "base", "path": "default"}]})
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
     path: str = Field(description="a sentence-transformers/transformers folder, or a built-in spec")
     description: str = ""
@@ -123,7 +123,7 @@ class JobLogsOut(BaseModel):
 
 
 class DeploymentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "default", "name": "dep"}]})
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
     model: str = Field(description="a registered model of the workspace")
 

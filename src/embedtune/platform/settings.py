@@ -25,7 +25,20 @@ class PlatformSettings(BaseModel):
     max_upload_bytes: int = Field(1 << 30, gt=0)
     max_extracted_bytes: int = Field(4 << 30, gt=0, description="archive bomb guard")
     max_archive_members: int = Field(100_000, gt=0)
-    allow_path_registration: bool = Field(True, description="datasets/models may point at server paths")
+    max_json_bytes: int = Field(1 << 20, gt=0, description="largest JSON request body (uploads excepted)")
+    max_gateway_bytes: int = Field(16 << 20, gt=0, description="largest request forwarded by the gateway")
+    max_compression_ratio: float = Field(200.0, gt=1, description="extracted/compressed bytes of an archive")
+    max_upload_files: int = Field(1000, gt=0, description="files in one multipart upload")
+    # --- security (SECURITY.md): every default below is the closed one
+    auth: bool = Field(True, description="require an API key on every route but health")
+    allow_path_registration: bool = Field(False, description="datasets/models may point at server paths")
+    path_roots: list[Path] = Field(default_factory=list, description="the only folders registration may name")
+    allowed_llm_base_urls: list[str] = Field(
+        default_factory=list, description="sdg.llm.base_url values a job may use (exact, trailing / ignored)")
+    allowed_secret_env: list[str] = Field(
+        default_factory=list, description="environment variables a job may name as sdg.llm.api_key_env; "
+                                          "only these reach a worker's environment")
+    allowed_sdg_generators: list[str] = Field(default_factory=lambda: ["local", "llm"])
     deployment_host: str = "127.0.0.1"
     deployment_ready_timeout: float = Field(300.0, gt=0)
 
@@ -37,6 +50,7 @@ class PlatformSettings(BaseModel):
 
     def prepare(self) -> PlatformSettings:
         self.data_dir = self.data_dir.expanduser().resolve()
+        self.path_roots = [Path(os.path.realpath(p.expanduser())) for p in self.path_roots]
         for sub in ("datasets", "jobs", "deployments", "uploads"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         return self

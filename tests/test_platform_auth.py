@@ -1,0 +1,228 @@
+"""Authentication and authorisation of the platform (issue 17 item 1), through the real app and a real SQLite file.
+
+The matrix iterates ``app.routes``: a route added later is covered without editing this file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+
+from embedtune.platform import PlatformSettings, create_app
+from embedtune.platform.auth import check_auth_setting, create_key, revoke_key
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PUBLIC = {"/v1/health/live", "/v1/health/ready"}
+
+
+@pytest.fixture
+def platform(tmp_path):
+    settings = PlatformSettings(data_dir=tmp_path / "data")
+    app = create_app(settings)
+    with TestClient(app) as client:
+        state = app.state.platform
+        admin = (settings.data_dir / "admin.key").read_text().strip()
+        with state.sessions() as s:
+            team_a = create_key(s, "alice", workspaces=["team-a"])[1]
+            team_b = create_key(s, "bob", workspaces=["team-b"])[1]
+            revoked_row, revoked = create_key(s, "eve", workspaces=["team-a"])
+            revoke_key(s, revoked_row.id)
+        for ws in ("team-a", "team-b"):
+            assert client.post("/v2/workspaces", json={"name": ws}, headers=bearer(admin)).status_code == 201
+        yield {"client": client, "app": app, "admin": admin, "a": team_a, "b": team_b, "revoked": revoked,
+               "data_dir": settings.data_dir}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def tgz(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def upload_docs(client: TestClient, token: str, workspace: str, name: str = "docs"):  # noqa: ANN201
+    archive = tgz({"docs/a.txt": b"Sails and tides: a harbour text long enough to count as a document."})
+    return client.post(f"/v2/workspaces/{workspace}/datasets", data={"name": name},
+                       files=[("files", ("docs.tar.gz", archive))], headers=bearer(token))
+
+
+def operations(app) -> list[tuple[str, set[str]]]:  # noqa: ANN001
+    """(path template, methods) of every API route, whether mounted directly or through an included router."""
+    out = []
+    for route in app.routes:
+        if isinstance(route, APIRoute):
+            out.append((route.path_format, set(route.methods)))
+        elif hasattr(route, "effective_route_contexts"):  # FastAPI >= 0.16x includes routers lazily
+            out.extend((c.path_format, set(c.methods)) for c in route.effective_route_contexts())
+    return out
+
+
+def every_route(app) -> list[tuple[str, str, str]]:  # noqa: ANN001
+    """(method, concrete path into workspace team-b, template) for every operation of the app."""
+    out = []
+    for template, methods in operations(app):
+        path = (template.replace("{workspace}", "team-b").replace("{path}", "v1/embeddings")
+                .replace("{job_id}", "cust-0").replace("{name}", "x").replace("{model}", "m")
+                .replace("{deployment}", "d"))
+        out.extend((method, path, template) for method in sorted(methods))
+    return out
+
+
+def call(client: TestClient, method: str, path: str, headers: dict[str, str]):  # noqa: ANN201
+    body = {"dataset": {"namespace": "team-b", "name": "docs"}} if path == "/v1/customization/jobs" else {}
+    return client.request(method, path, headers=headers, json=body if method in ("POST", "PUT", "PATCH") else None)
+
+
+def assert_shaped(resp, status: int) -> dict:  # noqa: ANN001
+    assert resp.status_code == status, (resp.request.method, resp.request.url, resp.text)
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def test_matrix_covers_every_route(platform):
+    routes = every_route(platform["app"])
+    templates = {t for _, _, t in routes}
+    assert len(routes) >= 30 and templates >= PUBLIC and "/v2/admin/audit" in templates
+    spec = platform["client"].get("/openapi.json").json()
+    assert templates == set(spec["paths"])  # nothing the spec lists escapes the matrix
+
+
+def test_no_key_wrong_key_revoked_key_are_401_on_every_route_but_health(platform):
+    client, admin = platform["client"], platform["admin"]
+    key_id = admin.split("-")[1]
+    wrong = {
+        "none": {},
+        "not bearer": {"Authorization": f"Basic {admin}"},
+        "garbage": bearer("not-a-key"),
+        "right id, wrong secret": bearer(f"etk-{key_id}-{'A' * 43}"),
+        "revoked": bearer(platform["revoked"]),
+        "non-ascii": {"Authorization": "Bearer etk-clé-é".encode()},  # raw UTF-8 bytes on the wire
+    }
+    for method, path, template in every_route(platform["app"]):
+        for label, headers in wrong.items():
+            resp = call(client, method, path, headers)
+            if template in PUBLIC:
+                assert resp.status_code == 200, (label, path)
+                continue
+            err = assert_shaped(resp, 401)
+            assert err["type"] == "authentication_error" and resp.headers["www-authenticate"] == "Bearer", label
+
+
+def test_another_workspaces_key_sees_nothing_of_it(platform):
+    client, key_a = platform["client"], platform["a"]
+    for method, path, template in every_route(platform["app"]):
+        resp = call(client, method, path, bearer(key_a))
+        if template in PUBLIC:
+            continue
+        if "{workspace}" in template or template == "/v1/customization/jobs":
+            err = assert_shaped(resp, 404)  # as if team-b did not exist
+            assert "team-b" in err["message"] and "workspace" in err["message"], (path, err)
+        elif template.startswith("/v2/admin") or (template == "/v2/workspaces" and method == "POST"):
+            assert_shaped(resp, 403)
+        else:
+            assert template == "/v2/workspaces" and method == "GET", template  # a new route: decide its rule
+            assert [w["name"] for w in resp.json()["data"]] == ["team-a"]
+
+
+def test_admin_key_reaches_every_route_without_5xx(platform):
+    client, admin = platform["client"], platform["admin"]
+    for method, path, _ in every_route(platform["app"]):
+        resp = call(client, method, path, bearer(admin))
+        assert resp.status_code not in (401, 403) and resp.status_code < 500, (method, path, resp.text)
+
+
+def test_cross_workspace_references_are_refused(platform):
+    client, admin, key_a = platform["client"], platform["admin"], platform["a"]
+    assert upload_docs(client, admin, "team-b").status_code == 201
+    body = {"model": "default", "dataset": "team-b/docs", "stages": ["corpus"]}
+    err = assert_shaped(client.post("/v2/workspaces/team-a/customization/jobs", json=body, headers=bearer(key_a)),
+                        404)
+    assert err["param"] == "dataset"
+    err = assert_shaped(client.post("/v2/workspaces/team-a/customization/jobs", headers=bearer(key_a),
+                                    json={"model": "team-b/default", "dataset": "docs"}), 404)
+    assert err["param"] == "model"
+    assert_shaped(client.post("/v2/workspaces/team-a/deployments", json={"model": "team-b/default"},
+                              headers=bearer(key_a)), 404)
+    assert_shaped(client.post("/v2/workspaces/team-a/evaluation/jobs", headers=bearer(key_a),
+                              json={"model": "default", "dataset": "team-b/docs"}), 404)
+    assert client.get("/v2/workspaces/team-b/datasets/docs", headers=bearer(platform["b"])).status_code == 200
+
+
+def test_audit_log_records_who_did_what_and_only_admins_read_it(platform):
+    client, admin, key_b = platform["client"], platform["admin"], platform["b"]
+    assert upload_docs(client, key_b, "team-b").status_code == 201
+    assert client.delete("/v2/workspaces/team-b/datasets/docs", headers=bearer(key_b)).status_code == 204
+    bob = key_b.split("-")[1]
+    events = client.get("/v2/admin/audit", params={"workspace": "team-b"}, headers=bearer(admin)).json()["data"]
+    mine = [(e["action"], e["kind"], e["target"]) for e in events if e["actor"].startswith(bob)]
+    assert mine == [("delete", "dataset", "docs"), ("create", "dataset", "docs")]  # newest first
+    assert any(e["action"] == "create" and e["kind"] == "workspace" for e in events)
+    assert_shaped(client.get("/v2/admin/audit", headers=bearer(key_b)), 403)
+    keys = client.get("/v2/admin/keys", headers=bearer(admin)).json()["data"]
+    assert {k["name"] for k in keys} == {"admin", "alice", "bob", "eve"}
+    assert all(set(k) == {"id", "name", "admin", "workspaces", "created_at", "revoked_at"} for k in keys)
+
+
+def test_keys_are_stored_hashed_and_the_admin_key_file_is_private(platform):
+    import sqlite3
+
+    data_dir = platform["data_dir"]
+    assert (data_dir / "admin.key").stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(data_dir / "platform.db") as con:
+        dump = "\n".join(con.iterdump())
+    for token in (platform["admin"], platform["a"], platform["b"]):
+        secret = token.split("-", 2)[2]
+        assert secret not in dump
+
+
+def test_no_auth_is_refused_off_loopback():
+    check_auth_setting(False, "127.0.0.1")
+    check_auth_setting(False, "::1")
+    check_auth_setting(True, "0.0.0.0")
+    for host in ("0.0.0.0", "10.1.2.3", "example.org", "::"):
+        with pytest.raises(ValueError, match="without authentication"):
+            check_auth_setting(False, host)
+
+
+def test_no_auth_flag_serves_anonymously_on_loopback(tmp_path):
+    with TestClient(create_app(PlatformSettings(data_dir=tmp_path / "d", auth=False))) as client:
+        assert client.get("/v2/workspaces").status_code == 200
+    assert not (tmp_path / "d" / "admin.key").exists()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "embedtune", "platform", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_cli_keys_create_list_revoke(tmp_path):
+    data = tmp_path / "data"
+    created = run_cli("keys", "create", "ci-bot", "--workspace", "team-c", "--data-dir", str(data))
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip().splitlines()[-1]
+    key_id = token.split("-")[1]
+    listed = run_cli("keys", "list", "--json", "--data-dir", str(data))
+    assert key_id in listed.stdout and token.split("-", 2)[2] not in listed.stdout
+    with TestClient(create_app(PlatformSettings(data_dir=data))) as client:
+        assert [w["name"] for w in client.get("/v2/workspaces", headers=bearer(token)).json()["data"]] == ["team-c"]
+        assert run_cli("keys", "revoke", key_id, "--data-dir", str(data)).returncode == 0
+        assert client.get("/v2/workspaces", headers=bearer(token)).status_code == 401
+    refused = run_cli("--no-auth", "--host", "0.0.0.0", "--data-dir", str(data))
+    assert refused.returncode == 1 and "without authentication" in refused.stdout + refused.stderr
