@@ -24,8 +24,8 @@ from embedtune.platform.settings import PlatformSettings
 class Executor(Protocol):
     name: str
 
-    def launch(self, job_id: str, log_path: Path) -> int | None:
-        """Start the job's worker; returns its pid when known here."""
+    def launch(self, job_id: str, log_path: Path, attempt: int | None = None) -> int | None:
+        """Start the job's worker for claim number ``attempt``; returns its pid when known here."""
 
     def finished(self) -> list[tuple[str, str]]:
         """(job id, how the worker ended) for workers that ended since the last call."""
@@ -69,10 +69,11 @@ class LocalExecutor:
         self.settings = settings
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def launch(self, job_id: str, log_path: Path) -> int:
+    def launch(self, job_id: str, log_path: Path, attempt: int | None = None) -> int:
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        fence = ["--attempt", str(attempt)] if attempt is not None else []
         with log_path.open("ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "embedtune.platform.worker", job_id],
+            proc = subprocess.Popen([sys.executable, "-m", "embedtune.platform.worker", job_id, *fence],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=worker_env(self.settings), start_new_session=True)
         self.procs[job_id] = proc
@@ -103,7 +104,7 @@ class LocalExecutor:
         self.procs.clear()
 
 
-def _ray_entry(job_id: str, settings_json: str, log_path: str) -> int:
+def _ray_entry(job_id: str, settings_json: str, log_path: str, attempt: int | None = None) -> int:
     """Runs inside a fresh Ray worker process (max_calls=1): log to the job's file, then run the job."""
     os.environ["EMBEDTUNE_PLATFORM_SETTINGS"] = settings_json
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,7 +115,7 @@ def _ray_entry(job_id: str, settings_json: str, log_path: str) -> int:
     os.dup2(fd, 2)
     from embedtune.platform.worker import run_job
 
-    return run_job(job_id, PlatformSettings.model_validate_json(settings_json), executor="ray")
+    return run_job(job_id, PlatformSettings.model_validate_json(settings_json), executor="ray", attempt=attempt)
 
 
 class RayExecutor:
@@ -134,9 +135,9 @@ class RayExecutor:
         self.remote = ray.remote(max_calls=1, num_cpus=1, max_retries=0)(_ray_entry)
         self.refs: dict[str, object] = {}
 
-    def launch(self, job_id: str, log_path: Path) -> None:
+    def launch(self, job_id: str, log_path: Path, attempt: int | None = None) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.refs[job_id] = self.remote.remote(job_id, self.settings.model_dump_json(), str(log_path))
+        self.refs[job_id] = self.remote.remote(job_id, self.settings.model_dump_json(), str(log_path), attempt)
         return None
 
     def finished(self) -> list[tuple[str, str]]:
