@@ -8,8 +8,8 @@ It never runs a job itself. Each tick:
    the database (by any replica) are passed on to the workers this service launched;
 3. jobs running without a worker this service launched (adopted after a restart, or launched by
    another replica): if their pid is gone (same host) or their lease is stale, the job is an orphan
-   and is failed with the reason, or re-queued when ``on_orphan=requeue`` (always when its worker never
-   started: nothing ran);
+   and is failed with the reason, or re-queued when ``on_orphan=requeue`` (always when no worker was
+   launched for it: nothing ran);
 4. pending jobs are claimed and launched, up to ``max_workers`` on this machine;
 5. deployments are health-checked.
 The first tick runs before the service accepts requests, so no job is ever left "running" for a dead worker.
@@ -179,8 +179,9 @@ class Scheduler:
 
     def _orphaned(self, job: db.Job, reason: str) -> None:
         """Fail or re-queue a job whose worker is gone, unless its lease moved on since ``job`` was read."""
-        never_started = job.started_at is None
-        requeue = (never_started or self.settings.on_orphan == "requeue") and job.attempts < self.settings.max_attempts
+        # Claimed by a replica that died before it launched a worker: nothing ran, so it is always safe to rerun.
+        never_launched = job.worker_pid is None and job.started_at is None
+        requeue = (never_launched or self.settings.on_orphan == "requeue") and job.attempts < self.settings.max_attempts
         details = {**(job.status_details or {}), "requeued_because": reason}
         outcomes = (
             ("cancelling", {"status": "cancelled", "error": "cancelled by request"}),
