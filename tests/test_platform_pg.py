@@ -202,3 +202,79 @@ def test_a_worker_of_an_old_attempt_changes_nothing_and_stops(queue):
         job = s.get(db.Job, job_id)
     assert (job.status, job.worker_pid, job.started_at, job.heartbeat_at) == ("running", None, None, 123.0)
     assert beat(sessions, job_id, attempt=2) == "running"
+
+
+# ------------------------------------------------------------------ error paths with a real service and workers
+
+
+@pytest.fixture(scope="module")
+def service(module_db_url, tmp_path_factory):
+    from _platform_process import PlatformProcess, stop_all, write_corpus
+
+    root = tmp_path_factory.mktemp("service")
+    svc = PlatformProcess(root / "data", module_db_url).start()
+    svc.client().upload_dataset("docs", write_corpus(root / "docs"))
+    yield svc
+    stop_all([svc], module_db_url)
+
+
+def in_stage(svc, job_id: str) -> int:  # noqa: ANN001
+    """The worker's pid once it is inside its first stage (its signal handler and heartbeat are set up)."""
+    from _platform_process import job_log, wait_for
+
+    wait_for(lambda: "=== stage corpus" in job_log(svc, job_id), timeout=120, poll=0.1, what="stage started")
+    return svc.client().get_job(job_id)["worker"]["pid"]
+
+
+def test_a_stage_raising_fails_the_job_with_its_reason(service):
+    from _platform_process import job_log
+
+    pc = service.client()
+    job = pc.create_customization_job(model="default", dataset="docs", stages=["corpus"],
+                                      recipe={"corpus": {"min_chars": 100000}})  # every document too short
+    final = pc.wait_job(job["id"], timeout=120, poll=0.2)
+    assert final["status"] == "failed" and final["worker"]["attempts"] == 1
+    assert final["error"].startswith("ValueError: no usable documents in "), final["error"]
+    assert "Traceback" in job_log(service, job["id"]) and final["finished_at"] is not None
+
+
+def test_sigterm_to_a_worker_fails_its_job(service):
+    from _platform_process import pid_alive, wait_for
+
+    pc = service.client()
+    job = pc.create_customization_job(model="default", dataset="docs", stages=["corpus"])
+    pid = in_stage(service, job["id"])
+    os.kill(pid, 15)
+    final = pc.wait_job(job["id"], timeout=60, poll=0.1)
+    assert (final["status"], final["error"]) == ("failed", "worker received SIGTERM")
+    wait_for(lambda: not pid_alive(pid), timeout=30, what="worker gone")
+
+
+@pytest.mark.slow
+def test_a_worker_that_stops_beating_is_failed_and_cannot_finish_the_job_later(db_url, tmp_path):
+    """Its service dies (SIGKILL) while the worker is frozen (SIGSTOP): the next service fails the job for the
+    stale heartbeat; when the worker wakes up it finds it no longer holds the job and exits without a write."""
+    from _platform_process import Jobs, PlatformProcess, job_log, pid_alive, stop_all, wait_for, write_corpus
+
+    first = PlatformProcess(tmp_path / "data", db_url, stale_after=3).start()
+    second = None
+    jobs = Jobs(db_url)
+    try:
+        pc = first.client()
+        pc.upload_dataset("docs", write_corpus(tmp_path / "docs"))
+        job_id = pc.create_customization_job(model="default", dataset="docs", stages=["corpus"])["id"]
+        pid = in_stage(first, job_id)
+        os.kill(pid, 19)  # SIGSTOP
+        first.kill()
+        second = PlatformProcess(tmp_path / "data", db_url, stale_after=3).start()
+        failed = second.client().wait_job(job_id, timeout=60, poll=0.2)
+        assert failed["status"] == "failed"
+        assert failed["error"].startswith(f"worker pid {pid} on ") and "sent no heartbeat for" in failed["error"]
+        os.kill(pid, 18)  # SIGCONT
+        wait_for(lambda: not pid_alive(pid), timeout=60, what="woken worker gone")
+        assert "no longer holds the job" in job_log(second, job_id)
+        after = jobs.get(job_id)
+        assert (after.status, after.error, after.result) == ("failed", failed["error"], {})
+    finally:
+        jobs.close()
+        stop_all([s for s in (first, second) if s is not None], db_url)

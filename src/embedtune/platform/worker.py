@@ -105,7 +105,7 @@ def trainer_state_losses(run: RunDir) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------- the job
 
 
-LOST_LEASE_EXIT = 3  # the job was re-queued and claimed again while this worker was out of touch
+LOST_LEASE_EXIT = 3  # the job was failed or re-queued while this worker was out of touch
 
 
 class Heartbeat(threading.Thread):
@@ -128,8 +128,8 @@ class Heartbeat(threading.Thread):
             if status == "cancelling":
                 finish_cancelled(self.sessions, self.job_id, self.attempt)
             elif status is None:
-                print(f"job {self.job_id}: attempt {self.attempt} is no longer the job's current attempt "
-                      "(its lease went stale and it was claimed again): stopping", flush=True)
+                print(f"job {self.job_id}: attempt {self.attempt} no longer holds the job (its lease went stale "
+                      "and the service failed or re-queued it): stopping", flush=True)
                 os._exit(LOST_LEASE_EXIT)
 
 
