@@ -168,3 +168,13 @@ def test_postgres_fixture_refuses_to_skip_in_ci(monkeypatch):
     monkeypatch.setenv("CI", "")
     with pytest.raises(pytest.skip.Exception, match="no PostgreSQL here"):
         pg_fixture.unavailable("no PostgreSQL here")
+
+
+def test_db_upgrade_names_an_unreachable_database_without_its_password():
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    url = "postgresql+psycopg://team:s3cret@127.0.0.1:1/platform"  # port 1: nothing listens
+    done = subprocess.run([sys.executable, "-m", "embedtune", "platform", "db", "upgrade", "--db", url],
+                          capture_output=True, text=True, env=env, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "cannot open the database postgresql+psycopg://team:***@127.0.0.1:1/platform" in out
+    assert "s3cret" not in out and "Traceback" not in out

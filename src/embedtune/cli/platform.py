@@ -55,6 +55,8 @@ def db_upgrade_cmd(
     revision: Annotated[str, typer.Option(help="target revision")] = "head",
 ) -> None:
     """Apply the schema migrations (the service also does this when it starts)."""
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
     from embedtune.console import console
     from embedtune.platform import PlatformSettings
     from embedtune.platform.db import upgrade
@@ -63,11 +65,18 @@ def db_upgrade_cmd(
     if db is None:
         settings.prepare()
     url = settings.database_url
-    at = upgrade(url, revision)
+    try:
+        at = upgrade(url, revision)
+    except (OperationalError, ArgumentError, NoSuchModuleError) as exc:
+        raise ValueError(f"cannot open the database {_redacted(url)}: {getattr(exc, 'orig', None) or exc}") from None
     console.print(f"database {_redacted(url)} is at revision {at}")
 
 
 def _redacted(url: str) -> str:
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(unparseable URL)"
