@@ -188,8 +188,12 @@ def upgrade(url: str, revision: str = "head") -> str | None:
 
 
 def _upgrade_engine(engine: Engine, revision: str) -> str | None:
-    from alembic import command
-    from alembic.runtime.migration import MigrationContext
+    try:
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+    except ImportError as exc:
+        raise RuntimeError("the platform's database migrations need alembic: pip install 'embedtune[platform]'") \
+            from exc
 
     from embedtune.platform import migrations
 

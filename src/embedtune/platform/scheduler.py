@@ -17,8 +17,10 @@ The first tick runs before the service accepts requests, so no job is ever left 
 Several replicas may share one database. A claim takes rows no other replica holds (``SELECT ... FOR UPDATE
 SKIP LOCKED`` on PostgreSQL; a conditional ``UPDATE ... WHERE status = 'pending'`` on SQLite) and counts an
 attempt; every later write about the job, by the service or its worker, is fenced by that attempt number,
-so a worker or replica that lost the job (its lease went stale and the job was claimed again) changes
-nothing and stops: a job is never run by two workers at once.
+so a worker or replica that lost the job (its lease went stale and the job was failed or claimed again)
+changes nothing in the database, and the worker stops at its next heartbeat. A live worker's lease does not
+go stale (it beats every ``heartbeat_seconds``), so a job is re-claimed only from a worker that is gone or
+was frozen for ``stale_after_seconds``.
 """
 
 from __future__ import annotations
