@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pg_fixture import db_url, module_db_url, postgres_server, postgres_url  # noqa: F401 (PostgreSQL fixtures)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -23,7 +23,6 @@ app.add_typer(platform_app, name="platform")
 DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL \\[default: a SQLite file in --data-dir]")]
 DataDirOpt = Annotated[Path, typer.Option(help="datasets, job run dirs and logs")]
 
-
 @platform_app.callback()
 @user_errors
 def platform_cmd(
@@ -139,3 +138,43 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id (keyXXX
     if row is None:
         raise ValueError(f"no key with id {key_id!r} (see `embedtune platform keys list`)")
     console.print(f"revoked {row.id} ({row.name})", soft_wrap=True)
+
+
+db_app = typer.Typer(help="The platform's database.", no_args_is_help=True)
+platform_app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+@user_errors
+def db_upgrade_cmd(
+    db: Annotated[str | None, typer.Option(
+        "--db", help="SQLAlchemy URL \\[default: a SQLite file in --data-dir]")] = None,
+    data_dir: Annotated[Path, typer.Option(help="the service's data folder")] = Path("platform-data"),
+    revision: Annotated[str, typer.Option(help="target revision")] = "head",
+) -> None:
+    """Apply the schema migrations (the service also does this when it starts)."""
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
+    from embedtune.console import console
+    from embedtune.platform import PlatformSettings
+    from embedtune.platform.db import upgrade
+
+    settings = PlatformSettings(db_url=db, data_dir=data_dir)
+    if db is None:
+        settings.prepare()
+    url = settings.database_url
+    try:
+        at = upgrade(url, revision)
+    except (OperationalError, ArgumentError, NoSuchModuleError) as exc:
+        raise ValueError(f"cannot open the database {_redacted(url)}: {getattr(exc, 'orig', None) or exc}") from None
+    console.print(f"database {_redacted(url)} is at revision {at}")
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(unparseable URL)"

@@ -7,7 +7,10 @@ through :func:`transition`, a compare-and-set UPDATE, so exactly one side wins.
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,10 +25,14 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    text,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+log = logging.getLogger("embedtune.platform")
 
 
 def utcnow() -> datetime:
@@ -101,7 +108,8 @@ class Job(Base):
     worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     worker_host: Mapped[str | None] = mapped_column(String(256), nullable=True)
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # epoch seconds
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far; also fences a stale worker out
+    claimed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the service replica's id
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -158,7 +166,13 @@ TERMINAL = ("completed", "failed", "cancelled")
 ACTIVE = ("running", "cancelling")
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, migrate: bool = True) -> Engine:
+    """An engine for ``url``; with ``migrate`` the schema is first brought to the newest revision (the service).
+
+    Workers pass ``migrate=False``: the service that launched them has already upgraded the database.
+    """
+    if migrate and not _in_memory(url):
+        upgrade(url)
     if url.startswith("sqlite"):
         # Several processes (service, workers) write: WAL lets readers proceed, busy_timeout waits out locks.
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
@@ -171,22 +185,102 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
     else:
-        engine = create_engine(url, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+        # Route handlers run in a thread pool of 40: a connection for each, so a burst waits on the
+        # database rather than on the pool (the server's max_connections must allow 45 per replica).
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=40)
+    if migrate and _in_memory(url):
+        _upgrade_engine(engine, "head")
     return engine
+
+
+def _in_memory(url: str) -> bool:
+    return url.startswith("sqlite") and (url.rstrip("/") in ("sqlite:", "sqlite+pysqlite:") or ":memory:" in url)
+
+
+MIGRATION_LOCK = 0x656D6274756E65  # any constant: the advisory lock two replicas starting at once take
+
+
+def upgrade(url: str, revision: str = "head") -> str | None:
+    """Apply the shipped Alembic migrations up to ``revision``; returns the revision the database is at.
+
+    Safe when several replicas start at once: PostgreSQL takes an advisory lock and SQLite a write
+    lock (``BEGIN IMMEDIATE``) for the whole upgrade, so one replica migrates and the others find it done.
+    A database the platform created before it had migrations (tables, no ``alembic_version``) is stamped
+    at the baseline revision first, so it is upgraded in place and not created again.
+    """
+    engine = make_engine(url, migrate=False)
+    try:
+        return _upgrade_engine(engine, revision)
+    finally:
+        engine.dispose()
+
+
+def _upgrade_engine(engine: Engine, revision: str) -> str | None:
+    try:
+        from alembic import command
+        from alembic.runtime.migration import MigrationContext
+    except ImportError as exc:
+        raise RuntimeError("the platform's database migrations need alembic: pip install 'embedtune[platform]'") \
+            from exc
+
+    from embedtune.platform import migrations
+
+    with _locked_transaction(engine) as conn:
+        cfg = migrations.config(conn)
+        tables = set(inspect(conn).get_table_names())
+        if "alembic_version" not in tables and {"workspaces", "jobs"} <= tables:
+            log.info("database made before migrations existed: stamping it at %s", migrations.BASELINE)
+            command.stamp(cfg, migrations.BASELINE)
+        before = MigrationContext.configure(conn).get_current_revision()
+        command.upgrade(cfg, revision)
+        after = MigrationContext.configure(conn).get_current_revision()
+    if before != after:
+        log.info("database upgraded from %s to %s", before or "empty", after)
+    return after
+
+
+@contextmanager
+def _locked_transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction that holds the migration lock until it commits."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            raw = conn.connection.dbapi_connection
+            saved = raw.isolation_level
+            raw.isolation_level = None  # sqlite3 must not open its own (deferred) transaction around ours
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                yield conn
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+            finally:
+                raw.isolation_level = saved
+            return
+        with conn.begin():
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+            yield conn
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def transition(session: Session, job_id: str, from_status: str | tuple[str, ...], **values: Any) -> bool:
-    """Compare-and-set: update the job only if its status is still one of ``from_status``."""
+def transition(session: Session, job_id: str, from_status: str | tuple[str, ...], attempt: int | None = None,
+               **values: Any) -> bool:
+    """Compare-and-set: update the job only if its status is still one of ``from_status``.
+
+    With ``attempt``, only if the job is still in that attempt: a worker or replica acting on an attempt
+    that was since re-queued and claimed again changes nothing.
+    """
     allowed = (from_status,) if isinstance(from_status, str) else from_status
     values.setdefault("updated_at", utcnow())
     if values.get("status") in TERMINAL:
         values.setdefault("finished_at", utcnow())
     stmt = update(Job).where(Job.id == job_id, Job.status.in_(allowed)).values(**values)
+    if attempt is not None:
+        stmt = stmt.where(Job.attempts == attempt)
     changed = session.execute(stmt).rowcount == 1
     session.commit()
     return changed

@@ -24,8 +24,8 @@ from embedtune.platform.settings import PlatformSettings
 class Executor(Protocol):
     name: str
 
-    def launch(self, job_id: str, log_path: Path) -> int | None:
-        """Start the job's worker; returns its pid when known here."""
+    def launch(self, job_id: str, log_path: Path, attempt: int | None = None) -> int | None:
+        """Start the job's worker for claim number ``attempt``; returns its pid when known here."""
 
     def finished(self) -> list[tuple[str, str]]:
         """(job id, how the worker ended) for workers that ended since the last call."""
@@ -82,10 +82,11 @@ class LocalExecutor:
         self.settings = settings
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def launch(self, job_id: str, log_path: Path) -> int:
+    def launch(self, job_id: str, log_path: Path, attempt: int | None = None) -> int:
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        fence = ["--attempt", str(attempt)] if attempt is not None else []
         with log_path.open("ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "embedtune.platform.worker", job_id],
+            proc = subprocess.Popen([sys.executable, "-m", "embedtune.platform.worker", job_id, *fence],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=worker_env(self.settings), start_new_session=True)
         self.procs[job_id] = proc
@@ -116,9 +117,10 @@ class LocalExecutor:
         self.procs.clear()
 
 
-def _ray_entry(job_id: str, settings_json: str, log_path: str, env: dict[str, str]) -> int:
+def _ray_entry(job_id: str, settings_json: str, log_path: str, env: dict[str, str],
+               attempt: int | None = None) -> int:
     """Runs inside a fresh Ray worker process (max_calls=1): take the job's minimal environment (a Ray worker
-    inherits the raylet's, i.e. the service's), log to the job's file, then run the job."""
+    inherits the raylet's, i.e. the service's), log to the job's file, then run claim ``attempt`` of the job."""
     os.environ.clear()
     os.environ.update(env)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -128,7 +130,7 @@ def _ray_entry(job_id: str, settings_json: str, log_path: str, env: dict[str, st
     os.dup2(fd, 2)
     from embedtune.platform.worker import run_job
 
-    return run_job(job_id, PlatformSettings.model_validate_json(settings_json), executor="ray")
+    return run_job(job_id, PlatformSettings.model_validate_json(settings_json), executor="ray", attempt=attempt)
 
 
 class RayExecutor:
@@ -148,10 +150,10 @@ class RayExecutor:
         self.remote = ray.remote(max_calls=1, num_cpus=1, max_retries=0)(_ray_entry)
         self.refs: dict[str, object] = {}
 
-    def launch(self, job_id: str, log_path: Path) -> None:
+    def launch(self, job_id: str, log_path: Path, attempt: int | None = None) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.refs[job_id] = self.remote.remote(job_id, self.settings.model_dump_json(), str(log_path),
-                                               worker_env(self.settings))
+                                               worker_env(self.settings), attempt)
         return None
 
     def finished(self) -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ class PlatformSettings(BaseModel):
     data_dir: Path = Field(Path("platform-data"), description="datasets, job run dirs, logs")
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = Field(None, description="None starts a local Ray instance")
-    max_workers: int = Field(1, ge=1, description="jobs running at once (local executor)")
+    max_workers: int = Field(1, ge=1, description="jobs running at once on this machine (replicas on it share them)")
     on_orphan: Literal["fail", "requeue"] = Field(
         "fail", description="what happens to a job whose worker died while nobody watched it"
     )

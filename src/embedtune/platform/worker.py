@@ -32,8 +32,9 @@ LOSS_HISTORY_MAX = 500  # keep status_details small: later points thin the histo
 class Progress:
     """status_details kept in memory and written to the job row (throttled, forced at stage changes)."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: str, details: dict[str, Any]):
-        self.sessions, self.job_id = sessions, job_id
+    def __init__(self, sessions: sessionmaker[Session], job_id: str, details: dict[str, Any],
+                 attempt: int | None = None):
+        self.sessions, self.job_id, self.attempt = sessions, job_id, attempt
         self.details = details
         self.lock = threading.Lock()
         self._last = 0.0
@@ -45,8 +46,11 @@ class Progress:
                 return
             self._last = time.monotonic()
             snapshot = dict(self.details)
+        stmt = update(db.Job).where(db.Job.id == self.job_id).values(status_details=snapshot)
+        if self.attempt is not None:
+            stmt = stmt.where(db.Job.attempts == self.attempt)
         with self.sessions() as s:
-            s.execute(update(db.Job).where(db.Job.id == self.job_id).values(status_details=snapshot))
+            s.execute(stmt)
             s.commit()
 
     def add_loss(self, name: str, step: int, value: float, epoch: float | None) -> None:
@@ -101,57 +105,77 @@ def trainer_state_losses(run: RunDir) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------- the job
 
 
-class Heartbeat(threading.Thread):
-    """Beats every few seconds; when the service asks to cancel, ends the job and the process."""
+LOST_LEASE_EXIT = 3  # the job was failed or re-queued while this worker was out of touch
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: str, every: float):
+
+class Heartbeat(threading.Thread):
+    """Renews the job's lease every few seconds; ends the process when the job is cancelled or taken over."""
+
+    def __init__(self, sessions: sessionmaker[Session], job_id: str, every: float, attempt: int | None = None):
         super().__init__(daemon=True, name="heartbeat")
-        self.sessions, self.job_id, self.every = sessions, job_id, every
+        self.sessions, self.job_id, self.every, self.attempt = sessions, job_id, every, attempt
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(self.every):
             try:
-                if beat(self.sessions, self.job_id) == "cancelling":
-                    finish_cancelled(self.sessions, self.job_id)
+                status = beat(self.sessions, self.job_id, self.attempt)
             except Exception:  # noqa: BLE001 (a missed beat is retried; the job must go on)
                 logging.getLogger("embedtune").exception("heartbeat failed")
+                continue
+            if self.stop.is_set():  # the job ended meanwhile: its own code records how
+                return
+            if status == "cancelling":
+                finish_cancelled(self.sessions, self.job_id, self.attempt)
+            elif status is None:
+                print(f"job {self.job_id}: attempt {self.attempt} no longer holds the job (its lease went stale "
+                      "and the service failed or re-queued it): stopping", flush=True)
+                os._exit(LOST_LEASE_EXIT)
 
 
-def beat(sessions: sessionmaker[Session], job_id: str) -> str | None:
+def beat(sessions: sessionmaker[Session], job_id: str, attempt: int | None = None) -> str | None:
+    """Renew the lease; the job's status, or None when this attempt no longer holds the job."""
+    stmt = update(db.Job).where(db.Job.id == job_id, db.Job.status.in_(db.ACTIVE))
+    if attempt is not None:
+        stmt = stmt.where(db.Job.attempts == attempt)
     with sessions() as s:
-        s.execute(update(db.Job).where(db.Job.id == job_id).values(heartbeat_at=time.time()))
+        held = s.execute(stmt.values(heartbeat_at=time.time())).rowcount == 1
         s.commit()
-        return s.scalar(select(db.Job.status).where(db.Job.id == job_id))
+        return s.scalar(select(db.Job.status).where(db.Job.id == job_id)) if held else None
 
 
-def finish_cancelled(sessions: sessionmaker[Session], job_id: str) -> None:
+def finish_cancelled(sessions: sessionmaker[Session], job_id: str, attempt: int | None = None) -> None:
     with sessions() as s:
-        db.transition(s, job_id, ("cancelling", "running"), status="cancelled", error="cancelled by request")
+        db.transition(s, job_id, ("cancelling", "running"), attempt=attempt, status="cancelled",
+                      error="cancelled by request")
     print(f"job {job_id} cancelled", flush=True)
     os._exit(0)  # the stage may be deep inside a training step: leave now, the run dir stays resumable
 
 
-def run_job(job_id: str, settings: PlatformSettings, executor: str = "local") -> int:
+def run_job(job_id: str, settings: PlatformSettings, executor: str = "local", attempt: int | None = None) -> int:
+    """Run one claimed job; ``attempt`` is the claim the service launched this worker for (None: any)."""
     settings.prepare()
-    engine = db.make_engine(settings.database_url)
+    engine = db.make_engine(settings.database_url, migrate=False)
     sessions = db.session_factory(engine)
     with sessions() as s:
         job = s.get(db.Job, job_id)
         if job is None:
             print(f"job {job_id} not found", file=sys.stderr)
             return 2
-        claimed = db.transition(s, job_id, "running", worker_pid=os.getpid(), worker_host=socket.gethostname(),
-                                executor=executor, heartbeat_at=time.time(), started_at=db.utcnow())
+        claimed = db.transition(s, job_id, "running", attempt=attempt, worker_pid=os.getpid(),
+                                worker_host=socket.gethostname(), executor=executor, heartbeat_at=time.time(),
+                                started_at=db.utcnow())
         if not claimed:
-            print(f"job {job_id} is {job.status}, not running: nothing to do", file=sys.stderr)
+            print(f"job {job_id} is {job.status} at attempt {job.attempts}, not running for attempt {attempt}: "
+                  "nothing to do", file=sys.stderr)
             return 0
         s.refresh(job)
+    print(f"job {job_id} attempt {job.attempts} started by worker pid {os.getpid()}", flush=True)
     _setup_logging()
-    signal.signal(signal.SIGTERM, lambda *_: _on_sigterm(sessions, job_id))
-    heartbeat = Heartbeat(sessions, job_id, settings.heartbeat_seconds)
+    signal.signal(signal.SIGTERM, lambda *_: _on_sigterm(sessions, job_id, attempt))
+    heartbeat = Heartbeat(sessions, job_id, settings.heartbeat_seconds, attempt)
     heartbeat.start()
-    progress = Progress(sessions, job_id, dict(job.status_details or {}))
+    progress = Progress(sessions, job_id, dict(job.status_details or {}), attempt)
     try:
         if job.kind == "evaluation":
             from embedtune.platform.evaluation import run_evaluation
@@ -161,32 +185,34 @@ def run_job(job_id: str, settings: PlatformSettings, executor: str = "local") ->
         else:
             result, output_model = run_customization(job, sessions, progress)
     except BaseException as exc:  # noqa: BLE001 (every failure must reach the job row)
+        heartbeat.stop.set()
         traceback.print_exc()
         sys.stdout.flush()
         reason = f"{type(exc).__name__}: {exc}".strip()
         with sessions() as s:
-            db.transition(s, job_id, ("running",), status="failed", error=reason[:4000])
-            db.transition(s, job_id, ("cancelling",), status="cancelled", error="cancelled by request")
+            db.transition(s, job_id, ("running",), attempt=attempt, status="failed", error=reason[:4000])
+            db.transition(s, job_id, ("cancelling",), attempt=attempt, status="cancelled",
+                          error="cancelled by request")
         return 1
-    finally:
-        heartbeat.stop.set()
+    heartbeat.stop.set()
     progress.update(force=True, stage="done")
     with sessions() as s:
-        done = db.transition(s, job_id, ("running",), status="completed", result=result,
+        done = db.transition(s, job_id, ("running",), attempt=attempt, status="completed", result=result,
                              output_model=output_model)
         if not done:  # a cancel arrived during the last moments: honour it
-            db.transition(s, job_id, ("cancelling",), status="cancelled", error="cancelled by request")
+            db.transition(s, job_id, ("cancelling",), attempt=attempt, status="cancelled",
+                          error="cancelled by request")
     print(f"job {job_id} {'completed' if done else 'cancelled'}", flush=True)
     return 0
 
 
-def _on_sigterm(sessions: sessionmaker[Session], job_id: str) -> None:
+def _on_sigterm(sessions: sessionmaker[Session], job_id: str, attempt: int | None) -> None:
     with sessions() as s:
         status = s.scalar(select(db.Job.status).where(db.Job.id == job_id))
     if status == "cancelling":
-        finish_cancelled(sessions, job_id)
+        finish_cancelled(sessions, job_id, attempt)
     with sessions() as s:
-        db.transition(s, job_id, ("running",), status="failed", error="worker received SIGTERM")
+        db.transition(s, job_id, ("running",), attempt=attempt, status="failed", error="worker received SIGTERM")
     os._exit(143)
 
 
@@ -275,10 +301,12 @@ def register_output_model(job: db.Job, run: RunDir, result: dict, sessions: sess
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m embedtune.platform.worker", description=__doc__)
     parser.add_argument("job_id")
+    parser.add_argument("--attempt", type=int, default=None,
+                        help="the claim this worker runs; it stops if the job was claimed again since")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run_job(args.job_id, PlatformSettings.from_env())
+    return run_job(args.job_id, PlatformSettings.from_env(), attempt=args.attempt)
 
 
 if __name__ == "__main__":
