@@ -64,3 +64,21 @@ def test_unknown_total_still_reports_counts(clock):
         clock[0] += 2
         bar.advance(task, 4)
     assert lines[1] == "reading: 4, 2.00 items/s, elapsed 0:00:02"
+
+
+def test_setup_logging_off_a_terminal_writes_plain_unwrapped_lines(monkeypatch):
+    import io
+    import logging
+
+    stream = io.StringIO()
+    monkeypatch.setattr(con.log, "handlers", [])
+    monkeypatch.setattr(con.console, "file", stream)
+    con.setup_logging()
+    try:
+        con.log.info("x" * 150)
+    finally:
+        handlers = list(con.log.handlers)
+        con.log.handlers.clear()
+    assert [type(h) for h in handlers] == [logging.StreamHandler]
+    line = stream.getvalue()
+    assert line.count("\n") == 1 and line.rstrip().endswith("INFO " + "x" * 150)

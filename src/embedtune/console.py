@@ -38,8 +38,14 @@ PLAIN_INTERVAL = 10.0
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Rich log lines on a terminal; elsewhere plain, unwrapped lines (a log file, CI, a worker's log)."""
     if not log.handlers:
-        log.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False))
+        if console.is_terminal:
+            log.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False))
+        else:
+            handler = logging.StreamHandler(console.file)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+            log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
 

@@ -241,9 +241,7 @@ class QueryFilter:
     def _near_duplicates(self, cands: list[Candidate]) -> list[Candidate]:
         if len(cands) < 2:
             return cands
-        from embedtune.models import encode_queries
-
-        self._query_emb = encode_queries(self._embedder(), [c.text for c in cands])
+        self._query_emb = self._encode_queries([c.text for c in cands])
         mask = near_duplicates(self._query_emb, self.recipe.sdg.dedup_threshold)
         for cand, keep in zip(cands, mask, strict=True):
             if not keep:
@@ -251,18 +249,29 @@ class QueryFilter:
         self._query_emb = self._query_emb[mask]
         return [c for c, keep in zip(cands, mask, strict=True) if keep]
 
+    def _encode_queries(self, texts: list[str], block: int = 512) -> np.ndarray:
+        """Base-model query embeddings, in blocks so that a long run reports progress."""
+        from embedtune.console import track
+        from embedtune.models import encode_queries
+
+        model = self._embedder()
+        starts = range(0, len(texts), block)
+        parts = [encode_queries(model, texts[s:s + block])
+                 for s in track(starts, "sdg filters: encoding queries", total=len(texts), unit="queries",
+                                weight=lambda s: min(block, len(texts) - s))]
+        return np.concatenate(parts) if parts else np.zeros((0, model.get_sentence_embedding_dimension() or 0),
+                                                            np.float32)
+
     def _roundtrip_on(self) -> bool:
         return self.cfg.roundtrip if self.cfg.roundtrip is not None else self.generator.needs_roundtrip
 
     def _roundtrip(self, cands: list[Candidate]) -> list[Candidate]:
         if not cands:
             return cands
-        from embedtune.models import encode_queries
-
         model = self._embedder()
         q = self._query_emb
         if q is None or len(q) != len(cands):
-            q = encode_queries(model, [c.text for c in cands])
+            q = self._encode_queries([c.text for c in cands])
         p = self._passage_embeddings(model)
         row = {c.id: i for i, c in enumerate(self.chunks)}
         ranks = roundtrip_ranks(q, p, [[row[i] for i in c.positive_ids] for c in cands])
