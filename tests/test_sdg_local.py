@@ -250,3 +250,20 @@ def test_token_batches_respect_the_budget():
     for b in batches:
         assert len(b) <= 4 and len(b) * max(len(lengths[c.id]) for c in b) <= 60
     assert [len(lengths[c.id]) for b in batches for c in b] == sorted(len(v) for v in lengths.values())
+
+
+def test_nucleus_from_the_head_equals_the_full_sort():
+    """Sampling among the most likely tokens gives exactly what a full-vocabulary nucleus gives, also for a
+    row whose nucleus is wider than the head (it falls back to the full sort)."""
+    import torch
+
+    from embedtune.sdg.local import _pick
+
+    torch.manual_seed(0)
+    # The last row is nearly flat: its nucleus holds thousands of tokens.
+    logits = torch.cat([torch.randn(3, 5000) * 4, torch.randn(1, 5000) * 0.1])
+    for seed in range(20):
+        rngs = [torch.Generator().manual_seed(seed * 10 + r) for r in range(4)]
+        full = [torch.Generator().manual_seed(seed * 10 + r) for r in range(4)]
+        assert torch.equal(_pick(logits.clone(), rngs, 0.7, 0.95, head=64),
+                           _pick(logits.clone(), full, 0.7, 0.95, head=5000))

@@ -330,19 +330,25 @@ def _expanded(cache, rows: int, config):
     return out
 
 
-def _pick(logits, rngs, temperature: float, top_p: float):
-    """One token per row: greedy at temperature 0, else nucleus sampling with each row's own generator."""
+def _pick(logits, rngs, temperature: float, top_p: float, head: int = 256):
+    """One token per row: greedy at temperature 0, else nucleus sampling with each row's own generator.
+
+    The nucleus is searched among the ``head`` most likely tokens (a full sort of a 49k vocabulary per step
+    was a fifth of the decode time); a row whose nucleus is wider than that falls back to the full sort,
+    so the result is exactly nucleus sampling."""
     import torch
 
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(before > top_p, 0.0)  # the nucleus, always >= 1 token
-    cumulative = sorted_probs.cumsum(-1)
+    top, order = probs.topk(min(head, probs.shape[-1]), dim=-1)
+    if (top.sum(-1) < top_p).any():
+        top, order = probs.topk(probs.shape[-1], dim=-1)
+    before = top.cumsum(-1) - top
+    top = top.masked_fill(before > top_p, 0.0)  # the nucleus, always >= 1 token
+    cumulative = top.cumsum(-1)
     draws = torch.cat([torch.rand(1, generator=g) for g in rngs]) * cumulative[:, -1]
-    choice = torch.searchsorted(cumulative, draws[:, None]).clamp(max=probs.shape[-1] - 1)
+    choice = torch.searchsorted(cumulative, draws[:, None]).clamp(max=top.shape[-1] - 1)
     return order.gather(1, choice).squeeze(1)
 
 
