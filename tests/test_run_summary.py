@@ -15,8 +15,10 @@ METRICS = {"base_ndcg@10": 0.60, "finetuned_ndcg@10": 0.65, "bm25_ndcg@10": 0.62
            "base_recall@10": 0.70, "finetuned_recall@10": 0.68, "bm25_recall@10": 0.69,
            "base_map@10": 0.5, "finetuned_map@10": 0.55, "bm25_map@10": 0.52,
            "base_hybrid_ndcg@10": 0.70, "finetuned_hybrid_ndcg@10": 0.74}
-RESULTS = {"matryoshka": {"dims": [128, 64], "finetuned": {"128": {"ndcg@10": 0.645, "recall@10": 0.67},
-                                                            "64": {"ndcg@10": 0.58}}}}
+RESULTS = {"matryoshka": {"dims": [384, 128, 64],
+                          "base": {"384": {"ndcg@10": 0.60}, "128": {"ndcg@10": 0.50}},
+                          "finetuned": {"384": {"ndcg@10": 0.65}, "128": {"ndcg@10": 0.645, "recall@10": 0.67},
+                                        "64": {"ndcg@10": 0.58}}}}
 
 
 def _text(renderable, width=160) -> str:

@@ -92,14 +92,18 @@ class Row:
 
 def retrieval_rows(metrics: dict, results: dict) -> list[Row]:
     """One row per retrieval the eval stage scored: each model dense, BM25, each model fused with BM25,
-    and each model truncated to its Matryoshka dimensions (from ``eval/results.json``)."""
+    and the fine-tuned model truncated to its smaller Matryoshka dimensions (from ``eval/results.json``)."""
     rows = [Row(label, {k: metrics[f"{m}_{k}"] for k in KEYS if f"{m}_{k}" in metrics})
             for m, label in METHODS.items() if f"{m}_ndcg@10" in metrics]
-    for model in ("base", "finetuned"):
-        for dim, values in ((results.get("matryoshka") or {}).get(model) or {}).items():
-            if "ndcg@10" in values:
-                rows.append(Row(f"{METHODS[model].split(' ')[0]} @ {dim} dims",
-                                {k: values[k] for k in KEYS if k in values}, int(dim)))
+    matryoshka = results.get("matryoshka") or {}
+    # The fine-tuned model's truncations (trained for them); the base model's when there is no fine-tune.
+    model = "finetuned" if matryoshka.get("finetuned") else "base"
+    per_dim = matryoshka.get(model) or {}
+    full = max((int(d) for d in per_dim), default=0)
+    for dim, values in per_dim.items():
+        if "ndcg@10" in values and int(dim) < full:  # the full width is the dense row already
+            rows.append(Row(f"{METHODS[model].split(' ')[0]} @ {dim} dims",
+                            {k: values[k] for k in KEYS if k in values}, int(dim)))
     return rows
 
 
