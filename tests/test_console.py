@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -82,3 +83,15 @@ def test_setup_logging_off_a_terminal_writes_plain_unwrapped_lines(monkeypatch):
     assert [type(h) for h in handlers] == [logging.StreamHandler]
     line = stream.getvalue()
     assert line.count("\n") == 1 and line.rstrip().endswith("INFO " + "x" * 150)
+
+
+def test_a_slow_step_still_gets_a_line_every_interval():
+    """A heartbeat reports while one long step runs (e.g. a batch that takes a minute)."""
+    lines: list[str] = []
+    with con.progress(interval=1, emit=lines.append) as bar:
+        task = bar.add_task("generating", total=2, unit="batches")
+        time.sleep(2.6)  # no advance at all
+        bar.advance(task, 2)
+    assert lines[0].startswith("generating: 0/2 batches")
+    assert sum(line.startswith("generating: 0/2") for line in lines) >= 3  # start + 2 heartbeats
+    assert lines[-1].startswith("generating: 2/2 batches (100%)")

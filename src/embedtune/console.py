@@ -10,6 +10,7 @@ start, at most every :data:`PLAIN_INTERVAL` seconds and at the end::
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
@@ -52,7 +53,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 class PlainLogProgress(Progress):
     """A rich :class:`Progress` that, when its display is disabled (no terminal), reports each task as
-    plain lines: done/total, percentage, rate, elapsed time and ETA, throttled to one per ``interval``."""
+    plain lines: done/total, percentage, rate, elapsed time and ETA, throttled to one per ``interval``, and
+    repeated by a heartbeat thread when nothing advanced for ``interval`` seconds."""
 
     def __init__(self, *columns: Any, interval: float = PLAIN_INTERVAL, emit: Callable[[str], None] | None = None,
                  **kwargs: Any):
@@ -62,6 +64,8 @@ class PlainLogProgress(Progress):
         self._units: dict[TaskID, str] = {}
         self._started: dict[TaskID, float] = {}
         self._last_line: dict[TaskID, float] = {}
+        self._beat: threading.Thread | None = None
+        self._beat_stop = threading.Event()
 
     def add_task(self, description: str, *args: Any, unit: str = "", **fields: Any) -> TaskID:
         fields.setdefault("rate", "")
@@ -81,7 +85,24 @@ class PlainLogProgress(Progress):
         if "advance" in kwargs or "completed" in kwargs:
             self._after_change(task_id)
 
+    def start(self) -> None:
+        super().start()
+        # A heartbeat: one slow step (a batch of a minute) must not leave the log silent.
+        if self.disable and self.interval >= 1 and self._beat is None:
+            self._beat_stop.clear()
+            self._beat = threading.Thread(target=self._heartbeat, name="progress-lines", daemon=True)
+            self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._beat_stop.wait(self.interval):
+            for task in list(self.tasks):
+                self._after_change(task.id)
+
     def stop(self) -> None:
+        if self._beat is not None:
+            self._beat_stop.set()
+            self._beat.join()
+            self._beat = None
         if self.disable:  # the closing line of every task that did not already end on one
             for task in self.tasks:
                 if self._last_line.get(task.id) != -1.0:
