@@ -80,7 +80,7 @@ def measure_baseline(recipe, run: RunDir, n: int) -> dict[str, float]:
         gen._load()  # loaded once, outside the timings
         for shared in (False, True):
             gen.cache = ResponseCache(Path(tmp) / f"{shared}.sqlite")  # empty: nothing comes from cache
-            gen.share_prompt_cache = shared
+            gen.engine, gen.share_prompt_cache = "plain", shared
             t0 = time.perf_counter()
             gen.generate(chunks, Counter())
             result["shared" if shared else "plain"] = (time.perf_counter() - t0) / len(chunks)

@@ -280,30 +280,6 @@ def test_cli_reports_a_malformed_dataset(tmp_path, tiny_bert_dir):
     assert res.exit_code == 1 and "queries.jsonl:2" in res.output and "text" in res.output
 
 
-def test_run_summary_puts_base_and_finetuned_side_by_side_with_the_change():
-    from rich.console import Console
-
-    from embedtune.cli.pipeline import _gain_table
-
-    metrics = {"base_ndcg@10": 0.60, "finetuned_ndcg@10": 0.65, "bm25_ndcg@10": 0.62,
-               "base_recall@10": 0.70, "finetuned_recall@10": 0.68, "bm25_recall@10": 0.69,
-               "base_map@10": 0.5, "finetuned_map@10": 0.55, "bm25_map@10": 0.52}
-    out = Console(record=True, width=120)
-    out.print(_gain_table(metrics))
-    text = out.export_text()
-    ndcg = next(line for line in text.splitlines() if "nDCG@10" in line)
-    assert [c for c in ndcg.split() if c[0] in "+-0123456789"] == ["0.6000", "0.6500", "0.6200", "+0.0500"]
-    assert "-0.0200" in next(line for line in text.splitlines() if "Recall@10" in line)
-
-    fused = Console(record=True, width=160)
-    fused.print(_gain_table({**metrics, "base_hybrid_ndcg@10": 0.70, "finetuned_hybrid_ndcg@10": 0.72}))
-    lines = fused.export_text().splitlines()
-    assert "base + BM25" in "".join(lines) and "fine-tuned + BM25" in "".join(lines)
-    ndcg = next(line for line in lines if "nDCG@10" in line)
-    assert [c for c in ndcg.split() if c[0] in "+-0123456789"] == ["0.6000", "0.6500", "0.6200", "0.7000",
-                                                                    "0.7200", "+0.0500"]
-
-
 def test_cli_error_keeps_a_long_path_and_its_line_number_on_one_line(tmp_path, tiny_bert_dir):
     """The file:line of a bad row must survive a narrow terminal intact (copyable, greppable)."""
     root = _write_beir(tmp_path / ("deep_folder_" * 6) / "ds", [{"_id": "d1", "text": "x"}],

@@ -173,6 +173,7 @@ def test_shared_prompt_cache_matches_plain_generation(tmp_path, tiny_causal_lm):
     chunks = [Chunk(_id=f"c{i}", doc_id=f"d{i}", text=" ".join(["tides and harbours"] * (1 + 6 * i)))
               for i in range(3)]
     gen = LocalGenerator(recipe, ResponseCache(tmp_path / "c.sqlite"), tmp_path)
+    gen.engine = "plain"  # fp32: int8's per-call activation scales differ between the two ways
     model, tok = gen._load()
     enc = tok([f"Passage: {c.text}\nQuery:" for c in chunks], return_tensors="pt", padding=True)
     assert (enc.attention_mask == 0).any()  # some rows are left-padded
@@ -189,3 +190,80 @@ def test_shared_prompt_cache_matches_plain_generation(tmp_path, tiny_causal_lm):
     gen.share_prompt_cache = True
     assert gen._sample(chunks) == plain
     assert all(len(s) == 1 for s in plain)
+
+
+def _tiny_generator(tmp_path, model_dir, *overrides):
+    from embedtune.sdg.cache import ResponseCache
+    from embedtune.sdg.local import LocalGenerator
+
+    recipe = load_recipe(None, [f"sdg.local.model_path={model_dir}", *overrides])
+    return LocalGenerator(recipe, ResponseCache(tmp_path / f"{len(overrides)}-{id(recipe)}.sqlite"), tmp_path)
+
+
+def test_fast_engine_matches_plain_generation(tmp_path, tiny_causal_lm):
+    """Greedy decoding from the shared few-shot prefix cache, with padding between prefix and passage and
+    rows leaving the batch when they stop, gives what plain generate() over the whole prompt gives."""
+    chunks = [Chunk(_id=f"c{i}", doc_id=f"d{i}", text=" ".join(["tides and harbours"] * (1 + 6 * i)))
+              for i in range(3)]
+    opts = ("sdg.local.temperature=0", "sdg.local.samples_per_chunk=2", "sdg.local.max_new_tokens=6")
+    plain = _tiny_generator(tmp_path, tiny_causal_lm, *opts)
+    plain.engine = "plain"
+    fast = _tiny_generator(tmp_path, tiny_causal_lm, *opts)
+    fast.int8 = False  # exact comparison: the same fp32 weights
+    batches, sample = fast._plan(chunks)
+    assert sum(len(b) for b in batches) == 3
+    got = {c.id: s for b in batches for c, s in zip(b, sample(b), strict=True)}
+    expected = dict(zip([c.id for c in chunks], plain._sample(chunks), strict=True))
+    assert got == expected
+    assert all(len(s) == 2 for s in got.values())
+
+
+def test_fast_engine_samples_depend_on_the_chunk_not_its_batch(tmp_path, tiny_causal_lm):
+    """Each chunk draws from its own seeded generator: alone or batched with others, the same samples; a
+    different seed draws differently; the int8 model generates too."""
+    chunks = [Chunk(_id=f"c{i}", doc_id=f"d{i}", text=" ".join(["wind and sails"] * (2 + 3 * i)))
+              for i in range(4)]
+    # A random model's next-token distribution is nearly flat, where float rounding of other batch shapes
+    # can tip a draw; a low temperature gives the peaked distributions of a trained model.
+    opts = ("sdg.local.temperature=0.05", "sdg.local.samples_per_chunk=3", "sdg.local.max_new_tokens=5")
+    gen = _tiny_generator(tmp_path, tiny_causal_lm, *opts)
+    gen.int8 = False
+    batches, sample = gen._plan(chunks)
+    together = {c.id: s for b in batches for c, s in zip(b, sample(b), strict=True)}
+    alone = {c.id: sample([c])[0] for c in chunks}
+    assert together == alone
+    assert any(len(set(s)) > 1 for s in alone.values())  # it does sample: a chunk's draws differ
+    other = _tiny_generator(tmp_path, tiny_causal_lm, *opts, "sdg.seed=7")
+    other.int8 = False
+    assert {c.id: other._plan([c])[1]([c])[0] for c in chunks} != alone
+    quantized = _tiny_generator(tmp_path, tiny_causal_lm, *opts)
+    assert len(quantized.generate(chunks, Counter())) == 12
+
+
+def test_token_batches_respect_the_budget():
+    from embedtune.sdg.local import _token_batches
+
+    chunks = [Chunk(_id=f"c{i}", doc_id="d", text="x") for i in range(10)]
+    lengths = {c.id: [0] * (10 + 10 * (i % 3)) for i, c in enumerate(chunks)}
+    batches = _token_batches(chunks, lengths, budget=60, max_rows=4)
+    assert sorted(c.id for b in batches for c in b) == sorted(c.id for c in chunks)
+    for b in batches:
+        assert len(b) <= 4 and len(b) * max(len(lengths[c.id]) for c in b) <= 60
+    assert [len(lengths[c.id]) for b in batches for c in b] == sorted(len(v) for v in lengths.values())
+
+
+def test_nucleus_from_the_head_equals_the_full_sort():
+    """Sampling among the most likely tokens gives exactly what a full-vocabulary nucleus gives, also for a
+    row whose nucleus is wider than the head (it falls back to the full sort)."""
+    import torch
+
+    from embedtune.sdg.local import _pick
+
+    torch.manual_seed(0)
+    # The last row is nearly flat: its nucleus holds thousands of tokens.
+    logits = torch.cat([torch.randn(3, 5000) * 4, torch.randn(1, 5000) * 0.1])
+    for seed in range(20):
+        rngs = [torch.Generator().manual_seed(seed * 10 + r) for r in range(4)]
+        full = [torch.Generator().manual_seed(seed * 10 + r) for r in range(4)]
+        assert torch.equal(_pick(logits.clone(), rngs, 0.7, 0.95, head=64),
+                           _pick(logits.clone(), full, 0.7, 0.95, head=5000))

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -222,8 +223,55 @@ class Manifest(BaseModel):
     counts: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     seconds: float = 0.0
+    peak_rss_mb: float | None = Field(
+        None, description="highest resident memory of the process and its children while the stage ran "
+                          "(sampled every 0.25 s, so a spike shorter than that can be missed)")
     finished_at: str = ""
     skipped: bool = Field(False, exclude=True, description="set when a rerun found the stage up to date")
+
+
+class PeakRss:
+    """Peak resident memory (MB) of this process plus its children between :meth:`start` and :meth:`stop`.
+
+    Sampled by a daemon thread: ``ru_maxrss`` would be the whole process's lifetime peak, so a stage run
+    after a hungrier one would inherit that one's figure; sampling gives each stage its own."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PeakRss:
+        self.peak = _tree_rss()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _tree_rss())
+
+    def stop(self) -> float:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.peak = max(self.peak, _tree_rss())
+        return round(self.peak / 2**20, 1)
+
+
+def _tree_rss() -> int:
+    """Resident bytes of this process and all its descendants (e.g. torchrun workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.memory_info().rss
+    return total
 
 
 class RunDir:
@@ -279,6 +327,7 @@ class Stage:
         self.config = config if isinstance(config, dict) else _to_jsonable(config)
         self.inputs = {str(p): sha256_path(p) for p in map(Path, inputs)}
         self._t0 = time.perf_counter()
+        self._rss: PeakRss | None = None
 
     def up_to_date(self, force: bool = False) -> Manifest | None:
         """The previous manifest if inputs and config are unchanged and outputs intact; else None.
@@ -298,6 +347,7 @@ class Stage:
         if removed := remove_orphan_temp_files(self.run.root):
             log.info("removed %d temp file(s) left by a killed run: %s", len(removed), removed[0].name)
         self._t0 = time.perf_counter()
+        self._rss = PeakRss().start()
         return None
 
     def _matches(self, old: Manifest) -> bool:
@@ -321,6 +371,7 @@ class Stage:
             counts=counts or {},
             metrics=metrics or {},
             seconds=round(time.perf_counter() - self._t0, 3),
+            peak_rss_mb=self._rss.stop() if self._rss else None,
             finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         write_json(self.dir / MANIFEST, manifest.model_dump(mode="json"))

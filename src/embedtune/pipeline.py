@@ -36,7 +36,7 @@ class StageInfo:
 
 STAGES: tuple[StageInfo, ...] = (
     StageInfo("corpus", "embedtune.corpus.stage:run_corpus", "load, clean and chunk documents"),
-    StageInfo("sdg", "embedtune.sdg:run_sdg", "generate synthetic queries for the chunks"),
+    StageInfo("sdg", "embedtune.sdg.stage:run_sdg", "generate synthetic queries for the chunks"),
     StageInfo("prep", "embedtune.prep.stage:run_prep", "split by document, mine hard negatives"),
     StageInfo("finetune", "embedtune.train:run_finetune", "contrastive fine-tuning"),
     StageInfo("eval", "embedtune.evaluate.stage:run_eval", "BEIR metrics, base vs fine-tuned"),

@@ -93,10 +93,6 @@ class LocalEncoder:
                 bar.advance(task, len(idx))
                 if speed := bar.tasks[task].speed:
                     bar.update(task, rate=f"{speed:.1f}/s")
-                if bar.disable and len(texts) > self.block_size:  # no terminal (job logs): a line per block
-                    done = min(start + self.block_size, len(texts))
-                    log.info("%s: %d/%d %s (%.1f/s)", self.label, done, len(texts), PLURAL[kind],
-                             done / max(time.perf_counter() - t0, 1e-9))
         seconds = time.perf_counter() - t0
         log.debug("%s: %d %s in %.1fs (%.1f/s)", self.label, len(texts), PLURAL[kind], seconds,
                   len(texts) / max(seconds, 1e-9))

@@ -64,6 +64,10 @@ class Generator(ABC):
     #: True when the generator over-samples: the pipeline then keeps at most ``sdg.queries_per_chunk``
     #: filtered queries per source chunk.
     oversamples: bool = False
+    #: True when its queries need the round-trip filter by default (the base model must find the source
+    #: passage again): small local models invent and copy; an LLM with a judge does not need it.
+    #: ``sdg.filters.roundtrip`` overrides it either way.
+    needs_roundtrip: bool = False
 
     def __init__(self, recipe: Recipe, cache: ResponseCache, workdir: Path):
         self.recipe = recipe

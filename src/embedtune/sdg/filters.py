@@ -1,4 +1,6 @@
-"""Query filters shared by every generator; each returns a rejection reason (or None to keep).
+"""Query filters shared by every generator, and :class:`QueryFilter`, the chain that applies them in order.
+
+Each check returns a rejection reason (or None to keep).
 
 Texts without spaces between words (Chinese, Japanese) are measured in characters: a "word" there is one
 character, and copy detection uses character n-grams instead of word n-grams.
@@ -8,9 +10,16 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from embedtune.config import Recipe
+from embedtune.schemas import Chunk
+from embedtune.sdg.base import Candidate, Generator
 
 # Han, Hiragana, Katakana, CJK punctuation-free ranges, Thai, Lao, Khmer, Myanmar: scripts written without
 # spaces between words.
@@ -163,3 +172,157 @@ def check_roundtrip(rank: int, top_k: int, min_rank: int) -> str | None:
     if rank < min_rank:
         return "roundtrip_too_easy"
     return None
+
+
+@dataclass
+class FilterResult:
+    kept: list[Candidate]
+    rejected: list[tuple[Candidate, str]]
+    reasons: Counter[str]
+    ranks: list[int]
+
+
+class QueryFilter:
+    """The shared filter chain (see the module docstring for the order and the reasons)."""
+
+    def __init__(self, recipe: Recipe, generator: Generator, chunks: Sequence[Chunk], counts: Counter[str],
+                 cache_dir: Path | None = None):
+        self.recipe, self.generator, self.counts, self.cache_dir = recipe, generator, counts, cache_dir
+        self.cfg = recipe.sdg.filters
+        self.chunks = list(chunks)
+        self.by_id = {c.id: c for c in chunks}
+        self.rejected: list[tuple[Candidate, str]] = []
+        self.reasons: Counter[str] = Counter()
+        self._model = None
+        self._query_emb: np.ndarray | None = None
+
+    def apply(self, candidates: list[Candidate]) -> FilterResult:
+        kept = self._cheap(candidates)
+        kept = self._near_duplicates(kept)
+        ranks: list[int] = []
+        if self._roundtrip_on():
+            kept = self._roundtrip(kept)
+            ranks = [c.roundtrip_rank for c in kept if c.roundtrip_rank is not None]
+        if self.generator.oversamples:
+            kept = self._quota(kept)
+        kept = self._judge(kept)
+        return FilterResult(kept, self.rejected, self.reasons, ranks)
+
+    def _reject(self, cand: Candidate, reason: str) -> None:
+        self.rejected.append((cand, reason))
+        self.reasons[reason] += 1
+
+    def _cheap(self, candidates: list[Candidate]) -> list[Candidate]:
+        exact = ExactDeduper()
+        kept = []
+        for cand in candidates:
+            unknown = [i for i in cand.positive_ids if i not in self.by_id]
+            passages = [self.by_id[i].text for i in cand.positive_ids if i in self.by_id]
+            reason = (
+                ("unknown_positive" if unknown or not passages else None)
+                or check_is_query(cand.text)
+                or check_length(cand.text, self.cfg.min_words, self.cfg.max_words)
+                or check_copied(cand.text, passages, self.cfg.max_ngram_overlap)
+                or exact.check(cand.text)
+            )
+            if reason:
+                self._reject(cand, reason)
+            else:
+                kept.append(cand)
+        return kept
+
+    def _embedder(self):
+        if self._model is None:
+            from embedtune.models import load_model
+
+            self._model = load_model(self.recipe.model)
+        return self._model
+
+    def _near_duplicates(self, cands: list[Candidate]) -> list[Candidate]:
+        if len(cands) < 2:
+            return cands
+        self._query_emb = self._encode_queries([c.text for c in cands])
+        mask = near_duplicates(self._query_emb, self.recipe.sdg.dedup_threshold)
+        for cand, keep in zip(cands, mask, strict=True):
+            if not keep:
+                self._reject(cand, "near_duplicate")
+        self._query_emb = self._query_emb[mask]
+        return [c for c, keep in zip(cands, mask, strict=True) if keep]
+
+    def _encode_queries(self, texts: list[str], block: int = 512) -> np.ndarray:
+        """Base-model query embeddings, in blocks so that a long run reports progress."""
+        from embedtune.console import track
+        from embedtune.models import encode_queries
+
+        model = self._embedder()
+        starts = range(0, len(texts), block)
+        parts = [encode_queries(model, texts[s:s + block])
+                 for s in track(starts, "sdg filters: encoding queries", total=len(texts), unit="queries",
+                                weight=lambda s: min(block, len(texts) - s))]
+        return np.concatenate(parts) if parts else np.zeros((0, model.get_sentence_embedding_dimension() or 0),
+                                                            np.float32)
+
+    def _roundtrip_on(self) -> bool:
+        return self.cfg.roundtrip if self.cfg.roundtrip is not None else self.generator.needs_roundtrip
+
+    def _roundtrip(self, cands: list[Candidate]) -> list[Candidate]:
+        if not cands:
+            return cands
+        model = self._embedder()
+        q = self._query_emb
+        if q is None or len(q) != len(cands):
+            q = self._encode_queries([c.text for c in cands])
+        p = self._passage_embeddings(model)
+        row = {c.id: i for i, c in enumerate(self.chunks)}
+        ranks = roundtrip_ranks(q, p, [[row[i] for i in c.positive_ids] for c in cands])
+        kept = []
+        for cand, rank in zip(cands, ranks, strict=True):
+            cand.roundtrip_rank = int(rank)
+            reason = check_roundtrip(int(rank), self.cfg.roundtrip_top_k, self.cfg.roundtrip_min_rank)
+            if reason:
+                self._reject(cand, reason)
+            else:
+                kept.append(cand)
+        return kept
+
+    def _passage_embeddings(self, model) -> np.ndarray:
+        """All chunks' base-model embeddings, from the run's embedding cache (prep's mining reuses them)."""
+        from embedtune.models import resolve
+        from embedtune.retrieval.cache import EmbeddingCache, encode_passages_cached
+
+        cache = EmbeddingCache(self.cache_dir) if self.cache_dir else None
+        return encode_passages_cached(model, resolve(self.recipe.model).path, [c.text for c in self.chunks],
+                                      cache, what="base model, chunks")
+
+    def _quota(self, cands: list[Candidate]) -> list[Candidate]:
+        """At most ``queries_per_chunk`` per source chunk, preferring question-shaped queries, then those
+        whose positive the base model ranks higher (more likely answerable)."""
+        per_source: Counter[str] = Counter()
+        kept = []
+        ordered = sorted(cands, key=lambda c: (not looks_like_question(c.text),
+                                               c.roundtrip_rank or 0))
+        for cand in ordered:
+            per_source[cand.source] += 1
+            if per_source[cand.source] > self.recipe.sdg.queries_per_chunk:
+                self._reject(cand, "over_quota")
+            else:
+                kept.append(cand)
+        return kept
+
+    def _judge(self, cands: list[Candidate]) -> list[Candidate]:
+        if not cands:
+            return cands
+        scores = self.generator.judge(cands, self.by_id, self.counts)
+        if scores is None:
+            return cands
+        kept = []
+        for cand, score in zip(cands, scores, strict=True):
+            if score is None:
+                self._reject(cand, "judge_unparseable")
+                continue
+            cand.scores = score
+            if (score.overall or 0.0) < self.recipe.sdg.judge_threshold:
+                self._reject(cand, "judge_low_score")
+            else:
+                kept.append(cand)
+        return kept

@@ -5,9 +5,20 @@ transformers (the wheel's own Python code needs llama-cpp-python, so it is never
 is located). Chat prompts gave useless output with a model this small; a few-shot *completion* prompt
 ("Passage: ... / Query: ..." twice, then the passage) gives a usable query about 3 times in 4.
 
-Speed: the prompt (few-shot examples + passage) is far longer than a query, so it is run through the
-model once per chunk and its key/value cache is copied for the ``samples_per_chunk`` sampled
-continuations, instead of recomputing the prompt for every sample. Generation stops at the first newline.
+Speed (profiled: prefill of ~380-token prompts and 40 decode steps of fp32 matmuls are the whole cost):
+
+- the few-shot prefix (115 tokens, ~30 % of a prompt) is run through the model once per run; each batch
+  starts from copies of its key/value cache and prefills only "Passage: ... Query:";
+- the LM's q/k/v and gate/up projections run as int8 (``torch.ao`` dynamic quantisation: int8 weights,
+  activations quantised per call); the layers fed by outlier activations stay fp32 (see INT8_LAYERS);
+- chunks are batched by token count (sorted by length, so little padding), and a sampled query leaves
+  the batch as soon as it ends (a newline), instead of decoding to the longest one;
+- every chunk samples from its own random generator seeded by (seed, chunk id), so its queries do not
+  depend on which other chunks share its batch: a resumed run draws what an uninterrupted one would
+  have (up to float rounding of other batch shapes).
+
+``engine = "plain"`` keeps the previous path (whole prompt prefilled per batch in fp32 and
+``generate()``), which ``bench/sdg_throughput.py`` measures against in the same run.
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ def shipped_model_file() -> Path:
 class LocalGenerator(Generator):
     kind = "local"
     oversamples = True
+    needs_roundtrip = True  # a 135M model invents and copies: the base model must find the passage again
 
     def __init__(self, recipe, cache, workdir):
         super().__init__(recipe, cache, workdir)
@@ -69,9 +81,14 @@ class LocalGenerator(Generator):
             raise SdgError(f"sdg.local.model_path does not exist: {self.path}")
         self._model = None
         self._tokenizer = None
-        #: Run the prompt once per chunk and copy its cache for the samples (off: the plain
-        #: ``num_return_sequences`` way, kept as the benchmark's baseline).
+        #: "fast" (module docstring) or "plain": the previous path, kept as the benchmark's baseline.
+        self.engine = "fast"
+        #: int8 dynamic quantisation of the linear layers (fast engine only).
+        self.int8 = True
+        #: plain engine: run the prompt once per chunk and copy its cache for the samples (off: the
+        #: ``num_return_sequences`` way).
         self.share_prompt_cache = True
+        self._prefix: tuple[list[int], object] | None = None  # few-shot prefix ids and key/value cache
 
     @property
     def model_name(self) -> str:
@@ -89,21 +106,25 @@ class LocalGenerator(Generator):
                 tokenizer.pad_token = tokenizer.eos_token
             model = AutoModelForCausalLM.from_pretrained(folder, **extra)
             model.eval()
+            if self.engine == "fast" and self.int8:
+                model = _quantize_int8(model)
             self._model, self._tokenizer = model, tokenizer
         return self._model, self._tokenizer
 
     def generate(self, chunks: Sequence[Chunk], counts: Counter[str]) -> list[Candidate]:
         settings = self.cfg.model_dump(mode="json") | {"model": str(self.path), "seed": self.seed}
+        if self.engine == "fast":  # its own cache entries: its samples differ from the plain engine's
+            settings |= {"engine": "fast", "int8": self.int8}
         keys = {c.id: request_key("local", settings, FEW_SHOT, c.title, c.text) for c in chunks}
         samples: dict[str, list[str]] = {}
         for c in chunks:
             if (hit := self.cache.get(keys[c.id])) is not None:
                 samples[c.id] = hit.split("\n") if hit else []
         todo = [c for c in chunks if c.id not in samples]
-        batches = [todo[i:i + self.cfg.batch_size] for i in range(0, len(todo), self.cfg.batch_size)]
         with _torch_threads(self.cfg.threads):
-            for batch in track(batches, "generating queries (local)", total=len(batches)):
-                for chunk, texts in zip(batch, self._sample(batch), strict=True):
+            batches, sample = self._plan(todo)
+            for batch in track(batches, "generating queries (local)", total=len(todo), unit="chunks", weight=len):
+                for chunk, texts in zip(batch, sample(batch), strict=True):
                     samples[chunk.id] = texts
                     self.cache.put(keys[chunk.id], "\n".join(texts), "local")  # resumable batch by batch
         out = []
@@ -112,6 +133,18 @@ class LocalGenerator(Generator):
             out.extend(Candidate(text=t, positive_ids=[c.id], doc_id=c.doc_id, source=c.id,
                                  query_type="contextual", hops=1) for t in samples[c.id])
         return out
+
+    def _plan(self, todo: list[Chunk]):
+        """Batches of chunks and the function that samples one batch, for the configured engine."""
+        if not todo:
+            return [], self._sample
+        if self.engine == "plain":
+            size = self.cfg.batch_size
+            return [todo[i:i + size] for i in range(0, len(todo), size)], self._sample
+        _, tok = self._load()
+        suffixes = {c.id: self._suffix_ids(c, tok) for c in todo}
+        return _token_batches(todo, suffixes, self.cfg.batch_size * self.cfg.max_passage_tokens,
+                              4 * self.cfg.batch_size), lambda b: self._sample_fast(b, suffixes)
 
     def _sample(self, batch: Sequence[Chunk]) -> list[list[str]]:
         """``samples_per_chunk`` sampled queries per chunk (one line each, whitespace-trimmed)."""
@@ -144,6 +177,88 @@ class LocalGenerator(Generator):
                                  past_key_values=cache, **sampling)
         return self._split(tok, out, enc.input_ids.shape[1], len(batch), n)
 
+    # ------------------------------------------------------------------------------------- fast engine
+
+    def _prefix_cache(self):
+        """Token ids of the few-shot prefix and its key/value cache (batch of one), computed once."""
+        if self._prefix is None:
+            import torch
+            from transformers import DynamicCache
+
+            model, tok = self._load()
+            # The last prefix token may merge with what follows; it is prefilled with each passage instead.
+            ids = tok.encode(FEW_SHOT.split("{passage}")[0], add_special_tokens=False)[:-1]
+            cache = DynamicCache(config=model.config)
+            with torch.inference_mode():
+                model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self._prefix = (ids, cache)
+        return self._prefix
+
+    def _suffix_ids(self, chunk: Chunk, tok) -> list[int]:
+        """The prompt's token ids after the shared prefix ("...Passage: <passage>\nQuery:")."""
+        prefix, _ = self._prefix_cache()
+        ids = tok.encode(FEW_SHOT.format(passage=self._passage(chunk, tok)), add_special_tokens=False)
+        if ids[:len(prefix)] != prefix:  # never seen: the prefix's tokens do not depend on the passage
+            raise SdgError("the few-shot prefix tokenises differently with this passage; use engine 'plain'")
+        return ids[len(prefix):]
+
+    def _sample_fast(self, batch: Sequence[Chunk], suffixes: dict[str, list[int]]) -> list[list[str]]:
+        import torch
+
+        model, tok = self._load()
+        prefix, prefix_cache = self._prefix_cache()
+        n, rows = self.cfg.samples_per_chunk, len(batch)
+        width = max(len(suffixes[c.id]) for c in batch)
+        # [prefix][padding][suffix]: the padding sits between the shared prefix and each row's suffix,
+        # masked out; positions count real tokens only, so every row sees the layout of its own prompt.
+        ids = torch.full((rows, width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((rows, len(prefix) + width), dtype=torch.long)
+        mask[:, :len(prefix)] = 1
+        for r, c in enumerate(batch):
+            s = suffixes[c.id]
+            ids[r, width - len(s):] = torch.tensor(s)
+            mask[r, mask.shape[1] - len(s):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix):]
+        cache = _expanded(prefix_cache, rows, model.config)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            cache.batch_repeat_interleave(n)
+            tokens = self._decode(model, tok, cache, logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0),
+                                  [_chunk_rng(self.seed, c.id, i) for c in batch for i in range(n)])
+        lines = [tok.decode(t, skip_special_tokens=True).strip().split("\n")[0].strip() for t in tokens]
+        return [lines[i * n:(i + 1) * n] for i in range(rows)]
+
+    def _decode(self, model, tok, cache, logits, mask, rngs) -> list[list[int]]:
+        """Sample up to ``max_new_tokens`` per row; a row leaves the batch at its first stop token."""
+        import torch
+
+        stop = torch.tensor([tok.eos_token_id, *tok.encode("\n", add_special_tokens=False)[-1:]])
+        out: list[list[int]] = [[] for _ in rngs]
+        active = torch.arange(len(rngs))
+        for step in range(self.cfg.max_new_tokens):
+            if step < 2:  # as min_new_tokens=2: a newline first would end the query before it starts
+                logits[:, stop] = float("-inf")
+            picked = _pick(logits, [rngs[i] for i in active.tolist()], self.cfg.temperature, self.cfg.top_p)
+            for row, token in zip(active.tolist(), picked.tolist(), strict=True):
+                out[row].append(token)
+            going = ~torch.isin(picked, stop)
+            if not going.all():
+                if not going.any():
+                    break
+                keep = going.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                active, picked, mask = active[keep], picked[keep], mask[keep]
+            if step + 1 == self.cfg.max_new_tokens:
+                break
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            logits = model(input_ids=picked[:, None], attention_mask=mask,
+                           position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache,
+                           use_cache=True).logits[:, -1]
+        return out
+
+    # ------------------------------------------------------------------------------------ plain engine
+
     @staticmethod
     def _prefill(model, enc):
         """Key/value cache of every prompt token but the last (generate() feeds that one).
@@ -172,7 +287,78 @@ class LocalGenerator(Generator):
         return tok.decode(ids)
 
     def close(self) -> None:
-        self._model = self._tokenizer = None
+        self._model = self._tokenizer = self._prefix = None
+
+
+# Projections whose input comes straight out of an RMSNorm, where activations are well scaled. The inputs of
+# o_proj and down_proj carry the few huge outlier channels LLMs develop (Dettmers et al., LLM.int8()), and
+# the LM head picks the token: quantised per-tensor, those turned SmolLM2's queries into repeated phrases
+# and passage copies (acceptance 88 % -> 33 % in bench/sdg_throughput.py), so they stay fp32.
+INT8_LAYERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+def _quantize_int8(model):
+    """The well-scaled linear layers as int8 (dynamic quantisation); the rest stays fp32."""
+    import warnings
+
+    import torch
+
+    names = {name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in INT8_LAYERS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice (torchao is its successor)
+        return torch.ao.quantization.quantize_dynamic(model, names, dtype=torch.qint8, inplace=True)
+
+
+def _token_batches(chunks: list[Chunk], lengths: dict[str, list[int]], budget: int, max_rows: int):
+    """Chunks sorted by prompt length (ties by id, so the plan is deterministic) and cut into batches of at
+    most ``budget`` padded tokens and ``max_rows`` chunks: short passages share a batch with short ones."""
+    ordered = sorted(chunks, key=lambda c: (len(lengths[c.id]), c.id))
+    batches: list[list[Chunk]] = []
+    for c in ordered:
+        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * len(lengths[c.id]) <= budget:
+            batches[-1].append(c)
+        else:
+            batches.append([c])
+    return batches
+
+
+def _chunk_rng(seed: int, chunk_id: str, sample: int):
+    import torch
+
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}\x00{chunk_id}\x00{sample}".encode()))
+
+
+def _expanded(cache, rows: int, config):
+    """A new cache holding ``rows`` copies of a batch-of-one cache."""
+    from transformers import DynamicCache
+
+    out = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
+    return out
+
+
+def _pick(logits, rngs, temperature: float, top_p: float, head: int = 256):
+    """One token per row: greedy at temperature 0, else nucleus sampling with each row's own generator.
+
+    The nucleus is searched among the ``head`` most likely tokens (a full sort of a 49k vocabulary per step
+    was a fifth of the decode time); a row whose nucleus is wider than that falls back to the full sort,
+    so the result is exactly nucleus sampling."""
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    top, order = probs.topk(min(head, probs.shape[-1]), dim=-1)
+    if (top.sum(-1) < top_p).any():
+        top, order = probs.topk(probs.shape[-1], dim=-1)
+    before = top.cumsum(-1) - top
+    top = top.masked_fill(before > top_p, 0.0)  # the nucleus, always >= 1 token
+    cumulative = top.cumsum(-1)
+    draws = torch.cat([torch.rand(1, generator=g) for g in rngs]) * cumulative[:, -1]
+    choice = torch.searchsorted(cumulative, draws[:, None]).clamp(max=top.shape[-1] - 1)
+    return order.gather(1, choice).squeeze(1)
 
 
 @contextlib.contextmanager
