@@ -3,16 +3,19 @@ plug-in generator (registry, filters by reason, round-trip ranks and the min-ran
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
 import pytest
+from pydantic import BaseModel, ConfigDict, Field
 
 from embedtune.artifacts import RunDir, read_jsonl, write_jsonl
 from embedtune.config import load_recipe
 from embedtune.models import encode_passages, encode_queries, load_model
 from embedtune.schemas import Chunk, SyntheticQuery, read_rows
 from embedtune.sdg import Candidate, Generator, generator_names, register_generator, run_sdg
+from embedtune.sdg.base import SdgError
 from embedtune.sdg.local import shipped_model_file
 
 
@@ -267,3 +270,38 @@ def test_nucleus_from_the_head_equals_the_full_sort():
         full = [torch.Generator().manual_seed(seed * 10 + r) for r in range(4)]
         assert torch.equal(_pick(logits.clone(), rngs, 0.7, 0.95, head=64),
                            _pick(logits.clone(), full, 0.7, 0.95, head=5000))
+
+
+class Prefixed(Generator):
+    """A plug-in with settings of its own (``sdg.plugins.prefixed``)."""
+
+    kind = "prefixed"
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        prefix: str = "which"
+        repeat: int = Field(1, ge=1, le=3)
+
+    def generate(self, chunks, counts):
+        return [Candidate(text=f"{self.settings.prefix} {c.doc_id.split('-')[0]} facts mention "
+                               f"{c.text.split()[1].lower()} {c.text.split()[3].lower()}",
+                          positive_ids=[c.id], doc_id=c.doc_id, source=c.id)
+                for c in chunks for _ in range(self.settings.repeat)]
+
+
+def test_plugin_settings_come_from_their_own_section(tmp_path, topical_docs, tiny_bert_dir):
+    register_generator("prefixed", Prefixed)
+    run = make_run(tmp_path, topical_chunks(topical_docs))
+    base = ["sdg.generator=prefixed", f"model.name={tiny_bert_dir}", "sdg.dedup_threshold=1.0"]
+    manifest = run_sdg(load_recipe(None, [*base, "sdg.plugins.prefixed.prefix=whereabouts of"]), run)
+    queries = [json.loads(line)["text"] for line in run.path("sdg", "queries.jsonl").read_text().splitlines()]
+    assert queries and all(q.startswith("whereabouts of ") for q in queries)
+    assert manifest.counts["generated"] == len(topical_docs)
+    with pytest.raises(SdgError, match=r"sdg\.plugins\.prefixed\.repeat: Input should be less than or equal to 3"):
+        run_sdg(load_recipe(None, [*base, "sdg.plugins.prefixed.repeat=9"]), run, force=True)
+    with pytest.raises(SdgError, match=r"sdg\.plugins\.prefixed\.colour: Extra inputs are not permitted"):
+        run_sdg(load_recipe(None, [*base, "sdg.plugins.prefixed.colour=red"]), run, force=True)
+    with pytest.raises(SdgError, match=r"sdg\.plugins\.scripted: this generator takes no settings"):
+        register_generator("scripted", Scripted)
+        run_sdg(load_recipe(None, ["sdg.generator=scripted", f"model.name={tiny_bert_dir}",
+                                   "sdg.plugins.scripted.x=1"]), run, force=True)

@@ -114,6 +114,9 @@ class SdgConfig(StrictModel):
     llm: LLMGeneratorConfig = Field(default_factory=LLMGeneratorConfig)
     local: LocalGeneratorConfig = Field(default_factory=LocalGeneratorConfig)
     filters: QueryFilterConfig = Field(default_factory=QueryFilterConfig)
+    plugins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="settings of plug-in generators, by name; each plug-in validates its "
+        "own section (its Settings model)")
 
 
 class PrepConfig(StrictModel):

@@ -14,6 +14,9 @@ plug-in only has to implement :meth:`Generator.generate` (and, if it can grade q
                     for c in chunks]
 
     register_generator("echo", Echo)      # then: sdg.generator=echo
+
+A plug-in with settings declares a pydantic ``Settings`` model; the recipe's ``sdg.plugins.<name>`` section
+is validated against it (unknown keys and bad values are errors naming the key) into ``self.settings``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ValidationError
 
 from embedtune.schemas import Chunk, QueryScores
 
@@ -68,11 +73,27 @@ class Generator(ABC):
     #: passage again): small local models invent and copy; an LLM with a judge does not need it.
     #: ``sdg.filters.roundtrip`` overrides it either way.
     needs_roundtrip: bool = False
+    #: The plug-in's own settings, read from ``sdg.plugins.<kind>`` (None: it takes none).
+    Settings: type[BaseModel] | None = None
 
     def __init__(self, recipe: Recipe, cache: ResponseCache, workdir: Path):
         self.recipe = recipe
         self.cache = cache
         self.workdir = workdir
+        self.settings = self._settings(recipe)
+
+    def _settings(self, recipe: Recipe) -> BaseModel | None:
+        raw = recipe.sdg.plugins.get(self.kind)
+        if self.Settings is None:
+            if raw:
+                raise SdgError(f"sdg.plugins.{self.kind}: this generator takes no settings")
+            return None
+        try:
+            return self.Settings.model_validate(raw or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise SdgError(f"sdg.plugins.{self.kind}.{where}: {first['msg']}") from None
 
     @property
     def model_name(self) -> str:
