@@ -137,3 +137,14 @@ def test_cli_run_to_corpus_then_skip_and_typo(mixed_folder, tmp_path):
 def test_config_show_prints_resolved_recipe():
     res = CliRunner().invoke(app, ["config", "show", "-o", "finetune.epochs=7"])
     assert res.exit_code == 0 and "epochs: 7" in res.output
+
+
+def test_a_beir_folder_contributes_its_corpus_only(tmp_path):
+    """Its queries (and qrels) are not documents: indexing them would put every test query in the index."""
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "title": "T", "text": "Comets orbit stars."}) + "\n")
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "what orbits stars?"}) + "\n")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    docs = list(iter_documents(beir))
+    assert [d.id for d in docs] == ["d1"]

@@ -39,6 +39,9 @@ def iter_documents(path: str | Path, stats: LoadStats | None = None) -> Iterator
     stats = stats if stats is not None else LoadStats()
     if not root.exists():
         raise FileNotFoundError(f"corpus path does not exist: {root}")
+    if is_beir_folder(root):  # its queries and qrels are not documents
+        log.info("%s is a BEIR folder: reading its corpus.jsonl only", root)
+        root = root / "corpus.jsonl"
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     for file in files:
         if file.suffix.lower() not in SUFFIXES or file.name.startswith("."):
@@ -57,6 +60,12 @@ def iter_documents(path: str | Path, stats: LoadStats | None = None) -> Iterator
             raise  # a malformed JSON record is an error the user must fix, not a skip
         except (OSError, ValueError) as exc:
             _skip(stats, f"{file}: {type(exc).__name__}: {exc}")
+
+
+def is_beir_folder(path: Path) -> bool:
+    """A BEIR dataset folder: ``corpus.jsonl`` beside ``queries.jsonl`` or ``qrels/``."""
+    return path.is_dir() and (path / "corpus.jsonl").is_file() and (
+        (path / "queries.jsonl").is_file() or (path / "qrels").is_dir())
 
 
 class UnreadableDocument(ValueError):

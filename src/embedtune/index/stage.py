@@ -18,6 +18,7 @@ from embedtune.artifacts import Manifest, RunDir, config_hash, read_json, write_
 from embedtune.config import IndexConfig, Recipe
 from embedtune.console import log, progress
 from embedtune.retrieval import milvus
+from embedtune.retrieval.cache import encode_cached, run_embedding_cache
 from embedtune.retrieval.deployment import INFO_FILE, STATS_FILE, IndexInfo
 from embedtune.retrieval.encoders import ServedModel, served_model
 from embedtune.schemas import Chunk, read_rows
@@ -76,6 +77,7 @@ def build(client, collection: str, cfg: IndexConfig, recipe: Recipe, model: Serv
     if client.has_collection(collection):
         client.drop_collection(collection)  # a build killed midway: never aliased, so never served
     encoder = model.load(recipe.model, cfg.batch_size)
+    cache = run_embedding_cache(out_dir.parent)
     n_total = sum(1 for _ in read_rows(chunks_path, Chunk))
     analyzer = milvus.analyzer_params(_stopwords(recipe))
     stats: milvus.StatsAccumulator | None = None
@@ -85,7 +87,8 @@ def build(client, collection: str, cfg: IndexConfig, recipe: Recipe, model: Serv
         task = bar.add_task("index: chunks", total=n_total, rate="")
         for batch in _batches(read_rows(chunks_path, Chunk), ENCODE_BLOCK):
             passages = [passage_text(c) for c in batch]
-            vectors = _truncate(encoder.encode(passages, "passage"), cfg.dimensions)
+            # Through the run's embedding cache, block by block: a killed build reruns without re-encoding.
+            vectors = _truncate(encode_cached(encoder, passages, "passage", cache, what="index"), cfg.dimensions)
             if stats is None:
                 dim = int(vectors.shape[1])
                 milvus.create_collection(client, collection, dim, analyzer)
