@@ -65,6 +65,19 @@ def _summary(results: list[StageResult], run_root: Path) -> None:
         queries = int(evaluated.manifest.counts.get("queries", 0))
         console.print(_quality_table(rows, queries))
         console.print(verdict(rows, queries))
+    indexed = next((r for r in results if r.name == "index"), None)
+    if indexed:
+        console.print(_deployed_line(indexed, run_root))
+
+
+def _deployed_line(indexed: StageResult, run_root: Path) -> str:
+    """What the run deployed: the search a user queries, with the fusion weight the run chose."""
+    info = _read_results(run_root / "index" / "index.json")
+    return (f"[bold]deployed:[/] {info.get('chunks')} chunks in Milvus collection {info.get('alias')!r} "
+            f"({info.get('model_label')}, {info.get('dimension')} dims), hybrid search with BM25 weight "
+            f"{info.get('bm25_weight')} ({info.get('fusion')} fusion).\n"
+            f"  search:  embedtune search -r {run_root} \"your question\"\n"
+            f"  serve:   embedtune serve --model {run_root}   # POST /v1/search, /v1/embeddings")
 
 
 def _read_results(path: Path) -> dict:
