@@ -2,9 +2,10 @@
 
 - :func:`export_onnx` — library function, any SentenceTransformer / folder / spec -> serving folder;
 - :func:`run_export` — the pipeline stage (fine-tuned model if finetune completed, else the base model);
-- :class:`embedtune.retrieval.onnx.OnnxEncoder` — run an exported folder with onnxruntime only.
+- :class:`~embedtune.retrieval.onnx.OnnxEncoder` (re-exported) — run an exported folder with onnxruntime
+  only; it lives in the retrieval library because the server and the index stage use it too.
 
-Names are imported lazily so that ``embedtune.retrieval.onnx`` (used by the server) does not pull in torch.
+Names are imported lazily: ``import embedtune.export`` stays light until a name is used.
 """
 
 from __future__ import annotations
