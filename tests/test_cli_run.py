@@ -77,7 +77,7 @@ def _embedtune_run(args: list[str], env: dict[str, str]) -> subprocess.Completed
                           text=True, timeout=900)
 
 
-@pytest.mark.slow  # two CLI processes, six stages: 50-71 s on a loaded 2-core box
+@pytest.mark.slow  # two CLI processes, six stages: 28 s on a lightly loaded 2-core box, 71 s loaded
 def test_embedtune_run_goes_through_every_stage_and_a_rerun_skips_them(tmp_path, tiny_bert_dir):
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -117,7 +117,6 @@ def embedtune_serve():
         proc.wait(timeout=30)
 
 
-@pytest.mark.slow  # a server process loading the default model, and the model loaded here: 53 s under load
 def test_embedtune_serve_matches_local_figures(embedtune_serve, dataset):
     """The client against the real server: the default model served (torch backend, the server's own
     batching and prompts) scores what the same model scores locally; without the key it is refused."""

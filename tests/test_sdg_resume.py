@@ -44,6 +44,7 @@ def _run(root, chunks) -> RunDir:
     return run
 
 
+@pytest.mark.slow  # three sdg runs with the round-trip filter: 27 s on a lightly loaded 2-core box
 def test_local_generator_resumes_from_its_cache_after_a_crash(tmp_path, topical_docs, tiny_causal_lm,
                                                              tiny_bert_dir, monkeypatch):
     chunks = [Chunk(_id=f"{d['_id']}#0", doc_id=d["_id"], title=d["title"], text=d["text"])
