@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 
+import openai
 import pytest
 from typer.testing import CliRunner
 
@@ -84,6 +85,47 @@ def test_served_model_matches_local_figures(server, dataset, tiny_bert_dir):
     assert compare_within_tolerance(local, served.metrics) == []
     assert {"query", "passage"} <= stats["input_types"]
     assert stats["calls"] >= 1 + 5 + 5  # the refused first call was retried; 24 docs and queries in 5s
+
+
+@pytest.fixture(scope="module")
+def embedtune_serve():
+    """`embedtune serve` as a process on loopback: the shipped default model, a key from an env var."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from embedtune.serve.runner import wait_ready
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EVAL_SERVE_KEY": "eval-k3y",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "embedtune", "serve", "--model", "default", "--port", str(port),
+                             "-o", "serve.api_key_env=EVAL_SERVE_KEY"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_ready(url, 240, alive=lambda: proc.poll() is None)
+        except RuntimeError:
+            pytest.fail(proc.stdout.read() if proc.stdout else "server exited")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_embedtune_serve_matches_local_figures(embedtune_serve, dataset):
+    """The client against the real server: the default model served (torch backend, the server's own
+    batching and prompts) scores what the same model scores locally; without the key it is refused."""
+    served = evaluate_endpoint(embedtune_serve, "default", dataset, api_key="eval-k3y", batch_size=7)
+    local = evaluate_model(load_model("default"), dataset)
+    assert served.metrics == pytest.approx(local, abs=1e-5)
+    assert compare_within_tolerance(local, served.metrics) == []
+    with pytest.raises(openai.AuthenticationError, match="401"):
+        evaluate_endpoint(embedtune_serve, "default", dataset, api_key=None, max_retries=0)
 
 
 def test_drifted_endpoint_fails_when_asked(server, tmp_path, topical_docs, tiny_bert_dir, monkeypatch):

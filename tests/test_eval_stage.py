@@ -265,11 +265,22 @@ def test_cli_standalone_cross_lingual_two_models(tmp_path, tiny_bert_dir, finetu
     assert any(p.suffix == ".npy" for p in (tmp_path / "cache").iterdir())
 
 
-def test_cli_in_a_run_runs_the_stage(run_with_finetune, tiny_bert_dir):
-    res = _cli("-r", run_with_finetune.root, "-o", f"model.name={tiny_bert_dir}", "--no-bm25")
+def test_cli_in_a_run_runs_the_stage(run_with_finetune, tiny_bert_dir, finetuned_dir):
+    run = run_with_finetune
+    res = _cli("-r", run.root, "-o", f"model.name={tiny_bert_dir}", "--no-bm25")
     assert res.exit_code == 0, res.output
-    assert run_with_finetune.manifest("eval") is not None
-    assert read_json(run_with_finetune.path("eval", "results.json"))["bm25"] is None
+    manifest = run.manifest("eval")
+    results = read_json(run.path("eval", "results.json"))
+    assert results["bm25"] is None and "bm25_ndcg@10" not in manifest.metrics
+    # The manifest records what was evaluated: the run's held-out set, both models' figures re-derived here.
+    assert manifest.stage == "eval" and manifest.config["model"]["name"] == str(tiny_bert_dir)
+    assert (manifest.counts["queries"], manifest.counts["documents"]) == (24, 24)
+    data = load_beir(run.path("prep", "eval"))
+    assert manifest.metrics["base_ndcg@10"] == pytest.approx(
+        evaluate_model(load_model(str(tiny_bert_dir)), data)["ndcg@10"], abs=1e-6)
+    assert manifest.metrics["finetuned_ndcg@10"] == pytest.approx(
+        evaluate_model(load_model(str(finetuned_dir)), data)["ndcg@10"], abs=1e-6)
+    assert set(manifest.outputs) >= {str(run.path("eval", name)) for name in ("results.json", "report.md")}
 
 
 def test_cli_reports_a_malformed_dataset(tmp_path, tiny_bert_dir):

@@ -280,10 +280,17 @@ def test_unreachable_endpoint_and_bad_key_fail_clearly_and_resume(tmp_path, tiny
 
         manifest = run_sdg(recipe, run)
         resumed = [_digest(r["body"]) for r in server.requests[n_before:]]
-        # The resumed run asked only for what the interrupted one had not received.
+        # The resumed run asked only for what the interrupted one had not received, and took the four
+        # answers it had from the cache.
         assert resumed and not set(resumed) & set(answered)
-        assert manifest.counts["cache_hits"] >= 4
-        assert manifest.counts["kept"] > 0
+        assert manifest.counts["cache_hits"] == len(answered) == 4
+
+        # What it wrote is what an uninterrupted run writes (a fresh run directory, its own cache).
+        fresh = make_run(tmp_path / "fresh", CHUNKS[:2])
+        reference = run_sdg(recipe, fresh)
+        assert reference.counts["cache_hits"] == 0
+        assert manifest.counts["kept"] == reference.counts["kept"] == 5  # 2 good + 2 rephrased + 1 multi-hop
+        assert run.path("sdg", "queries.jsonl").read_bytes() == fresh.path("sdg", "queries.jsonl").read_bytes()
 
 
 def test_unreachable_host_is_a_clear_error(tmp_path, tiny_bert_dir):
@@ -292,3 +299,94 @@ def test_unreachable_host_is_a_clear_error(tmp_path, tiny_bert_dir):
                                 "sdg.llm.max_retries=0", "sdg.llm.timeout=2", f"model.name={tiny_bert_dir}"])
     with pytest.raises(SdgError, match="127.0.0.1:9.*rerun to resume"):
         run_sdg(recipe, run)
+
+
+# ------------------------------------------------------------------- response_format and 400 / 404
+
+
+class JsonModeLLM(ScriptedLLM):
+    """The scripted server, plus what real servers do with ``response_format={"type": "json_object"}``:
+    ``honour`` answers bare JSON when asked for it (prose with a fenced block otherwise); ``reject`` answers
+    400 naming response_format, as servers without JSON mode do. MARK_TOO_LONG in a prompt gets a 400 for
+    another reason (a context-length error), and ``not_found`` answers 404 to everything."""
+
+    def __init__(self, mode: str = "honour", not_found: bool = False):
+        super().__init__()
+        self.mode, self.not_found = mode, not_found
+
+    def answer(self, body: dict, auth: str) -> tuple[int, dict, float]:
+        wants_json = body.get("response_format") == {"type": "json_object"}
+        prompt = body["messages"][-1]["content"]
+        refusal = None
+        if self.not_found:
+            refusal = 404, {"error": {"message": f"The model `{body['model']}` does not exist.",
+                                      "type": "NotFoundError", "param": None, "code": 404}}
+        elif wants_json and self.mode == "reject":
+            refusal = 400, {"error": {"message": "response_format is not supported by this server",
+                                      "type": "invalid_request_error", "param": "response_format", "code": None}}
+        elif "MARK_TOO_LONG" in prompt and "question-answer pairs" in prompt:
+            refusal = 400, {"error": {"message": "This model's maximum context length is 512 tokens",
+                                      "type": "invalid_request_error", "param": "messages", "code": None}}
+        if refusal is not None:
+            with self.lock:
+                self.requests.append({"kind": "refused", "nth": 0, "auth": auth, "body": body})
+            return refusal[0], refusal[1], 0.0
+        status, payload, delay = super().answer(body, auth)
+        if status == 200 and wants_json and self.mode == "honour":
+            message = payload["choices"][0]["message"]
+            fenced = re.search(r"```json\n(.*?)\n```", message["content"], re.S)
+            message["content"] = fenced.group(1) if fenced else message["content"]
+            json.loads(message["content"])  # what JSON mode promises: the whole answer is one JSON value
+        return status, payload, delay
+
+
+def _json_mode_recipe(server, model_dir):
+    return recipe_for(server, model_dir, **{"sdg.dedup_threshold": "1.0", "sdg.llm.concurrency": "1"})
+
+
+def test_json_mode_is_requested_and_bare_json_answers_are_parsed(tmp_path, tiny_bert_dir):
+    run = make_run(tmp_path, CHUNKS[:2])
+    with JsonModeLLM("honour") as server:
+        manifest = run_sdg(_json_mode_recipe(server, tiny_bert_dir), run)
+    assert server.requests and all(r["body"]["response_format"] == {"type": "json_object"}
+                                   for r in server.requests)
+    assert manifest.counts["kept"] == 5
+    assert not any(k.startswith("unparseable") for k in manifest.counts["generator"])
+
+
+def test_server_without_json_mode_falls_back_to_plain_text_once(tmp_path, tiny_bert_dir, caplog):
+    run = make_run(tmp_path, CHUNKS[:2])
+    with JsonModeLLM("reject") as server:
+        manifest = run_sdg(_json_mode_recipe(server, tiny_bert_dir), run)
+    refused = [r for r in server.requests if r["kind"] == "refused"]
+    answered = [r for r in server.requests if r["kind"] != "refused"]
+    assert len(refused) == 1 and "response_format" in refused[0]["body"]  # asked once, then never again
+    assert answered and not any("response_format" in r["body"] for r in answered)
+    # The refused request was sent again as plain text, so nothing was lost.
+    assert manifest.counts["kept"] == 5
+    assert not any(k.startswith("failed_") for k in manifest.counts["generator"])
+    assert "does not support response_format=json_object" in caplog.text
+
+
+def test_a_400_for_another_reason_skips_that_request_only(tmp_path, tiny_bert_dir):
+    too_long = Chunk(_id="long#0", doc_id="long", title="Long", start=0,
+                     text="A passage the server finds too long for its context window. MARK_TOO_LONG")
+    run = make_run(tmp_path, [*CHUNKS[:2], too_long])
+    with JsonModeLLM("honour") as server:
+        manifest = run_sdg(_json_mode_recipe(server, tiny_bert_dir), run)
+    assert manifest.counts["generator"]["failed_questions_requests"] == 1
+    assert manifest.counts["rejected"]["unparseable"] == 1  # the unit that got no answer
+    assert manifest.counts["kept"] == 5  # the sailing chunks are unaffected
+    after = server.requests[[r["kind"] for r in server.requests].index("refused") + 1:]
+    assert after and all("response_format" in r["body"] for r in after)  # not mistaken for "no JSON mode"
+
+
+def test_404_names_the_model_and_the_settings_to_check(tmp_path, tiny_bert_dir):
+    run = make_run(tmp_path, CHUNKS[:1])
+    with JsonModeLLM(not_found=True) as server, pytest.raises(SdgError) as err:
+        run_sdg(_json_mode_recipe(server, tiny_bert_dir), run)
+    message = str(err.value)
+    assert "model 'scripted'" in message and "404" in message
+    assert "sdg.llm.base_url" in message and "sdg.llm.model" in message
+    assert len(server.requests) == 1  # not retried: a wrong model name does not fix itself
+    assert run.manifest("sdg") is None

@@ -211,25 +211,53 @@ def test_shipped_default_model_is_served_like_it_encodes_locally():
     np.testing.assert_allclose(got, encode_queries(model, texts), atol=1e-5)
 
 
-def test_cli_builds_the_server_from_flags_recipe_and_env(monkeypatch, tiny_bert_dir):
+def _batch_tokens(metrics_text: str, model: str) -> tuple[float, float]:
+    """(batches, batches of at most 512 tokens) from the server's Prometheus histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    family = next(f for f in text_string_to_metric_families(metrics_text) if f.name == "embedtune_batch_tokens")
+    samples = [s for s in family.samples if s.labels.get("model") == model]
+    count = next(s.value for s in samples if s.name.endswith("_count"))
+    within = next(s.value for s in samples if s.name.endswith("_bucket") and float(s.labels["le"]) == 512)
+    return count, within
+
+
+def test_cli_builds_the_server_from_flags_recipe_and_env(tmp_path, tiny_bert_dir):
+    """`embedtune serve` as a process: models and names from --model, the key from the env var the recipe
+    override names, --max-batch-tokens over the recipe file's value (seen in the batches it encodes)."""
     from typer.testing import CliRunner
 
-    import embedtune.serve
     from embedtune.cli import app
 
-    started = {}
-    def fake_run_server(entries, cfg, key, log_level):
-        started.update(entries=entries, cfg=cfg, key=key)
-
-    monkeypatch.setattr(embedtune.serve, "run_server", fake_run_server)
-    monkeypatch.setenv("SERVE_TEST_KEY", "k3y")
-    result = CliRunner().invoke(app, ["serve", "--model", "default", "--model", f"tiny={tiny_bert_dir}",
-                                      "--port", "9123", "--max-batch-tokens", "512",
-                                      "-o", "serve.api_key_env=SERVE_TEST_KEY"])
-    assert result.exit_code == 0, result.output
-    assert [e.name for e in started["entries"]] == ["default", "tiny"]
-    assert started["entries"][1].source == str(tiny_bert_dir)
-    assert (started["cfg"].port, started["cfg"].max_batch_tokens, started["key"]) == (9123, 512, "k3y")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("serve:\n  max_batch_tokens: 16384\n")
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SERVE_TEST_KEY": "k3y",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    cmd = [sys.executable, "-m", "embedtune", "serve", "-c", str(recipe), "--model", f"tiny={tiny_bert_dir}",
+           "--model", f"again={tiny_bert_dir}", "--port", str(port), "--max-batch-tokens", "512",
+           "-o", "serve.api_key_env=SERVE_TEST_KEY"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    texts = [f"Telescopes {i} collect light from distant galaxies and nebulae over many long nights." * 3
+             for i in range(24)]  # 24 inputs of ~64 tokens: ~1,500 tokens, several batches at 512
+    try:
+        try:
+            wait_ready(url, 120, alive=lambda: proc.poll() is None)
+        except RuntimeError:
+            pytest.fail(proc.stdout.read() if proc.stdout else "server exited")
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
+        assert sorted(m.id for m in client.models.list().data) == ["again", "tiny"]
+        result = client.embeddings.create(model="tiny", input=texts)
+        batches, within = _batch_tokens(httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer k3y"}).text,
+                                        "tiny")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert batches >= 3 and within == batches, (batches, within)
+    got = np.array([d.embedding for d in result.data], dtype=np.float32)
+    np.testing.assert_allclose(got, encode_passages(load_model(str(tiny_bert_dir)), texts), atol=1e-5)
     bad = CliRunner().invoke(app, ["serve", "--model", "/no/such/dir/anywhere", "--backend", "onnx"])
     assert bad.exit_code == 1 and "no ONNX export" in bad.output
 
