@@ -46,7 +46,7 @@ def test_closing_line_when_a_loop_ends_between_lines(clock):
 
 def test_track_counts_weighted_items_and_emits_through_the_log(clock, caplog, monkeypatch):
     monkeypatch.setattr(con.log, "handlers", [caplog.handler])
-    monkeypatch.setattr(con.log, "level", 20)
+    caplog.set_level(20, logger="embedtune")  # setLevel, which also clears the logger's level cache
     batches = [[1, 2, 3], [4, 5], [6]]
     seen = []
     for batch in con.track(batches, "generating queries", total=6, unit="chunks", weight=len, interval=0):
