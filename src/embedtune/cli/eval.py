@@ -141,16 +141,13 @@ def _unique_keys(specs: list[str]) -> list[str]:
 
 def _stage(recipe: Recipe, run_dir: Path | None, force: bool):
     from embedtune.artifacts import read_json
-    from embedtune.evaluate import load_beir, run_eval
-    from embedtune.evaluate.stage import dataset_dirs
+    from embedtune.evaluate import run_eval
 
     run = open_run(recipe, run_dir)
     manifest = run_eval(recipe, run, force=force)
     report_stage("eval", manifest)
     console.print(f"[dim]{run.path('eval', 'report.md')}  {run.path('eval', 'report.png')}[/]")
-    data_dir, queries_dir = dataset_dirs(recipe, run)
-    lazy = (data_dir, queries_dir, recipe.eval.split, load_beir, run.path("eval", "endpoint.json"))
-    return read_json(run.path("eval", "results.json")), lazy
+    return read_json(run.path("eval", "results.json")), run
 
 
 def _table(results: dict[str, Any]):
@@ -168,41 +165,24 @@ def _write(results: dict[str, Any], out: Path) -> None:
 
 def _check_endpoint(recipe: Recipe, results: dict[str, Any], data: Any, url: str, name: str | None,
                     api_key: str | None, fail: bool, out: Path | None) -> None:
-    from embedtune.artifacts import write_json
-    from embedtune.evaluate import compare_within_tolerance, evaluate_endpoint
-    from embedtune.evaluate.report import _endpoint_md
+    """``data``: the standalone dataset, or the run whose eval stage ran (its dataset is loaded here)."""
+    from embedtune.artifacts import RunDir
+    from embedtune.evaluate.endpoint import check_endpoint
+    from embedtune.evaluate.report import endpoint_markdown
+    from embedtune.evaluate.stage import record_endpoint, stage_dataset
 
-    stage_json = None
-    if isinstance(data, tuple):  # stage mode: load the dataset the stage used
-        data_dir, queries_dir, split, load_beir, stage_json = data
-        data = load_beir(data_dir, split, queries_dir)
-    name = name or _first_served_model(url, api_key)
-    cfg = recipe.eval
-    served = evaluate_endpoint(url, name, data, api_key, batch_size=cfg.batch_size, k_values=cfg.k_values,
-                               top_k=cfg.top_k, ignore_identical_ids=cfg.ignore_identical_ids)
-    ref_key = "finetuned" if results.get("finetuned") else results["models"][0]
-    low, high = recipe.export.tolerance_low_k, recipe.export.tolerance_high_k
-    violations = compare_within_tolerance(results[ref_key], served.metrics, low, high)
-    results["endpoint"] = {"base_url": url, "model": name, "reference": ref_key, "metrics": served.metrics,
-                           "tolerance_low_k": low, "tolerance_high_k": high,
-                           "violations": [v.to_json() for v in violations]}
-    side_by_side = {**results, "models": [ref_key, "served"], "served": {**served.metrics, "label": "served"},
-                    "bm25": None, "hybrid": None}
+    run = data if isinstance(data, RunDir) else None
+    dataset = stage_dataset(recipe, run) if run is not None else data
+    violations = check_endpoint(results, dataset, url, name, api_key, recipe.eval, recipe.export.tolerance_low_k,
+                                recipe.export.tolerance_high_k)
+    endpoint = results["endpoint"]
+    side_by_side = {**results, "models": [endpoint["reference"], "served"],
+                    "served": {**endpoint["metrics"], "label": "served"}, "bm25": None, "hybrid": None}
     console.print(_table(side_by_side))
-    console.print("\n".join(_endpoint_md(results["endpoint"])[2:]))
-    if stage_json is not None:  # beside the stage's outputs, which stay untouched (and up to date)
-        write_json(stage_json, results["endpoint"])
+    console.print("\n".join(endpoint_markdown(endpoint)[2:]))
+    if run is not None:
+        record_endpoint(run, endpoint)
     if out is not None:
         _write(results, out)
     if violations and fail:
         raise typer.Exit(3)
-
-
-def _first_served_model(url: str, api_key: str | None) -> str:
-    from openai import OpenAI
-
-    base = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1")
-    served = OpenAI(base_url=base, api_key=api_key or "not-needed").models.list().data
-    if not served:
-        raise ValueError(f"{url} serves no model; pass --endpoint-model")
-    return served[0].id

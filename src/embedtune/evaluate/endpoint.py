@@ -6,6 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from embedtune.config import EvalConfig
 from embedtune.evaluate.core import ModelResult, evaluate_encoder
 from embedtune.retrieval.beir import BeirDataset
 from embedtune.retrieval.encoders import EndpointEncoder
@@ -70,3 +71,28 @@ def compare_within_tolerance(reference: Mapping[str, float], actual: Mapping[str
         if abs(float(actual[metric]) - float(ref)) > tol + 1e-9:
             violations.append(Violation(metric, float(ref), float(actual[metric]), tol))
     return violations
+
+
+def check_endpoint(results: dict, dataset: BeirDataset, url: str, model_name: str | None, api_key: str | None,
+                   cfg: EvalConfig, tolerance_low_k: float, tolerance_high_k: float) -> list[Violation]:
+    """Score a served model on ``dataset`` and compare it with the local reference in ``results`` (the
+    fine-tuned model when there is one): records ``results["endpoint"]`` and returns the violations."""
+    name = model_name or first_served_model(url, api_key)
+    served = evaluate_endpoint(url, name, dataset, api_key, batch_size=cfg.batch_size, k_values=cfg.k_values,
+                               top_k=cfg.top_k, ignore_identical_ids=cfg.ignore_identical_ids)
+    ref_key = "finetuned" if results.get("finetuned") else results["models"][0]
+    violations = compare_within_tolerance(results[ref_key], served.metrics, tolerance_low_k, tolerance_high_k)
+    results["endpoint"] = {"base_url": url, "model": name, "reference": ref_key, "metrics": served.metrics,
+                           "tolerance_low_k": tolerance_low_k, "tolerance_high_k": tolerance_high_k,
+                           "violations": [v.to_json() for v in violations]}
+    return violations
+
+
+def first_served_model(url: str, api_key: str | None) -> str:
+    from openai import OpenAI
+
+    base = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1")
+    served = OpenAI(base_url=base, api_key=api_key or "not-needed").models.list().data
+    if not served:
+        raise ValueError(f"{url} serves no model; pass --endpoint-model")
+    return served[0].id

@@ -75,7 +75,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     lines += _matryoshka_md(results)
     lines += _timing_md(results)
     if results.get("endpoint"):
-        lines += _endpoint_md(results["endpoint"])
+        lines += endpoint_markdown(results["endpoint"])
     return "\n".join(lines) + "\n"
 
 
@@ -131,7 +131,7 @@ def _timing_md(results: dict[str, Any]) -> list[str]:
     return ["", "## Encoding", "", "| model | dim | seconds | speed |", "|---|---|---|---|", *rows]
 
 
-def _endpoint_md(ep: dict[str, Any]) -> list[str]:
+def endpoint_markdown(ep: dict[str, Any]) -> list[str]:
     lines = ["", f"## Served model `{ep['model']}` at {ep['base_url']}", "",
              f"Compared with **{ep['reference']}**, tolerance {ep['tolerance_low_k']} at k < 5 and "
              f"{ep['tolerance_high_k']} at k ≥ 5: "

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from embedtune.artifacts import Manifest, RunDir
+from embedtune.artifacts import Manifest, RunDir, write_json
 from embedtune.config import EvalConfig, Recipe
 from embedtune.console import log
 from embedtune.evaluate.bm25 import evaluate_bm25
@@ -63,6 +63,18 @@ def run_eval(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     counts = {"queries": results["n_queries"], "documents": results["n_docs"],
               "skipped_qrels": len(dataset.warnings), "cache_hits": cache.hits, "encoded": cache.misses}
     return stage.finish(outputs=outputs, counts=counts, metrics=metrics)
+
+
+def stage_dataset(recipe: Recipe, run: RunDir) -> BeirDataset:
+    """The dataset the eval stage scores (the run's held-out set, or ``eval.dataset``)."""
+    data_dir, queries_dir = dataset_dirs(recipe, run)
+    return load_beir(data_dir, recipe.eval.split, queries_dir)
+
+
+def record_endpoint(run: RunDir, endpoint: dict[str, Any]) -> Path:
+    """``eval/endpoint.json``: a served model's check beside the stage's outputs (which stay untouched, so
+    the stage stays up to date)."""
+    return write_json(run.path("eval", "endpoint.json"), endpoint)
 
 
 def dataset_dirs(recipe: Recipe, run: RunDir) -> tuple[Path, Path | None]:
