@@ -1,16 +1,8 @@
 """Prep stage: split queries by document, mine hard negatives, write training and BEIR eval files.
 
-Reads ``corpus/chunks.jsonl`` and ``sdg/queries.jsonl``; writes under ``prep/``:
-``train.jsonl`` (inline), ``train.automodel.json`` + ``corpus/`` (NeMo AutoModel corpus-ID format),
-``eval/{corpus.jsonl,queries.jsonl,qrels/test.tsv}`` (BEIR), ``split.json`` (which documents and queries
-were held out), ``report.md`` and ``scores.png``.
-
-Negatives per training query: up to ``hard_negatives_to_mine`` mined ones, best first (the trainer takes
-the first ``passages_per_query - 1``). A query left with fewer than ``negatives_used`` is topped up with
-random allowed chunks (``fill_missing: random``, their real scores recorded) or dropped (``drop``).
-Candidates for negatives are the training documents' chunks (all chunks with
-``test_chunks_as_negatives``), never a positive, never a chunk whose text equals a positive's, and with
-``exclude_same_document`` (default) never a chunk of a positive's own document.
+:func:`run_prep` (in :mod:`.stage`, which documents the outputs) is the front door; :mod:`.split` holds
+out whole documents, :mod:`.mining` applies the margin rule and assembles the examples, :mod:`.teacher`
+judges negatives (base model fused with BM25), :mod:`.formats` writes inline, AutoModel and BEIR files.
 """
 
 from embedtune.prep.formats import TrainingRecord, read_training
