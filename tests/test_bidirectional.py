@@ -54,9 +54,18 @@ def test_save_and_reload_stays_bidirectional_with_identical_embeddings(tmp_path,
 
 
 @pytest.mark.parametrize("finetuning_type", ["all_weights", "lora_merged"])
-def test_finetuned_llama_reloads_bidirectional(tmp_path, tiny_llama_dir, finetuning_type):
+def test_finetuned_llama_reloads_bidirectional(tmp_path, tiny_llama_dir, finetuning_type, monkeypatch):
     from sentence_transformers import SentenceTransformer
 
+    from embedtune.train import driver, lora
+
+    unmerged: dict[str, np.ndarray] = {}
+
+    def record_then_merge(model):
+        unmerged["embeddings"] = model.encode(TEXTS)  # the trained adapter, still separate from the weights
+        lora.merge_lora(model)
+
+    monkeypatch.setattr(driver, "merge_lora", record_then_merge)
     run = make_run(tmp_path / "run", synthetic_examples(24))
     recipe = tiny_recipe(
         tiny_llama_dir,
@@ -74,6 +83,31 @@ def test_finetuned_llama_reloads_bidirectional(tmp_path, tiny_llama_dir, finetun
     np.testing.assert_allclose(plain.encode(TEXTS), ours.encode(TEXTS), atol=1e-6)
     base = load_model(str(tiny_llama_dir))
     assert np.abs(plain.encode(TEXTS) - base.encode(TEXTS)).max() > 1e-4
+    if finetuning_type == "lora_merged":
+        np.testing.assert_allclose(plain.encode(TEXTS), unmerged["embeddings"], atol=1e-5)  # merging is exact
+        assert not any("lora" in name for name, _ in plain.named_parameters())
+        np.testing.assert_allclose(encode_without_peft(out, TEXTS), plain.encode(TEXTS), atol=1e-5)
+    else:
+        assert not unmerged
+
+
+def encode_without_peft(folder: str, texts: list[str]) -> np.ndarray:
+    """Load and encode ``folder`` in a fresh process where peft cannot be imported."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "sys.modules['peft'] = None  # as if peft were not installed: find_spec -> None, import -> ImportError\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        "model = SentenceTransformer(sys.argv[1])\n"
+        "print(json.dumps(model.encode(json.loads(sys.argv[2])).tolist()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, folder, json.dumps(texts)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return np.array(json.loads(done.stdout.strip().splitlines()[-1]), dtype=np.float32)
 
 
 def run_finetune_and_check(recipe, run):
