@@ -50,6 +50,9 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
     model = load_model(recipe.model)
     if cfg.finetuning_type == "lora_merged":
         target_modules(model, cfg.lora)  # unknown architecture -> clear error before anything else happens
+        # Before the memory plan, which then charges optimizer state to the adapters only. The adapters start
+        # at zero (peft's LoRA B = 0), so the base evaluation below still scores the base model exactly.
+        add_lora(model, cfg.lora)
     data = prepare(
         examples, cfg.passages_per_query - 1, cfg.validation_fraction, cfg.val_corpus_size, cfg.seed
     )
@@ -73,8 +76,6 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
 
     evaluator = build_evaluator(data.validation, model, plan.per_device) if data.validation else None
     base_score, metric = _evaluate_base(evaluator, model)
-    if cfg.finetuning_type == "lora_merged":
-        add_lora(model, cfg.lora)
 
     checkpoints = stage.dir / "checkpoints"
     if dist.is_main:
