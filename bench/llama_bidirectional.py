@@ -74,6 +74,10 @@ def overrides(args: argparse.Namespace, gguf: Path) -> list[str]:
     return [
         f"model.name={gguf}", f"model.max_seq_length={args.train_seq}",
         f"sdg.max_chunks={args.max_chunks}", "sdg.local.threads=1",
+        # sdg filters with the base model, here the untrained decoder: it finds any two texts alike (cosine
+        # 0.90-0.96 between unrelated queries), so the default 0.9 de-duplication would drop nearly every query,
+        # and it is not yet a retriever to judge round trips with.
+        "sdg.dedup_threshold=0.99", "sdg.filters.roundtrip=false",
         "finetune.finetuning_type=lora_merged", f"finetune.max_steps={args.steps}",
         f"finetune.global_batch_size={args.batch}", "finetune.auto_scale_batch=false",
         "finetune.passages_per_query=2", "finetune.learning_rate=1e-4", "finetune.temperature=0.05",
