@@ -13,10 +13,10 @@ What it does, all on this machine:
 3. the memory planner (``train/plan.py``) for that fine-tune — activation bytes per passage, the per-device
    batch, the weights/gradients/AdamW allowance — against the measured peak RSS, and examples/s as measured.
 
-SciFact subset: every abstract judged relevant to a test claim (all 300 test claims are kept) plus
-``--scifact-extra`` other abstracts drawn at random (seed 0) from the rest of the corpus. Scores on a subset are
-higher than on the full 5,183 abstracts (fewer distractors): compare rows with each other, not with the
-published full-corpus figures.
+SciFact subset: every abstract judged relevant to a test claim (all 300 test claims, or the first
+``--scifact-claims`` by id) plus ``--scifact-extra`` other abstracts drawn at random (seed 0) from the rest.
+Scores on a subset are higher than on the full 5,183 abstracts (fewer distractors): compare rows with each
+other, not with the published full-corpus figures.
 
 The machine is shared: run it small and read the figures as indicative (the load average is printed).
 
@@ -56,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="fine-tune global batch")
     p.add_argument("--train-seq", type=int, default=128, help="max tokens while training")
     p.add_argument("--eval-seq", type=int, default=256, help="max tokens when scoring (all decoder variants)")
+    p.add_argument("--scifact-claims", type=int, default=None,
+                   help="keep only the first N test claims (by id) and their abstracts; default: all 300")
     p.add_argument("--scifact-extra", type=int, default=200, help="abstracts added beyond the test-relevant ones")
     p.add_argument("--skip-scifact", action="store_true")
     p.add_argument("--run-dir", type=Path, default=Path("runs/llama-bidirectional"))
@@ -113,6 +115,15 @@ def _vm_hwm(pid: int) -> int | None:
     return None
 
 
+def _training_peak(run: Path, peak: int | None, retrained: bool) -> int | None:
+    """The peak RSS of the run that trained: measured now, or kept from then when finetune was up to date."""
+    record = run / "finetune_peak_rss.json"
+    if retrained:
+        record.write_text(json.dumps({"peak_rss_bytes": peak}))
+        return peak
+    return json.loads(record.read_text())["peak_rss_bytes"] if record.is_file() else None
+
+
 # ---------------------------------------------------------------------------------------------- models
 
 
@@ -146,15 +157,18 @@ def variants(gguf: Path, finetuned: Path, seq: int) -> dict[str, object]:
     }
 
 
-def scifact_subset(extra: int):
+def scifact_subset(extra: int, claims: int | None):
     from embedtune.evaluate.beir import BeirDataset, load_beir
 
     full = load_beir(SHARED / "scifact")
-    relevant = {d for rels in full.qrels.values() for d in rels}
+    kept_claims = sorted(full.qrels, key=lambda q: (len(q), q))[:claims] if claims else list(full.qrels)
+    qrels = {q: full.qrels[q] for q in kept_claims}
+    relevant = {d for rels in qrels.values() for d in rels}
     others = sorted(set(full.corpus) - relevant)
     keep = relevant | set(random.Random(0).sample(others, min(extra, len(others))))
     corpus = {d: full.corpus[d] for d in full.corpus if d in keep}
-    return BeirDataset(corpus, full.queries, full.qrels, name=f"scifact-subset-{len(corpus)}"), len(relevant)
+    queries = {q: full.queries[q] for q in kept_claims}
+    return BeirDataset(corpus, queries, qrels, name=f"scifact-subset-{len(corpus)}"), len(relevant)
 
 
 def score_all(datasets: dict[str, object], loaders: dict[str, object]) -> dict[str, dict[str, dict]]:
@@ -253,8 +267,11 @@ def main() -> int:
     for item in overrides(args, gguf):
         common += ["-o", item]
     prep_seconds, _ = cli(["run", "--corpus", str(docs), "--to", "prep", *common], run / "prep.log")
+    ft_file = run / "run" / "finetune" / "manifest.json"
+    before = ft_file.stat().st_mtime_ns if ft_file.is_file() else None
     ft_seconds, peak = cli(["finetune", *common], run / "finetune.log", sample_memory=True)
-    ft = json.loads((run / "run" / "finetune" / "manifest.json").read_text())
+    peak = _training_peak(run, peak, retrained=ft_file.stat().st_mtime_ns != before)
+    ft = json.loads(ft_file.read_text())
     memory = planner_figures(gguf, args, ft["counts"]["train_examples"])
     memory |= {"peak_rss_bytes": peak, "examples_per_second": ft["metrics"]["examples_per_second"],
                "steps": ft["counts"]["steps"], "train_seconds": ft["metrics"]["train_seconds"]}
@@ -265,7 +282,7 @@ def main() -> int:
     report["datasets"] = {"demo held-out queries": f"{len(demo_eval.queries)} queries, {len(demo_eval.corpus)} "
                                                     "chunks"}
     if not args.skip_scifact and (SHARED / "scifact").is_dir():
-        subset, relevant = scifact_subset(args.scifact_extra)
+        subset, relevant = scifact_subset(args.scifact_extra, args.scifact_claims)
         datasets["SciFact subset"] = subset
         n = len(subset.corpus)
         report["datasets"]["SciFact subset"] = (f"{len(subset.queries)} test claims, {n} abstracts ({relevant} "
