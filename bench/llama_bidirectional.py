@@ -54,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-chunks", type=int, default=40, help="sdg: chunks the local generator writes for")
     p.add_argument("--steps", type=int, default=12, help="fine-tune optimizer steps")
     p.add_argument("--batch", type=int, default=16, help="fine-tune global batch")
+    p.add_argument("--lr", type=float, default=1e-4, help="fine-tune learning rate (LoRA adapters)")
     p.add_argument("--train-seq", type=int, default=128, help="max tokens while training")
     p.add_argument("--eval-seq", type=int, default=256, help="max tokens when scoring (all decoder variants)")
     p.add_argument("--scifact-claims", type=int, default=None,
@@ -82,7 +83,7 @@ def overrides(args: argparse.Namespace, gguf: Path) -> list[str]:
         "sdg.dedup_threshold=0.99", "sdg.filters.roundtrip=false",
         "finetune.finetuning_type=lora_merged", f"finetune.max_steps={args.steps}",
         f"finetune.global_batch_size={args.batch}", "finetune.auto_scale_batch=false",
-        "finetune.passages_per_query=2", "finetune.learning_rate=1e-4", "finetune.temperature=0.05",
+        "finetune.passages_per_query=2", f"finetune.learning_rate={args.lr}", "finetune.temperature=0.05",
         "finetune.matryoshka_dims=null", "finetune.validation_fraction=0",
     ]
 
