@@ -47,6 +47,8 @@ def write_llama_gguf(model, path: Path) -> Path:
     writer.add_token_merges([" ".join(_MERGED)])
     writer.add_bos_token_id(len(tokens) - 1)
     writer.add_eos_token_id(len(tokens) - 1)
+    # Instruct checkpoints carry one (SmolLM2's does); an embedder must not render texts through it.
+    writer.add_chat_template("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}{% endfor %}")
     for name, tensor in _gguf_tensors(model).items():
         writer.add_tensor(name, tensor)
     writer.write_header_to_file()

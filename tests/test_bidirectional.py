@@ -150,6 +150,9 @@ def test_gguf_becomes_a_bidirectional_embedder_with_the_checkpoints_weights(tiny
     assert model[1].pooling_mode == "mean"
     assert model.prompts == {"query": "query: ", "document": "passage: "}
     assert model.max_seq_length == min(512, source.config.max_position_embeddings)  # 512, or the context if shorter
+    # The checkpoint's chat template is dropped: texts are embedded as they are, not as chat turns.
+    plain = model.tokenizer(["alpha beta"])["input_ids"]
+    assert model.preprocess(["alpha beta"])["input_ids"].tolist() == plain and model.tokenizer.chat_template is None
     # The token states are the source model's own, run with full attention: the weights survived the trip.
     reference = type(source)(source.config).eval()
     reference.load_state_dict(source.state_dict())

@@ -21,7 +21,7 @@ from embedtune.models import DECODER_TYPES, ModelNotFoundError, ModelSpec, cache
 from embedtune.models.bidirectional import PASSAGE_PROMPT, QUERY_PROMPT
 
 # Bump when the converted folder changes, so that old caches are rebuilt instead of reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: no chat template (texts are embedded as they are, not as chat turns)
 # The checkpoint's own context (8k for SmolLM2) is far beyond what a CPU trains or serves; a recipe's
 # model.max_seq_length overrides it.
 MAX_SEQ_LENGTH = 512
