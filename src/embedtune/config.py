@@ -31,7 +31,9 @@ SEED_MAX = 2**32 - 1  # numpy's and transformers.set_seed's range
 class ModelConfig(StrictModel):
     """Which embedding model to start from (see :mod:`embedtune.models`)."""
 
-    name: str = Field("default", description="'default', 'multilingual-default', a local folder or a hub id")
+    name: str = Field(
+        "default", description="'default', 'multilingual-default', a local folder, a decoder LLM's GGUF file, a hub id"
+    )
     query_prompt: str | None = Field(None, description="overrides the spec's query prompt")
     passage_prompt: str | None = Field(None, description="overrides the spec's passage prompt")
     max_seq_length: int | None = Field(None, gt=0, le=1_048_576)

@@ -24,7 +24,7 @@ from embedtune.cli._app import (
 @user_errors
 def finetune(
     model: Annotated[
-        str | None, typer.Option(help="model spec to start from (default, a folder, a hub id)")
+        str | None, typer.Option(help="model spec to start from (default, a folder, a GGUF file, a hub id)")
     ] = None,
     finetuning_type: Annotated[str | None, typer.Option(help="all_weights or lora_merged")] = None,
     epochs: Annotated[float | None, typer.Option(help="training epochs")] = None,

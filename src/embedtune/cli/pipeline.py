@@ -31,7 +31,7 @@ from embedtune.pipeline import STAGE_NAMES, StageResult, run_pipeline
 def run(
     corpus: Annotated[Path | None, typer.Option(help="documents: folder, file or BEIR corpus.jsonl")] = None,
     to: Annotated[str | None, typer.Option(help=f"last stage to run ({', '.join(STAGE_NAMES)})")] = None,
-    model: Annotated[str | None, typer.Option(help="model spec (default, a folder, a hub id)")] = None,
+    model: Annotated[str | None, typer.Option(help="model spec (default, a folder, a GGUF file, a hub id)")] = None,
     run_dir: RunDirOpt = None,
     config: ConfigOpt = None,
     override: OverrideOpt = None,

@@ -5,6 +5,8 @@ A spec is one of:
 - another built-in name registered in :data:`BUILTINS` (e.g. ``multilingual-default``);
 - a local sentence-transformers folder, or a plain transformers folder (mean pooling is added; decoder
   backbones such as Llama are made bidirectional);
+- a GGUF file of a decoder LLM (Llama & co.): dequantised, made bidirectional with mean pooling and
+  ``query: ``/``passage: `` prompts, and cached as a folder (:mod:`embedtune.models.gguf`);
 - a hub id, used when the machine is online.
 
 Prompts follow sentence-transformers' names: ``"query"`` for queries and ``"document"`` for passages, so
@@ -81,13 +83,14 @@ def resolve(model: ModelConfig | str) -> ModelSpec:
         spec = BUILTINS[cfg.name]()
     elif Path(cfg.name).expanduser().is_dir():
         spec = ModelSpec(cfg.name, str(Path(cfg.name).expanduser().resolve()))
-    elif Path(cfg.name).expanduser().exists():
-        raise ModelNotFoundError(f"model path {cfg.name!r} is a file; give the model's folder")
+    elif Path(cfg.name).expanduser().is_file():
+        spec = _resolve_file(Path(cfg.name).expanduser(), cfg.name)
     elif cfg.name.count("/") == 1 and not cfg.name.startswith((".", "/", "~")):
         spec = ModelSpec(cfg.name, cfg.name)  # hub id
     else:
         raise ModelNotFoundError(
-            f"model {cfg.name!r} is not a built-in ({', '.join(sorted(BUILTINS))}), a folder, or a hub id"
+            f"model {cfg.name!r} is not a built-in ({', '.join(sorted(BUILTINS))}), a folder, a GGUF file "
+            "or a hub id"
         )
     overrides = {
         k: v
@@ -100,6 +103,15 @@ def resolve(model: ModelConfig | str) -> ModelSpec:
         if v is not None
     }
     return replace(spec, **overrides)
+
+
+def _resolve_file(path: Path, name: str) -> ModelSpec:
+    from embedtune.models.gguf import is_gguf, resolve_gguf
+
+    if not is_gguf(path):
+        raise ModelNotFoundError(f"model path {name!r} is a file but not a GGUF checkpoint; give the model's folder "
+                                 "or a .gguf file of a decoder LLM (Llama & co.)")
+    return resolve_gguf(path, name)
 
 
 def load_model(model: ModelConfig | ModelSpec | str, device: str | None = None) -> SentenceTransformer:

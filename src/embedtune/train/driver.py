@@ -19,7 +19,7 @@ from embedtune.models import load_model
 from embedtune.retrieval.metadata import write_metadata
 from embedtune.train.data import TrainingData, load_examples, prepare, to_dataset
 from embedtune.train.distributed import init_distributed
-from embedtune.train.lora import add_lora, merge_lora, target_modules
+from embedtune.train.lora import add_lora, merge_lora
 from embedtune.train.losses import LOSSES, build_loss
 from embedtune.train.plan import BatchPlan, Hardware, hardware, matryoshka_dims, memory_budget, plan_batches
 from embedtune.train.report import plot_curves, write_log, write_summary
@@ -50,7 +50,10 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
 
     model = load_model(recipe.model)
     if cfg.finetuning_type == "lora_merged":
-        target_modules(model, cfg.lora)  # unknown architecture -> clear error before anything else happens
+        # An unknown architecture fails here, before anything else happens. Added before the memory plan, which
+        # then charges optimizer state to the adapters only; they start at zero (peft's LoRA B = 0), so the
+        # base evaluation below still scores the base model exactly.
+        add_lora(model, cfg.lora)
     data = prepare(
         examples, cfg.passages_per_query - 1, cfg.validation_fraction, cfg.val_corpus_size, cfg.seed
     )
@@ -74,8 +77,6 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
 
     evaluator = build_evaluator(data.validation, model, plan.per_device) if data.validation else None
     base_score, metric = _evaluate_base(evaluator, model)
-    if cfg.finetuning_type == "lora_merged":
-        add_lora(model, cfg.lora)
 
     checkpoints = stage.dir / "checkpoints"
     if dist.is_main:
