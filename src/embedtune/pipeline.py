@@ -38,7 +38,7 @@ STAGES: tuple[StageInfo, ...] = (
     StageInfo("corpus", "embedtune.corpus.stage:run_corpus", "load, clean and chunk documents"),
     StageInfo("sdg", "embedtune.sdg.stage:run_sdg", "generate synthetic queries for the chunks"),
     StageInfo("prep", "embedtune.prep.stage:run_prep", "split by document, mine hard negatives"),
-    StageInfo("finetune", "embedtune.train:run_finetune", "contrastive fine-tuning"),
+    StageInfo("finetune", "embedtune.train.stage:run_finetune", "contrastive fine-tuning"),
     StageInfo("eval", "embedtune.evaluate.stage:run_eval", "BEIR metrics, base vs fine-tuned"),
     StageInfo("export", "embedtune.export.stage:run_export", "ONNX export, int8, parity"),
     StageInfo("index", "embedtune.index.stage:run_index", "reindex the vector store (Milvus, dense + BM25)"),
