@@ -57,7 +57,8 @@ def test_save_and_reload_stays_bidirectional_with_identical_embeddings(tmp_path,
 def test_finetuned_llama_reloads_bidirectional(tmp_path, tiny_llama_dir, finetuning_type, monkeypatch):
     from sentence_transformers import SentenceTransformer
 
-    from embedtune.train import driver, lora
+    from embedtune.train import lora
+    from embedtune.train import stage as driver
 
     unmerged: dict[str, np.ndarray] = {}
 

@@ -107,7 +107,7 @@ def test_keeps_the_best_checkpoint_not_the_last(tmp_path, tiny_bert_dir, monkeyp
     """A run whose validation peaks at step 2 of 4: the saved model is step 2's weights, not step 4's."""
     from sentence_transformers import SentenceTransformer
 
-    from embedtune.train import driver
+    from embedtune.train import stage as driver
 
     # The held-out score after each step, as if training overfits after step 2 (the first call scores the
     # base model). The evaluator still really runs; only its primary figure is replaced by this curve.
@@ -156,7 +156,8 @@ def test_lora_merged_saves_a_plain_model_that_differs_from_base(tmp_path, tiny_b
     from sentence_transformers import SentenceTransformer
 
     from embedtune.models import load_model
-    from embedtune.train import driver, lora
+    from embedtune.train import lora
+    from embedtune.train import stage as driver
 
     unmerged: dict[str, np.ndarray] = {}
 
@@ -275,7 +276,7 @@ def test_cached_mnrl_trains_in_mini_batches_like_mnrl_on_the_whole_batch(tmp_pat
     """loss=cached_mnrl end to end: the encoder never sees more than micro_batch_size texts at once, yet the
     loss and the trained model are those of plain MNRL on the whole batch of 16 (GradCache is exact)."""
     from embedtune.models import load_model
-    from embedtune.train import driver
+    from embedtune.train import stage as driver
 
     model_dir = _without_dropout(tiny_bert_dir, tmp_path / "no-dropout")
     rows = synthetic_examples(32, negatives=2)
