@@ -148,6 +148,10 @@ def test_recipe_paths_are_allowed_only_in_the_jobs_own_workspace(tmp_path):
         with pytest.raises(PlatformError) as err:
             check({"eval": {"queries": str(path)}})
         assert err.value.param == "recipe.eval.queries"
+    for key, value in (("uri", "http://attacker.example:19530"), ("token_env", "AWS_SECRET_ACCESS_KEY")):
+        with pytest.raises(PlatformError) as err:  # an outbound store or a secret's name: the operator's call
+            check({"index": {key: value}})
+        assert err.value.param == f"recipe.index.{key}"
     os.symlink(theirs, settings.data_dir / "datasets" / "dataset-mine-link")
     with pytest.raises(PlatformError):  # a symlink is judged by where it leads
         check({"eval": {"cache_dir": str(settings.data_dir / "datasets" / "dataset-mine-link")}})

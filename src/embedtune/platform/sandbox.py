@@ -24,6 +24,9 @@ PLATFORM_SET = {"model.name": "model", "corpus.path": "dataset", "eval.dataset":
 PATH_KEYS = ("eval.queries", "eval.cache_dir", "sdg.local.model_path")
 # recipe sections platform jobs never use (the serving settings belong to deployments)
 FORBIDDEN_SECTIONS = ("serve",)
+# recipe keys that name an outbound store or an environment variable: a job's index is Milvus Lite in its own
+# run folder; pointing it at a server (and a token variable) is the operator's deployment decision
+OPERATOR_KEYS = ("index.uri", "index.token_env")
 
 
 def is_under(path: Path, root: Path) -> bool:
@@ -79,6 +82,10 @@ def check_recipe(user: dict[str, Any], final: dict[str, Any], settings: Platform
         if _get(user, key)[0]:
             raise refuse(key, f"{key} is set by the platform; name a registered {field.split('.')[0]} in "
                               f"'{field}' instead", code="platform_managed")
+    for key in OPERATOR_KEYS:
+        given, value = _get(user, key)
+        if given and value is not None:
+            raise refuse(key, f"{key} cannot be set on a platform job: its index stays in the job's own folder")
     for key in PATH_KEYS:
         given, value = _get(user, key)
         if given and value is not None:
