@@ -92,9 +92,11 @@ def sdg_run(root: Path, model_dir: Path) -> tuple[RunDir, Path]:
     out = run.path("corpus", "chunks.jsonl")
     write_jsonl(out, chunks)
     run.stage("corpus", {"test": True}).finish(outputs=[out])
-    # One chunk per generation batch, short samples: each batch is committed to the cache on its own.
+    # One chunk per generation batch (a 16-token budget: the fast engine batches by tokens), short samples:
+    # each batch is committed to the cache on its own.
     recipe = validate_recipe({"model": {"name": str(model_dir)}, "sdg": {
-        "generator": "local", "local": {"batch_size": 1, "samples_per_chunk": 2, "max_new_tokens": 16, "threads": 1},
+        "generator": "local", "local": {"batch_size": 1, "samples_per_chunk": 2, "max_new_tokens": 16, "threads": 1,
+                                        "max_passage_tokens": 16},
         "filters": {"roundtrip": False}}})
     recipe_file = root.parent / "sdg-recipe.yaml"
     recipe_file.write_text(dump_recipe(recipe))
