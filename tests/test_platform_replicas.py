@@ -78,7 +78,8 @@ def test_a_cancel_sent_to_either_replica_reaches_the_job(replicas):
         assert other.client().cancel_job(job_id)["status"] in ("cancelling", "cancelled")
         final = a.client().wait_job(job_id, timeout=60, poll=0.2)
         assert final["status"] == "cancelled" and final["error"] == "cancelled by request"
-        wait_for(lambda p=row.worker_pid: not pid_alive(p), timeout=30, what="cancelled worker gone")
+        # Generous: under the full suite a worker may still be importing torch when the signal lands.
+        wait_for(lambda p=row.worker_pid: not pid_alive(p), timeout=120, what="cancelled worker gone")
         assert runs_of(a, job_id) == 1 and "completed" not in job_log(a, job_id).splitlines()[-1]
 
 
