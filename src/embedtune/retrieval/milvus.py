@@ -27,6 +27,7 @@ Hybrid search fuses the two candidate lists in our code with the eval stage's z-
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -60,6 +61,9 @@ def connect(uri: str, token: str | None = None, timeout: float = 10.0) -> Any:
     from pymilvus import MilvusClient
 
     if is_lite(uri):
+        # Lite's in-process gRPC server lacks AllocTimestamp, which pymilvus calls when it creates an index; the
+        # client falls back, but the server thread logs a full traceback for it into the user's log.
+        logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
         if not uri.endswith(".db"):
             raise MilvusIndexError(f"index.uri {uri!r} is neither a Milvus Lite file (a path ending in .db) "
                                    "nor a server URI (http://host:19530, https://…)")
