@@ -347,19 +347,14 @@ class MilvusSearcher:
     def _fill_dense(self, vectors: np.ndarray, dense_scores: list[dict[str, float]],
                     lexical_scores: list[dict[str, float]], candidates: int) -> None:
         """Give the strongest BM25 hits that the dense list missed their exact dense score."""
-        wanted = set()
-        for dense, lexical in zip(dense_scores, lexical_scores, strict=True):
-            top_lexical = sorted(lexical.items(), key=lambda kv: -kv[1])[:candidates]
-            wanted.update(cid for cid, _ in top_lexical if cid not in dense)
+        missing = [[cid for cid, _ in sorted(lexical.items(), key=lambda kv: -kv[1])[:candidates] if cid not in dense]
+                   for dense, lexical in zip(dense_scores, lexical_scores, strict=True)]
+        wanted = sorted({cid for row in missing for cid in row})
         if not wanted:
             return
-        rows = self._get(sorted(wanted), ["dense"])
-        vec = {r["id"]: np.asarray(r["dense"], dtype=np.float32) for r in rows}
-        for i, (dense, lexical) in enumerate(zip(dense_scores, lexical_scores, strict=True)):
-            top_lexical = sorted(lexical.items(), key=lambda kv: -kv[1])[:candidates]
-            for cid, _ in top_lexical:
-                if cid not in dense and cid in vec:
-                    dense[cid] = float(vectors[i] @ vec[cid])
+        vec = {r["id"]: np.asarray(r["dense"], dtype=np.float32) for r in self._get(wanted, ["dense"])}
+        for i, (dense, row) in enumerate(zip(dense_scores, missing, strict=True)):
+            dense.update((cid, float(vectors[i] @ vec[cid])) for cid in row if cid in vec)
 
     def _hybrid_milvus(self, queries: Sequence[str], vectors: np.ndarray, top_k: int,
                        fields: list[str]) -> list[list[Hit]]:
