@@ -26,10 +26,15 @@ from _platform_process import (
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
-def started_by_worker(jobs: Jobs, job_id: str):  # noqa: ANN201
-    """The job row once its worker has recorded itself (pid, started_at)."""
-    return wait_for(lambda: (j := jobs.get(job_id)).started_at is not None and j.status == "running" and j,
-                    timeout=120, poll=0.1, what=f"worker of {job_id} started")
+def started_by_worker(jobs: Jobs, job_id: str, svc: PlatformProcess):  # noqa: ANN201
+    """The job row once its worker has recorded itself: pid and started_at in the row, then its 'started by
+    worker pid' line in the job log. The worker writes the line just after its commit, so a test that stops or
+    kills the worker as soon as the row says "running" could otherwise lose the line (CI saw exactly that)."""
+    row = wait_for(lambda: (j := jobs.get(job_id)).started_at is not None and j.status == "running" and j,
+                   timeout=120, poll=0.1, what=f"worker of {job_id} started")
+    wait_for(lambda: f"started by worker pid {row.worker_pid}" in job_log(svc, job_id),
+             timeout=120, poll=0.1, what=f"worker of {job_id} logged its start")
+    return row
 
 
 def runs_of(svc: PlatformProcess, job_id: str) -> int:
@@ -73,7 +78,7 @@ def test_a_cancel_sent_to_either_replica_reaches_the_job(replicas):
     a, b, jobs = replicas
     ids = [corpus_job(a), corpus_job(b)]
     for job_id in ids:
-        row = started_by_worker(jobs, job_id)
+        row = started_by_worker(jobs, job_id, a)
         other = b if claimed_by_pid(row) == a.pid else a  # the replica that does not run it
         assert other.client().cancel_job(job_id)["status"] in ("cancelling", "cancelled")
         final = a.client().wait_job(job_id, timeout=60, poll=0.2)
@@ -97,9 +102,9 @@ def test_a_replica_killed_with_sigkill_hands_its_jobs_to_the_other(postgres_serv
         pc = a.client()
         pc.upload_dataset("docs", write_corpus(root / "docs"))
         x, y, z = (corpus_job(a) for _ in range(3))
-        x_row = started_by_worker(jobs, x)
+        x_row = started_by_worker(jobs, x, a)
         os.kill(x_row.worker_pid, signal.SIGSTOP)  # hold X mid-run (no CPU) until A's machine "goes down"
-        y_row = started_by_worker(jobs, y)
+        y_row = started_by_worker(jobs, y, a)
         assert jobs.get(z).status == "pending"  # max_workers=2 on this machine
         assert claimed_by_pid(x_row) == claimed_by_pid(y_row) == a.pid
 
