@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from pg_fixture import db_url, module_db_url, postgres_server, postgres_url  # n
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A key-less `embedtune serve` creates its key file; tests keep it out of the developer's ~/.config.
+os.environ.setdefault("EMBEDTUNE_SERVE_KEY_FILE",
+                      os.path.join(tempfile.mkdtemp(prefix="embedtune-test-keys-"), "serve.key"))
 
 
 

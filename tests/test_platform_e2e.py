@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 
+import httpx
 import numpy as np
 import pytest
 
@@ -119,6 +120,11 @@ def test_customize_deploy_and_query_through_gateway(platform_e2e, tiny_bert_dir)
     assert getattr(denied.value, "status_code", None) == 401
     again = by_provider.embeddings.create(model="tiny-ft", input=texts[:1], encoding_format="float")
     np.testing.assert_allclose(again.data[0].embedding, vectors[0], atol=1e-5)
+    # The deployment's own loopback server wants the deployment's key, which only the platform holds:
+    # neither a key-less local caller nor one holding the platform key gets past it.
+    for headers in ({}, {"Authorization": f"Bearer {pc.api_key}"}):
+        direct = httpx.post(f"{dep['url']}/v1/embeddings", json={"model": "tiny-ft", "input": "x"}, headers=headers)
+        assert direct.status_code == 401, direct.text
 
     ev = pc.create_evaluation_job(deployment="ft-dep", dataset="val", k_values=[1, 5, 10])
     ev = pc.wait_job(ev["id"], kind="evaluation", timeout=300, poll=0.5)

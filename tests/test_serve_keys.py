@@ -1,8 +1,10 @@
-"""`embedtune serve`: the key never comes from a command-line value, and no key means loopback only."""
+"""`embedtune serve`: the key never comes from a command-line value; without one the server uses a generated
+0600 key file, and serving without any key takes --insecure-no-auth on loopback."""
 
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 from typer.testing import CliRunner
@@ -10,6 +12,14 @@ from typer.testing import CliRunner
 import embedtune.serve
 from embedtune.cli import app
 from embedtune.serve.keys import is_loopback
+
+
+@pytest.fixture(autouse=True)
+def key_file(tmp_path, monkeypatch):
+    """Where a key-less start keeps its generated key (never the developer's ~/.config)."""
+    path = tmp_path / "config" / "serve.key"
+    monkeypatch.setenv("EMBEDTUNE_SERVE_KEY_FILE", str(path))
+    return path
 
 
 @pytest.fixture
@@ -60,20 +70,38 @@ def test_key_from_a_file(started, tmp_path):
     assert missing.exit_code == 1 and "not found" in missing.output
 
 
-def test_non_loopback_host_without_key_is_refused_unless_insecure_flag(started, monkeypatch):
+def test_non_loopback_host_without_a_key_option_is_refused_even_with_the_insecure_flag(started, monkeypatch):
     monkeypatch.delenv("EMBEDTUNE_TEST_KEY", raising=False)
     refused = serve("--host", "0.0.0.0")
-    assert refused.exit_code == 1 and "--insecure-no-auth" in refused.output and not started
-    assert serve("--host", "0.0.0.0", "--insecure-no-auth").exit_code == 0
-    assert started["key"] is None and started["cfg"].host == "0.0.0.0"
+    assert refused.exit_code == 1 and "--api-key-env" in refused.output and not started
+    insecure = serve("--host", "0.0.0.0", "--insecure-no-auth")
+    assert insecure.exit_code == 1 and "refusing" in insecure.output and not started
 
 
-def test_non_loopback_host_with_a_key_and_loopback_without_one_are_allowed(started, monkeypatch):
+def test_non_loopback_host_with_a_key_is_allowed(started, monkeypatch):
     monkeypatch.setenv("EMBEDTUNE_TEST_KEY", "k")
     assert serve("--host", "0.0.0.0", "--api-key-env", "EMBEDTUNE_TEST_KEY").exit_code == 0
     assert started["key"] == "k"
+
+
+def test_loopback_without_a_key_option_generates_a_private_key_and_reuses_it(started, key_file):
+    first = serve("--host", "127.0.0.1")
+    assert first.exit_code == 0, first.output
+    key = started["key"]
+    assert key and len(key) >= 32 and key_file.read_text().strip() == key
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert str(key_file) in first.output and key not in first.output  # the path is shown, the secret is not
     started.clear()
-    assert serve("--host", "127.0.0.1").exit_code == 0 and started["key"] is None
+    assert serve("--host", "127.0.0.1").exit_code == 0 and started["key"] == key  # clients keep working
+
+
+def test_serving_without_any_key_takes_the_insecure_flag_on_loopback(started, key_file, monkeypatch):
+    result = serve("--host", "127.0.0.1", "--insecure-no-auth")
+    assert result.exit_code == 0 and started["key"] is None and not key_file.exists()
+    started.clear()
+    monkeypatch.setenv("EMBEDTUNE_TEST_KEY", "k")
+    both = serve("--insecure-no-auth", "--api-key-env", "EMBEDTUNE_TEST_KEY")
+    assert both.exit_code == 1 and "contradicts" in both.output and not started
 
 
 def test_request_token_budget_flag_reaches_the_config(started):

@@ -26,7 +26,9 @@ def serve(
     api_key_file: Annotated[Path | None, typer.Option(
         help="require 'Authorization: Bearer KEY', KEY read from this file (chmod 600)")] = None,
     insecure_no_auth: Annotated[bool, typer.Option(
-        "--insecure-no-auth", help="allow a non-loopback --host without an API key")] = False,
+        "--insecure-no-auth", help="serve without an API key (loopback --host only); without a key option "
+                                   "the server uses the key in $EMBEDTUNE_SERVE_KEY_FILE "
+                                   "(default ~/.config/embedtune/serve.key, created 0600 on first use)")] = False,
     api_key: Annotated[str | None, typer.Option(
         hidden=True, help="refused: a key on the command line shows in `ps`")] = None,
     backend: Annotated[str | None, typer.Option(help="auto | onnx | torch \\[serve.backend]")] = None,
@@ -44,7 +46,7 @@ def serve(
 ) -> None:
     """Serve /v1/embeddings (OpenAI + NIM fields) with dynamic batching, plus /v1/models, health, metrics."""
     from embedtune.serve import model_entry, run_server
-    from embedtune.serve.keys import CLI_VALUE_REFUSED, check_exposure, read_api_key
+    from embedtune.serve.keys import CLI_VALUE_REFUSED, check_exposure, ensure_key_file, local_key_file, read_api_key
 
     if api_key is not None:
         raise ValueError(CLI_VALUE_REFUSED)
@@ -54,6 +56,8 @@ def serve(
                   serve__api_key_env=api_key_env)
     cfg = recipe.serve
     key = read_api_key(None if api_key_file else cfg.api_key_env, api_key_file)
+    if key and insecure_no_auth:
+        raise ValueError("--insecure-no-auth contradicts the API key given (--api-key-env/--api-key-file)")
     check_exposure(cfg.host, key, insecure_no_auth)
     args = model or [recipe.model.name]
     if index is not None and len(args) != 1:
@@ -62,6 +66,11 @@ def serve(
     for entry in entries:
         search = f"  (/v1/search over {entry.index})" if entry.index else ""
         console.print(f"[bold]{entry.name}[/] <- {entry.source}{search}")
-    auth = "Bearer key required" if key else "no API key"
+    if key is None and not insecure_no_auth:
+        key_file = local_key_file()
+        key, created = ensure_key_file(key_file)
+        console.print(f"API key {'created in' if created else 'read from'} {key_file} (0600); clients send "
+                      f"'Authorization: Bearer $(cat {key_file})' (openai: api_key=that value)")
+    auth = "Bearer key required" if key else "NO API KEY: --insecure-no-auth"
     console.print(f"serving on http://{cfg.host}:{cfg.port}/v1/embeddings ({auth})")
     run_server(entries, cfg, key, log_level="debug" if verbose else "info")

@@ -3,6 +3,9 @@
 Status: pending (process started) -> ready (``/v1/health/ready`` answered 200) -> deleted (stopped on
 request); failed when the process exits or never gets ready. A serving process outlives a restart of the
 platform service (own session); the restarted service checks it again and keeps it if it still answers.
+
+Each deployment has its own random API key (``deployments/<id>/serve.key``, 0600): the gateway and
+evaluation jobs send it, so another local user of the host cannot use the loopback server directly.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from embedtune.platform import db
 from embedtune.platform.executors import worker_env
 from embedtune.platform.scheduler import HOST, pid_alive
 from embedtune.platform.settings import PlatformSettings
+from embedtune.serve.keys import ensure_key_file
+
+KEY_FILE = "serve.key"
 
 log = logging.getLogger("embedtune.platform")
 
@@ -41,6 +47,18 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def key_path(data_dir: Path, dep_id: str) -> Path:
+    return data_dir / "deployments" / dep_id / KEY_FILE
+
+
+def auth_headers(data_dir: Path, dep_id: str) -> dict[str, str]:
+    """The Authorization header for a deployment's server; none for one started before keys existed."""
+    path = key_path(data_dir, dep_id)
+    if not path.is_file():
+        return {}
+    return {"Authorization": f"Bearer {path.read_text(encoding='utf-8').strip()}"}
+
+
 class DeploymentManager:
     def __init__(self, settings: PlatformSettings, sessions: sessionmaker[Session]):
         self.settings, self.sessions = settings, sessions
@@ -55,8 +73,10 @@ class DeploymentManager:
         path = self.log_path(dep.id)
         path.parent.mkdir(parents=True, exist_ok=True)
         # NAME=PATH makes the server answer to the platform's model name (what gateway callers send).
+        key_file = key_path(self.settings.data_dir, dep.id)
+        ensure_key_file(key_file)
         cmd = [sys.executable, "-m", "embedtune", "serve", "--model", f"{dep.model}={dep.model_path}", "--host", host,
-               "--port", str(port)]
+               "--port", str(port), "--api-key-file", str(key_file)]
         with path.open("ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=worker_env(self.settings), start_new_session=True)
@@ -122,5 +142,6 @@ class DeploymentManager:
 
     def _served_model(self, dep: db.Deployment) -> str | None:
         with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):
-            return httpx.get(f"{dep.url}/v1/models", timeout=5).json()["data"][0]["id"]
+            return httpx.get(f"{dep.url}/v1/models", timeout=5,
+                             headers=auth_headers(self.settings.data_dir, dep.id)).json()["data"][0]["id"]
         return None

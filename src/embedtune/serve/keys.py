@@ -1,13 +1,17 @@
 """Where the server's API key comes from, and whether it may listen without one.
 
 A key given as a command-line value is visible to every local user in ``ps`` and lands in shell
-history, so it is read from an environment variable or a file only.
+history, so it is read from an environment variable or a file only. With neither, the server still
+requires one: it uses (and on first use creates) a random key in a 0600 file of the user's config dir,
+as Jupyter does with its token, so another local user of the machine cannot use a loopback server.
+Serving without a key takes ``--insecure-no-auth`` and a loopback host.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -59,13 +63,37 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to a public interface
 
 
+def local_key_file() -> Path:
+    """``$EMBEDTUNE_SERVE_KEY_FILE``, else ``$XDG_CONFIG_HOME/embedtune/serve.key`` (``~/.config/...``)."""
+    if env := os.environ.get("EMBEDTUNE_SERVE_KEY_FILE"):
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "embedtune" / "serve.key"
+
+
+def ensure_key_file(path: Path) -> tuple[str, bool]:
+    """The key in ``path``; a new random one written there (0600, never world-readable) when the file does
+    not exist. Returns (key, created)."""
+    if path.exists():
+        return _read_key_file(path), False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(32)
+    try:  # O_EXCL: two servers starting at once must not both write (and one of them hand out a dead key)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_key_file(path), False
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(key + "\n")
+    return key, True
+
+
 def check_exposure(host: str, key: str | None, insecure_no_auth: bool) -> None:
-    """Refuse to listen beyond this machine without a key unless the operator said so explicitly."""
-    if key or is_loopback(host):
+    """Auth off only when the operator said so, and never beyond this machine."""
+    if key:
         return
-    if not insecure_no_auth:
+    if not is_loopback(host):
         raise ValueError(
             f"refusing to serve on {host} without an API key: anyone who can reach it could use it. Pass "
-            "--api-key-env NAME or --api-key-file PATH (or serve.api_key_env), or --insecure-no-auth if "
-            "the network in front of it does the access control")
-    log.warning("serving on %s WITHOUT authentication (--insecure-no-auth)", host)
+            "--api-key-env NAME or --api-key-file PATH (or serve.api_key_env), or put a proxy that does the "
+            "access control in front of a loopback server")
+    if insecure_no_auth:
+        log.warning("serving on %s WITHOUT authentication (--insecure-no-auth): every local user can use it", host)

@@ -45,7 +45,7 @@ def create_evaluation_job(workspace: WS, body: EvaluationJobCreate, who: Who, p:
         if dep.status != "ready":
             raise PlatformError(409, f"deployment '{dep.name}' is {dep.status}, not ready", param="deployment",
                                 code="not_ready")
-        spec.update(_deployment_url=dep.url, _served_model=dep.served_model)
+        spec.update(_deployment_url=dep.url, _deployment_id=dep.id, _served_model=dep.served_model)
     job_id = db.new_id("eval")
     job = db.Job(id=job_id, workspace=workspace, kind="evaluation", name=body.name or job_id, status="created",
                  spec=spec, recipe={}, stages=["eval"], run_dir=str(p.settings.data_dir / "jobs" / job_id),

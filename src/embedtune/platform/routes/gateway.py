@@ -11,12 +11,14 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from embedtune.platform import db
+from embedtune.platform.deployments import auth_headers
 from embedtune.platform.errors import PlatformError, error_response
 from embedtune.platform.routes.common import ERRORS, WS, P
 from embedtune.platform.state import Platform
 
 router = APIRouter(prefix="/v2/workspaces/{workspace}/inference/gateway", tags=["inference"], responses=ERRORS)
-# The caller's Authorization is the *platform* key: it is checked here and never forwarded to a deployment.
+# The caller's Authorization is the *platform* key: it is checked here and never forwarded to a deployment,
+# which gets its own key instead.
 FORWARDED_HEADERS = ("content-type", "accept")
 
 
@@ -44,6 +46,7 @@ async def forward(p: Platform, dep: db.Deployment, path: str, request: Request) 
             payload["model"] = dep.served_model  # callers name the platform's model; the server its own id
             body = json.dumps(payload).encode()
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
+    headers.update(auth_headers(p.settings.data_dir, dep.id))
     try:
         upstream = await p.http.request(request.method, f"{dep.url}/{path}", content=body, headers=headers,
                                         params=request.query_params)
