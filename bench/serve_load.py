@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import os
 import random
+import secrets
 import socket
 import subprocess
 import sys
@@ -69,11 +70,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The servers require a key like any other; the bench makes one up and sends it.
+BENCH_KEY = secrets.token_urlsafe(24)
+AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
+
+
 def start_server(model: str, max_batch_tokens: int, stack: ExitStack) -> str:
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"), "BENCH_SERVE_KEY": BENCH_KEY}
     cmd = [sys.executable, "-m", "embedtune", "serve", "--model", f"bench={model}", "--port", str(port),
-           "--max-batch-tokens", str(max_batch_tokens), "--max-queue", "4096"]
+           "--max-batch-tokens", str(max_batch_tokens), "--max-queue", "4096", "--api-key-env", "BENCH_SERVE_KEY"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stack.callback(lambda: (proc.terminate(), proc.wait(timeout=30)))
     return f"http://127.0.0.1:{port}"
@@ -104,13 +110,13 @@ async def drive(url: str, clients: int, pool: list[str], duration: float, max_re
 
     limits = httpx.Limits(max_connections=clients)
     started = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=AUTH) as http:
         await asyncio.gather(*(client(http, i) for i in range(clients)))
     return Result("", clients, latencies, errors, time.perf_counter() - started)
 
 
 def batch_counts(url: str) -> tuple[float, float]:
-    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics", headers=AUTH).text)}
     samples = {s.name: s.value for s in families["embedtune_batch_size"].samples}
     return samples.get("embedtune_batch_size_count", 0.0), samples.get("embedtune_batch_size_sum", 0.0)
 
