@@ -86,6 +86,7 @@ def main() -> None:
 
     import torch
 
+    from embedtune.config import ExportConfig
     from embedtune.export import OnnxEncoder, export_onnx
     from embedtune.models import load_model
 
@@ -93,7 +94,8 @@ def main() -> None:
     model = load_model("default", device="cpu")
     folder = args.export_dir or Path(tempfile.mkdtemp(prefix="embedtune-bench-"))
     if not (folder / "model.int8.onnx").is_file():
-        export_onnx(model, folder, source="default", int8_exclude_sensitive=not args.quantise_ffn_down)
+        export_onnx(model, folder, ExportConfig(int8_exclude_sensitive=not args.quantise_ffn_down, gpu_precisions=[]),
+                    source="default")
     queries, passages = texts(args.queries, args.passages)
     encoders = {p: OnnxEncoder(folder, p, threads=args.threads) for p in ("fp32", "int8")}
     bs = args.batch_size
