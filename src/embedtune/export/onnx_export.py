@@ -3,7 +3,8 @@
 Folder contract (the serving side codes against it)::
 
     model.onnx          fp32, inputs input_ids, attention_mask[, token_type_ids], dimensions -> embeddings
-    model.int8.onnx     dynamic int8 (CPU)
+    model.int8.onnx     dynamic int8 (CPU); this and the other derived files (fp16, fp8 plan where a GPU
+                        exists) are listed in :mod:`embedtune.export.formats` / :mod:`embedtune.retrieval.formats`
     tokenizer/          AutoTokenizer.from_pretrained(folder / "tokenizer")
     embedtune.json      dimension, matryoshka_dims, max_seq_length, prompts, inputs, output, opset, pooling, source
 """
