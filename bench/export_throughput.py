@@ -51,7 +51,7 @@ def timed(encode: Callable[[list[str]], np.ndarray], items: list[str]) -> tuple[
 
 def ndcg_subset(fp32, int8, n_queries: int, n_docs: int) -> dict[str, float] | None:
     """nDCG@10 of fp32 and int8 ONNX on SciFact: the first n queries, their relevant docs + distractors."""
-    from embedtune.evaluate import BeirDataset, evaluate_embeddings, load_beir
+    from embedtune.evaluate import BeirDataset, RankingSpec, evaluate_embeddings, load_beir
 
     if n_queries <= 0 or not (SHARED / "corpus.jsonl").is_file():
         return None
@@ -66,7 +66,7 @@ def ndcg_subset(fp32, int8, n_queries: int, n_docs: int) -> dict[str, float] | N
     for enc in (fp32, int8):
         q = enc.encode([sub.queries[i] for i in qids], batch_size=32)
         d = enc.encode(sub.passages(dids), batch_size=32)
-        out[enc.precision] = evaluate_embeddings(sub, qids, q, dids, d, k_values=(1, 10))["ndcg@10"]
+        out[enc.precision] = evaluate_embeddings(sub, qids, q, dids, d, RankingSpec((1, 10)))["ndcg@10"]
     out["docs"], out["queries"] = len(dids), len(qids)
     return out
 

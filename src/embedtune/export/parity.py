@@ -108,7 +108,7 @@ def retrieval_vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, eval_dir: Path, k
                       tolerance_low_k: float, tolerance_high_k: float, batch_size: int = 32) -> dict[str, Any]:
     """nDCG@k and Recall@k of a derived format (int8...) vs fp32 on a BEIR folder; drift beyond the tolerance
     fails. The report keys the metrics by precision (``"fp32"``, ``"int8"``)."""
-    from embedtune.retrieval import evaluate_embeddings, load_beir
+    from embedtune.retrieval import RankingSpec, evaluate_embeddings, load_beir
 
     data = load_beir(eval_dir)
     qids, dids = list(data.queries), list(data.corpus)
@@ -120,7 +120,7 @@ def retrieval_vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, eval_dir: Path, k
         d_name = "document" if "document" in enc.prompts else None
         q = enc.encode(queries, prompt_name=q_name, batch_size=batch_size)
         d = enc.encode(passages, prompt_name=d_name, batch_size=batch_size)
-        metrics[enc.precision] = evaluate_embeddings(data, qids, q, dids, d, k_values)
+        metrics[enc.precision] = evaluate_embeddings(data, qids, q, dids, d, RankingSpec(tuple(k_values)))
     failures, deltas = [], {}
     for k in k_values:
         tol = tolerance_low_k if k < 5 else tolerance_high_k
