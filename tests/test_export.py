@@ -226,3 +226,16 @@ def test_decoder_attention_is_kept_as_the_model_runs_it_by_default(tiny_llama_di
     export_onnx(causal, tmp_path, ExportConfig(int8=False))
     got = OnnxEncoder(tmp_path, "fp32").encode(TEXTS, batch_size=5)
     assert _cos(got, causal.encode(TEXTS, normalize_embeddings=True)).min() >= 0.9999
+
+
+def test_serving_precision_is_int8_on_a_cpu_fp32_on_a_gpu_and_a_missing_file_is_named(tmp_path):
+    from embedtune.retrieval.formats import pick_precision
+
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    assert pick_precision(tmp_path, on_gpu=False) == "fp32"  # no int8 exported
+    (tmp_path / "model.int8.onnx").write_bytes(b"x")
+    assert pick_precision(tmp_path, on_gpu=False) == "int8"
+    assert pick_precision(tmp_path, on_gpu=True) == "fp32"
+    assert pick_precision(tmp_path, on_gpu=True, precision="int8") == "int8"
+    with pytest.raises(FileNotFoundError, match="model.fp16.onnx"):
+        pick_precision(tmp_path, on_gpu=True, precision="fp16")
