@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedtune.evaluate import BeirDataset, evaluate_embeddings, load_beir
+from embedtune.evaluate import BeirDataset, RankingSpec, evaluate_embeddings, load_beir
 from embedtune.models import encode_passages, encode_queries, load_model
 
 # ../shared/data/xquad next to the checkout (searched upwards: checkouts may sit one level deeper).
@@ -88,7 +88,7 @@ def run_model(name: str, langs: list[str], pairs: list[tuple[str, str]], data_ro
         q, c = emb[q_lang], emb[c_lang]
         keep = [i for i, qid in enumerate(q["qids"]) if qid in ds.queries]  # queries with qrels in c_lang
         results[(q_lang, c_lang)] = evaluate_embeddings(
-            ds, [q["qids"][i] for i in keep], q["q"][keep], c["dids"], c["d"], k_values=(1, 10), top_k=10
+            ds, [q["qids"][i] for i in keep], q["q"][keep], c["dids"], c["d"], RankingSpec((1, 10), top_k=10)
         )
     return results, encoder.seconds
 

@@ -51,7 +51,7 @@ def timed(encode: Callable[[list[str]], np.ndarray], items: list[str]) -> tuple[
 
 def ndcg_subset(fp32, int8, n_queries: int, n_docs: int) -> dict[str, float] | None:
     """nDCG@10 of fp32 and int8 ONNX on SciFact: the first n queries, their relevant docs + distractors."""
-    from embedtune.evaluate import BeirDataset, evaluate_embeddings, load_beir
+    from embedtune.evaluate import BeirDataset, RankingSpec, evaluate_embeddings, load_beir
 
     if n_queries <= 0 or not (SHARED / "corpus.jsonl").is_file():
         return None
@@ -66,7 +66,7 @@ def ndcg_subset(fp32, int8, n_queries: int, n_docs: int) -> dict[str, float] | N
     for enc in (fp32, int8):
         q = enc.encode([sub.queries[i] for i in qids], batch_size=32)
         d = enc.encode(sub.passages(dids), batch_size=32)
-        out[enc.precision] = evaluate_embeddings(sub, qids, q, dids, d, k_values=(1, 10))["ndcg@10"]
+        out[enc.precision] = evaluate_embeddings(sub, qids, q, dids, d, RankingSpec((1, 10)))["ndcg@10"]
     out["docs"], out["queries"] = len(dids), len(qids)
     return out
 
@@ -86,6 +86,7 @@ def main() -> None:
 
     import torch
 
+    from embedtune.config import ExportConfig
     from embedtune.export import OnnxEncoder, export_onnx
     from embedtune.models import load_model
 
@@ -93,7 +94,8 @@ def main() -> None:
     model = load_model("default", device="cpu")
     folder = args.export_dir or Path(tempfile.mkdtemp(prefix="embedtune-bench-"))
     if not (folder / "model.int8.onnx").is_file():
-        export_onnx(model, folder, source="default", int8_exclude_sensitive=not args.quantise_ffn_down)
+        export_onnx(model, folder, ExportConfig(int8_exclude_sensitive=not args.quantise_ffn_down, gpu_precisions=[]),
+                    source="default")
     queries, passages = texts(args.queries, args.passages)
     encoders = {p: OnnxEncoder(folder, p, threads=args.threads) for p in ("fp32", "int8")}
     bs = args.batch_size

@@ -175,13 +175,14 @@ def scifact_subset(extra: int, claims: int | None):
 def score_all(datasets: dict[str, object], loaders: dict[str, object]) -> dict[str, dict[str, dict]]:
     from embedtune.console import log
     from embedtune.evaluate.core import evaluate_model
+    from embedtune.retrieval.metrics import RankingSpec
 
     results: dict[str, dict[str, dict]] = {name: {} for name in datasets}
     for label, load in loaders.items():
         model = load()
         for name, data in datasets.items():
             t0 = time.perf_counter()
-            metrics = evaluate_model(model, data, K_VALUES, batch_size=16)
+            metrics = evaluate_model(model, data, RankingSpec(tuple(K_VALUES)), batch_size=16)
             seconds = time.perf_counter() - t0
             results[name][label] = {m: round(metrics[m], 4) for m in METRICS} | {"seconds": round(seconds, 1)}
             log.info("%s on %s: nDCG@10 %.4f (%.0f s)", label, name, metrics["ndcg@10"], seconds)

@@ -36,7 +36,7 @@ def main() -> int:
     args = parse_args()
     from embedtune.config import ModelConfig
     from embedtune.console import console, setup_logging
-    from embedtune.evaluate import EmbeddingCache, evaluate_embeddings, load_beir, load_encoder
+    from embedtune.evaluate import EmbeddingCache, RankingSpec, evaluate_embeddings, load_beir, load_encoder
     from embedtune.models import encode_queries, load_model
     from embedtune.retrieval.cache import default_cache_dir, encode_cached
 
@@ -53,11 +53,11 @@ def main() -> int:
     teacher = teacher_scores(queries, encode_queries(model, queries) @ docs.T, texts, args.bm25_weight)
     qids = list(data.queries)
     test = [data.queries[q] for q in qids]
-    base = evaluate_embeddings(data, qids, encode_queries(model, test), dids, docs, (10,))
+    base = evaluate_embeddings(data, qids, encode_queries(model, test), dids, docs, RankingSpec((10,)))
     started = time.perf_counter()
     train_query_tower(model, queries, teacher, docs, args)
     seconds = time.perf_counter() - started
-    tuned = evaluate_embeddings(data, qids, encode_queries(model, test), dids, docs, (10,))
+    tuned = evaluate_embeddings(data, qids, encode_queries(model, test), dids, docs, RankingSpec((10,)))
     label = f"query tower distilled ({len(queries)} queries, lr {args.lr}, {args.epochs} epochs, {seconds:.0f} s)"
     console.print("| model | nDCG@10 | Recall@10 |\n|---|---|---|")
     for name, m in (("base", base), (label, tuned)):

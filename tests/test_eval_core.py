@@ -81,3 +81,15 @@ def test_cross_lingual_queries_from_another_folder(tmp_path):
     ds = load_beir(zh, queries_folder=de)
     assert ds.queries == {"q0": "Katze?"} and ds.corpus["p0"]["text"] == "猫"
     assert ds.name == "de->zh"
+
+
+def test_ranking_spec_travels_the_eval_settings_and_retrieves_one_extra_hit_for_the_query_itself():
+    from embedtune.config import EvalConfig
+    from embedtune.retrieval.metrics import RankingSpec
+
+    spec = RankingSpec.of(EvalConfig(k_values=[1, 10], top_k=5, ignore_identical_ids=True))
+    assert spec == RankingSpec((1, 10), 5, True)
+    assert spec.depth == 11 and RankingSpec((1, 10), 5).depth == 10
+    assert spec.cut_at(3) == RankingSpec((3,), 5, True)
+    with pytest.raises(ValueError, match="k_values"):
+        RankingSpec((0,))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedtune.evaluate import evaluate_embeddings, load_beir
+from embedtune.evaluate import RankingSpec, evaluate_embeddings, load_beir
 from embedtune.evaluate.hybrid import evaluate_hybrid
 from embedtune.retrieval.bm25 import BM25Index
 from embedtune.retrieval.fusion import fuse, hybrid_search
@@ -59,8 +59,8 @@ def test_fusion_recovers_a_document_that_only_shares_a_rare_term(tmp_path):
     d_emb = np.eye(3, dtype=np.float32)
     q_emb = np.array([[0.1, 0.99, 0], [0.99, 0.1, 0], [0.1, 0, 0.99]], dtype=np.float32)  # q2 right, q0/q1 swapped
     q_emb /= np.linalg.norm(q_emb, axis=1, keepdims=True)
-    dense = evaluate_embeddings(data, qids, q_emb, dids, d_emb, k_values=(1,))
-    fused = evaluate_hybrid(data, qids, q_emb, dids, d_emb, BM25Index(data.passages(dids)), 0.5, k_values=(1,))
+    dense = evaluate_embeddings(data, qids, q_emb, dids, d_emb, RankingSpec((1,)))
+    fused = evaluate_hybrid(data, qids, q_emb, dids, d_emb, BM25Index(data.passages(dids)), 0.5, RankingSpec((1,)))
     assert dense["ndcg@1"] == pytest.approx(1 / 3)
     assert fused["ndcg@1"] == pytest.approx(1.0)
 

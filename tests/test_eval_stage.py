@@ -14,6 +14,7 @@ from embedtune.config import EvalConfig, ModelConfig, Recipe
 from embedtune.evaluate import (
     EmbeddingCache,
     LocalEncoder,
+    RankingSpec,
     compare_within_tolerance,
     evaluate_bm25,
     evaluate_embeddings,
@@ -195,8 +196,8 @@ def test_matryoshka_truncation_renormalises():
     q = np.array([[1, 0, 0, 0]], dtype=np.float32)
     d = np.array([[0.6, 0, 0.8, 0], [0.7, 0.7, 0.141, 0]], dtype=np.float32)
     d /= np.linalg.norm(d, axis=1, keepdims=True)
-    full = evaluate_embeddings(data, ["q"], q, ["d1", "d2"], d, k_values=(1,))
-    two = evaluate_embeddings(data, ["q"], q, ["d1", "d2"], d, k_values=(1,), dimensions=2)
+    full = evaluate_embeddings(data, ["q"], q, ["d1", "d2"], d, RankingSpec((1,)))
+    two = evaluate_embeddings(data, ["q"], q, ["d1", "d2"], d, RankingSpec((1,)), dimensions=2)
     assert (full["ndcg@1"], two["ndcg@1"]) == (0.0, 1.0)
 
 
@@ -204,9 +205,9 @@ def test_ignore_identical_ids_drops_the_query_itself():
     data = BeirDataset(corpus={"a": {"text": ""}, "b": {"text": ""}}, queries={"a": ""}, qrels={"a": {"b": 1}})
     q = np.array([[1.0, 0.0]], dtype=np.float32)
     d = np.array([[1.0, 0.0], [0.8, 0.6]], dtype=np.float32)
-    assert evaluate_embeddings(data, ["a"], q, ["a", "b"], d, k_values=(1,))["ndcg@1"] == 0.0
-    assert evaluate_embeddings(data, ["a"], q, ["a", "b"], d, k_values=(1,), ignore_identical_ids=True,
-                               top_k=1)["ndcg@1"] == 1.0
+    assert evaluate_embeddings(data, ["a"], q, ["a", "b"], d, RankingSpec((1,)))["ndcg@1"] == 0.0
+    assert evaluate_embeddings(data, ["a"], q, ["a", "b"], d,
+                               RankingSpec((1,), top_k=1, ignore_identical_ids=True))["ndcg@1"] == 1.0
 
 
 def test_faiss_backend_gives_the_same_metrics(tiny_bert_dir, tmp_path, topical_docs):
@@ -225,7 +226,7 @@ def test_bm25_hand_computed(tmp_path):
                        [{"_id": "q1", "text": "apples"}, {"_id": "q2", "text": "oceans"},
                         {"_id": "q3", "text": "nothing matches"}],
                        [("q1", "d1", 1), ("q2", "d2", 1), ("q3", "d3", 1)])
-    m = evaluate_bm25(load_beir(root), k_values=(1, 3))
+    m = evaluate_bm25(load_beir(root), RankingSpec((1, 3)))
     # q1 and q2 find their document first; q3 shares no term with any document and retrieves nothing.
     assert m["ndcg@1"] == pytest.approx(2 / 3) and m["recall@3"] == pytest.approx(2 / 3)
     assert m["precision@3"] == pytest.approx((1 / 3 + 1 / 3 + 0) / 3)

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
+from embedtune.config import ExportConfig
 from embedtune.export import OnnxEncoder, export_onnx
 from embedtune.export.quantize import sensitive_matmuls
 
@@ -108,7 +109,7 @@ def test_int8_fuses_and_quantises_but_keeps_ffn_down_projections_fp32(bert_expor
 @pytest.mark.parametrize("pooling", ["cls", "lasttoken"])
 def test_the_models_own_pooling_is_in_the_graph(tiny_bert_dir, tmp_path, pooling):
     st = _st(tiny_bert_dir, pooling)
-    result = export_onnx(st, tmp_path, int8=False)
+    result = export_onnx(st, tmp_path, ExportConfig(int8=False))
     assert result.metadata["pooling"] == pooling
     got = OnnxEncoder(tmp_path, "fp32").encode(TEXTS, batch_size=3)
     assert _cos(got, st.encode(TEXTS, normalize_embeddings=True)).min() >= 0.9999
@@ -118,7 +119,7 @@ def test_the_models_own_pooling_is_in_the_graph(tiny_bert_dir, tmp_path, pooling
 
 def test_prompts_are_exported_and_prepended(tiny_bert_dir, tmp_path):
     st = _st(tiny_bert_dir, prompts={"query": "query: ", "document": "passage: "})
-    export_onnx(st, tmp_path, int8=False)
+    export_onnx(st, tmp_path, ExportConfig(int8=False))
     enc = OnnxEncoder(tmp_path, "fp32")
     assert enc.prompts == {"query": "query: ", "document": "passage: "}
     q = enc.encode(TEXTS, prompt_name="query")
@@ -146,7 +147,7 @@ def test_gpu_precisions_are_skipped_with_a_reason_on_cpu(tiny_bert_dir, tmp_path
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the skip path does not apply")
-    result = export_onnx(tiny_bert_dir, tmp_path, int8=False, gpu_precisions=["fp16", "fp8"])
+    result = export_onnx(tiny_bert_dir, tmp_path, ExportConfig(int8=False, gpu_precisions=["fp16", "fp8"]))
     assert {p: r["status"] for p, r in result.gpu.items()} == {"fp16": "skipped", "fp8": "skipped"}
     assert all("CUDA" in r["reason"] for r in result.gpu.values())
     assert not (tmp_path / "model.fp16.onnx").exists() and not (tmp_path / "model.int8.onnx").exists()
@@ -155,9 +156,39 @@ def test_gpu_precisions_are_skipped_with_a_reason_on_cpu(tiny_bert_dir, tmp_path
 def test_reexport_replaces_files_and_drops_stale_precisions(tiny_bert_dir, tmp_path):
     export_onnx(tiny_bert_dir, tmp_path)
     assert (tmp_path / "model.int8.onnx").is_file()
-    export_onnx(tiny_bert_dir, tmp_path, int8=False)
+    export_onnx(tiny_bert_dir, tmp_path, ExportConfig(int8=False))
     assert not (tmp_path / "model.int8.onnx").exists()
     assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")]  # no staging left
+
+
+def test_a_new_format_is_one_registry_entry(tiny_bert_dir, tmp_path, monkeypatch):
+    """A format added to the two tables (file contract + builder) is built, listed and cleaned up when dropped."""
+    import shutil
+
+    from embedtune.export import formats
+    from embedtune.retrieval import formats as files
+
+    def build_copy(ctx: formats.BuildContext) -> dict:
+        shutil.copyfile(ctx.fp32, ctx.path("copy"))
+        return {"status": "built", "path": ctx.path("copy").name}
+
+    monkeypatch.setitem(files.MODEL_FORMATS, "copy", files.ModelFile("copy", "model.copy.onnx", "any", False))
+    monkeypatch.setitem(formats.FORMATS, "copy", formats.ExportFormat("copy", lambda cfg: not cfg.int8, build_copy,
+                                                                      parity_vs_fp32=False))
+    result = export_onnx(tiny_bert_dir, tmp_path, ExportConfig(int8=False, gpu_precisions=[]))
+    assert result.formats == {"copy": {"status": "built", "path": "model.copy.onnx"}}
+    assert tmp_path / "model.copy.onnx" in result.files
+    assert (tmp_path / "model.copy.onnx").read_bytes() == (tmp_path / "model.onnx").read_bytes()
+    export_onnx(tiny_bert_dir, tmp_path, ExportConfig(int8=True, gpu_precisions=[]))
+    assert not (tmp_path / "model.copy.onnx").exists() and (tmp_path / "model.int8.onnx").is_file()
+
+
+def test_every_export_format_has_a_file_row():
+    from embedtune.export.formats import FORMATS
+    from embedtune.retrieval.formats import MODEL_FORMATS
+
+    assert set(FORMATS) <= set(MODEL_FORMATS) and "fp32" in MODEL_FORMATS
+    assert len({f.file for f in MODEL_FORMATS.values()}) == len(MODEL_FORMATS)
 
 
 def test_llama_backbone_is_exported_bidirectional(tiny_llama_dir, tmp_path):
@@ -169,7 +200,7 @@ def test_llama_backbone_is_exported_bidirectional(tiny_llama_dir, tmp_path):
 
     causal = SentenceTransformer(modules=[Transformer(str(tiny_llama_dir), max_seq_length=64), Pooling(32, "mean"),
                                           Normalize()], device="cpu")
-    result = export_onnx(causal, tmp_path, int8=False, bidirectional=True)
+    result = export_onnx(causal, tmp_path, ExportConfig(int8=False), bidirectional=True)
     assert result.metadata["inputs"] == ["input_ids", "attention_mask", "dimensions"]
     got = OnnxEncoder(tmp_path, "fp32").encode(TEXTS, batch_size=5)
 
@@ -192,6 +223,19 @@ def test_decoder_attention_is_kept_as_the_model_runs_it_by_default(tiny_llama_di
 
     causal = SentenceTransformer(modules=[Transformer(str(tiny_llama_dir), max_seq_length=64),
                                           Pooling(32, "lasttoken"), Normalize()], device="cpu")
-    export_onnx(causal, tmp_path, int8=False)
+    export_onnx(causal, tmp_path, ExportConfig(int8=False))
     got = OnnxEncoder(tmp_path, "fp32").encode(TEXTS, batch_size=5)
     assert _cos(got, causal.encode(TEXTS, normalize_embeddings=True)).min() >= 0.9999
+
+
+def test_serving_precision_is_int8_on_a_cpu_fp32_on_a_gpu_and_a_missing_file_is_named(tmp_path):
+    from embedtune.retrieval.formats import pick_precision
+
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    assert pick_precision(tmp_path, on_gpu=False) == "fp32"  # no int8 exported
+    (tmp_path / "model.int8.onnx").write_bytes(b"x")
+    assert pick_precision(tmp_path, on_gpu=False) == "int8"
+    assert pick_precision(tmp_path, on_gpu=True) == "fp32"
+    assert pick_precision(tmp_path, on_gpu=True, precision="int8") == "int8"
+    with pytest.raises(FileNotFoundError, match="model.fp16.onnx"):
+        pick_precision(tmp_path, on_gpu=True, precision="fp16")

@@ -18,10 +18,10 @@ from embedtune.evaluate.stage import run_eval
 from embedtune.retrieval.beir import BeirDataset, load_beir
 from embedtune.retrieval.cache import EmbeddingCache, default_cache_dir
 from embedtune.retrieval.encoders import EndpointEncoder, LocalEncoder, load_encoder, model_fingerprint
-from embedtune.retrieval.metrics import compute_metrics, evaluate_embeddings
+from embedtune.retrieval.metrics import RankingSpec, compute_metrics, evaluate_embeddings
 from embedtune.retrieval.search import dense_search, to_run
 
-__all__ = ["BeirDataset", "EmbeddingCache", "EndpointEncoder", "LocalEncoder", "ModelResult", "Violation",
-           "compare_within_tolerance", "compute_metrics", "default_cache_dir", "dense_search",
+__all__ = ["BeirDataset", "EmbeddingCache", "EndpointEncoder", "LocalEncoder", "ModelResult", "RankingSpec",
+           "Violation", "compare_within_tolerance", "compute_metrics", "default_cache_dir", "dense_search",
            "evaluate_bm25", "evaluate_embeddings", "evaluate_encoder", "evaluate_endpoint", "evaluate_model",
            "load_beir", "load_encoder", "model_fingerprint", "run_eval", "to_run"]

@@ -11,7 +11,7 @@ from embedtune.evaluate.hybrid import evaluate_hybrid
 from embedtune.retrieval.beir import BeirDataset
 from embedtune.retrieval.cache import EmbeddingCache, encode_cached
 from embedtune.retrieval.encoders import LocalEncoder
-from embedtune.retrieval.metrics import evaluate_embeddings
+from embedtune.retrieval.metrics import DEFAULT_RANKING, RankingSpec, evaluate_embeddings
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -43,9 +43,7 @@ def evaluate_encoder(
     dataset: BeirDataset,
     *,
     cache: EmbeddingCache | None = None,
-    k_values: Sequence[int] = (1, 5, 10, 100),
-    top_k: int = 100,
-    ignore_identical_ids: bool = False,
+    ranking: RankingSpec = DEFAULT_RANKING,
     dims: Sequence[int] = (),
     backend: str = "exact",
     bm25_index: BM25Index | None = None,
@@ -64,19 +62,17 @@ def evaluate_encoder(
                       what=f"{dataset.name} queries")
     seconds = time.perf_counter() - t0
     full = int(d.shape[1]) if d.size else int(q.shape[1])
-    score = dict(k_values=k_values, top_k=top_k, ignore_identical_ids=ignore_identical_ids, backend=backend)
-    metrics = evaluate_embeddings(dataset, qids, q, dids, d, **score)
+    metrics = evaluate_embeddings(dataset, qids, q, dids, d, ranking, backend=backend)
     by_dim = {full: metrics}
     for dim in sorted({int(x) for x in dims if 0 < int(x) < full}, reverse=True):
-        by_dim[dim] = evaluate_embeddings(dataset, qids, q, dids, d, dimensions=dim, **score)
+        by_dim[dim] = evaluate_embeddings(dataset, qids, q, dids, d, ranking, dimensions=dim, backend=backend)
     hybrid = None
     if bm25_index is not None and bm25_weight > 0:
-        hybrid = evaluate_hybrid(dataset, qids, q, dids, d, bm25_index, bm25_weight, k_values, top_k,
-                                 ignore_identical_ids)
+        hybrid = evaluate_hybrid(dataset, qids, q, dids, d, bm25_index, bm25_weight, ranking)
     sweep = {}
     if bm25_index is not None:  # nDCG@10 of the fusion at each weight: how the run picks the weight it deploys
         for w in sorted(set(weight_grid)):
-            fused = evaluate_hybrid(dataset, qids, q, dids, d, bm25_index, w, (10,), top_k, ignore_identical_ids)
+            fused = evaluate_hybrid(dataset, qids, q, dids, d, bm25_index, w, ranking.cut_at(10))
             sweep[float(w)] = fused["ndcg@10"]
     # A rate only when the corpus was really encoded (a cache read says nothing about the model's speed).
     rate = round(len(dids) / t_docs, 2) if not corpus_cached and t_docs > 0 and dids else None
@@ -86,10 +82,8 @@ def evaluate_encoder(
 def evaluate_model(
     model: SentenceTransformer,
     dataset: BeirDataset,
-    k_values: Sequence[int] = (1, 5, 10, 100),
-    top_k: int = 100,
+    ranking: RankingSpec = DEFAULT_RANKING,
     batch_size: int = 64,
-    ignore_identical_ids: bool = False,
     show_progress: bool = False,
     *,
     cache: EmbeddingCache | None = None,
@@ -101,5 +95,4 @@ def evaluate_model(
     ``show_progress`` is kept for compatibility: progress bars show whenever stderr is a terminal.
     """
     encoder = LocalEncoder(model, fingerprint, batch_size=batch_size)
-    return evaluate_encoder(encoder, dataset, cache=cache, k_values=k_values, top_k=top_k,
-                            ignore_identical_ids=ignore_identical_ids).metrics
+    return evaluate_encoder(encoder, dataset, cache=cache, ranking=ranking).metrics

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from embedtune.config import EvalConfig
 from embedtune.evaluate.core import ModelResult, evaluate_encoder
 from embedtune.retrieval.beir import BeirDataset
 from embedtune.retrieval.encoders import EndpointEncoder
+from embedtune.retrieval.metrics import DEFAULT_RANKING, RankingSpec
 
 
 def evaluate_endpoint(
@@ -20,9 +21,7 @@ def evaluate_endpoint(
     *,
     batch_size: int = 64,
     dimensions: int | None = None,
-    k_values: Sequence[int] = (1, 5, 10, 100),
-    top_k: int = 100,
-    ignore_identical_ids: bool = False,
+    ranking: RankingSpec = DEFAULT_RANKING,
     max_retries: int = 5,
     timeout: float = 120.0,
 ) -> ModelResult:
@@ -30,8 +29,7 @@ def evaluate_endpoint(
     ``input_type=passage`` (the server applies its own prompts), in batches of ``batch_size``."""
     encoder = EndpointEncoder(base_url, model_name, api_key, batch_size, dimensions, max_retries, timeout,
                               label=f"endpoint {model_name}")
-    return evaluate_encoder(encoder, dataset, k_values=k_values, top_k=top_k,
-                            ignore_identical_ids=ignore_identical_ids)
+    return evaluate_encoder(encoder, dataset, ranking=ranking)
 
 
 @dataclass(frozen=True)
@@ -78,8 +76,7 @@ def check_endpoint(results: dict, dataset: BeirDataset, url: str, model_name: st
     """Score a served model on ``dataset`` and compare it with the local reference in ``results`` (the
     fine-tuned model when there is one): records ``results["endpoint"]`` and returns the violations."""
     name = model_name or first_served_model(url, api_key)
-    served = evaluate_endpoint(url, name, dataset, api_key, batch_size=cfg.batch_size, k_values=cfg.k_values,
-                               top_k=cfg.top_k, ignore_identical_ids=cfg.ignore_identical_ids)
+    served = evaluate_endpoint(url, name, dataset, api_key, batch_size=cfg.batch_size, ranking=RankingSpec.of(cfg))
     ref_key = "finetuned" if results.get("finetuned") else results["models"][0]
     violations = compare_within_tolerance(results[ref_key], served.metrics, tolerance_low_k, tolerance_high_k)
     results["endpoint"] = {"base_url": url, "model": name, "reference": ref_key, "metrics": served.metrics,

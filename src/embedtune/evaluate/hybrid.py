@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from embedtune.retrieval.fusion import hybrid_search
-from embedtune.retrieval.metrics import compute_metrics
-from embedtune.retrieval.search import to_run
+from embedtune.retrieval.metrics import DEFAULT_RANKING, RankingSpec, compute_metrics
 
 if TYPE_CHECKING:
     from embedtune.retrieval.beir import BeirDataset
@@ -18,10 +16,8 @@ if TYPE_CHECKING:
 
 def evaluate_hybrid(dataset: BeirDataset, query_ids: list[str], query_emb: np.ndarray, doc_ids: list[str],
                     doc_emb: np.ndarray, index: BM25Index, bm25_weight: float,
-                    k_values: Sequence[int] = (1, 5, 10, 100), top_k: int = 100,
-                    ignore_identical_ids: bool = False) -> dict[str, float]:
+                    ranking: RankingSpec = DEFAULT_RANKING) -> dict[str, float]:
     """Metrics of dense + BM25 fusion, given a model's embeddings and a BM25 index over ``doc_ids``."""
-    k = max(top_k, max(k_values)) + int(ignore_identical_ids)
     texts = [dataset.queries[q] for q in query_ids]
-    scores, idx = hybrid_search(texts, query_emb, doc_emb, index, bm25_weight, k)
-    return compute_metrics(dataset.qrels, to_run(query_ids, doc_ids, scores, idx, ignore_identical_ids), k_values)
+    scores, idx = hybrid_search(texts, query_emb, doc_emb, index, bm25_weight, ranking.depth)
+    return compute_metrics(dataset.qrels, ranking.to_run(query_ids, doc_ids, scores, idx), ranking.k_values)

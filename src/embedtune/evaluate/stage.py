@@ -17,6 +17,7 @@ from embedtune.retrieval.beir import BeirDataset, load_beir
 from embedtune.retrieval.bm25 import BM25Index
 from embedtune.retrieval.cache import EmbeddingCache
 from embedtune.retrieval.encoders import Encoder, load_encoder
+from embedtune.retrieval.metrics import RankingSpec
 
 # Swept when the fine-tuned model does not say which dimensions it was trained at (the full dimension
 # is always included; dimensions above it are dropped).
@@ -140,14 +141,14 @@ def compare_models(
     matryoshka: dict[str, Any] = {}
     hybrid: dict[str, Any] = {}
     sweeps: dict[str, dict[float, float]] = {}
-    score = dict(k_values=cfg.k_values, top_k=cfg.top_k, ignore_identical_ids=cfg.ignore_identical_ids)
+    ranking = RankingSpec.of(cfg)
     # One BM25 index serves the lexical reference row and every model's hybrid row.
     index = BM25Index(dataset.passages(list(dataset.corpus)), cfg.bm25_stopwords) if cfg.bm25 else None
     for key, make in models.items():
         encoder = make()
         res = evaluate_encoder(encoder, dataset, cache=cache, dims=dims, backend=cfg.search,
                                bm25_index=index, bm25_weight=cfg.hybrid_bm25_weight, weight_grid=weight_grid,
-                               **score)
+                               ranking=ranking)
         results[key] = res.to_json()
         matryoshka[key] = {str(d): m for d, m in res.by_dim.items()}
         if res.hybrid is not None:
@@ -160,7 +161,7 @@ def compare_models(
         gc.collect()
     all_dims = sorted({int(d) for per in matryoshka.values() for d in per}, reverse=True)
     results["matryoshka"] = {"dims": all_dims, **matryoshka}
-    results["bm25"] = evaluate_bm25(dataset, stopwords=cfg.bm25_stopwords, index=index, **score) if index else None
+    results["bm25"] = evaluate_bm25(dataset, ranking, cfg.bm25_stopwords, index) if index else None
     results["hybrid"] = {"bm25_weight": cfg.hybrid_bm25_weight, **hybrid} if hybrid else None
     if sweeps:
         results["hybrid_weight"] = chosen_weight(sweeps, list(models)[-1], cfg.hybrid_bm25_weight)

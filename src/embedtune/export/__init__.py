@@ -1,6 +1,7 @@
 """Export stage: ONNX with pooling, normalisation and Matryoshka truncation in the graph, int8, parity.
 
-- :func:`export_onnx` — library function, any SentenceTransformer / folder / spec -> serving folder;
+- :func:`export_onnx` — library function, any SentenceTransformer / folder / spec + ``ExportConfig`` -> serving
+  folder, with each derived format of :data:`embedtune.export.formats.FORMATS` the settings ask for;
 - :func:`run_export` — the pipeline stage (fine-tuned model if finetune completed, else the base model);
 - :class:`~embedtune.retrieval.onnx.OnnxEncoder` (re-exported) — run an exported folder with onnxruntime
   only; it lives in the retrieval library because the server and the index stage use it too.

@@ -3,7 +3,8 @@
 Folder contract (the serving side codes against it)::
 
     model.onnx          fp32, inputs input_ids, attention_mask[, token_type_ids], dimensions -> embeddings
-    model.int8.onnx     dynamic int8 (CPU)
+    model.int8.onnx     dynamic int8 (CPU); this and the other derived files (fp16, fp8 plan where a GPU
+                        exists) are listed in :mod:`embedtune.export.formats` / :mod:`embedtune.retrieval.formats`
     tokenizer/          AutoTokenizer.from_pretrained(folder / "tokenizer")
     embedtune.json      dimension, matryoshka_dims, max_seq_length, prompts, inputs, output, opset, pooling, source
 """
@@ -12,18 +13,20 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from embedtune.config import ExportConfig
 from embedtune.console import log
-from embedtune.export.graph import OUTPUT_NAME, backbone, describe, model_type, trace_to_onnx
-from embedtune.export.quantize import FUSABLE_TYPES, build_gpu_precisions, quantize_int8
+from embedtune.export.formats import BuildContext, build_formats
+from embedtune.export.graph import OUTPUT_NAME, describe, trace_to_onnx
+from embedtune.retrieval.formats import MODEL_FORMATS, model_file
 from embedtune.retrieval.metadata import write_metadata
-from embedtune.retrieval.onnx import MODEL_FILES
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from sentence_transformers import SentenceTransformer
 
 
@@ -32,62 +35,45 @@ class ExportResult:
     folder: Path
     metadata: dict[str, Any]
     files: list[Path]
-    int8: dict[str, Any] | None = None
-    gpu: dict[str, dict[str, Any]] = field(default_factory=dict)
+    formats: dict[str, dict[str, Any]] = field(default_factory=dict)  # derived format -> its build record
+
+    @property
+    def int8(self) -> dict[str, Any] | None:
+        return self.formats.get("int8")
+
+    @property
+    def gpu(self) -> dict[str, dict[str, Any]]:
+        return {n: r for n, r in self.formats.items() if MODEL_FORMATS[n].device == "gpu"}
 
 
-def export_onnx(
-    model_or_path: SentenceTransformer | str | Path,
-    out_dir: str | Path,
-    opset: int = 17,
-    *,
-    int8: bool = True,
-    int8_per_channel: bool = True,
-    int8_reduce_range: bool | None = None,
-    int8_exclude_sensitive: bool = True,
-    int8_quantize_attention: bool = False,
-    gpu_precisions: Sequence[str] = (),
-    matryoshka_dims: Sequence[int] | None = None,
-    bidirectional: bool | None = None,
-    source: str | None = None,
-) -> ExportResult:
-    """Export a model to ``out_dir`` (files are built aside and moved in, so a crash leaves no half-file).
+def export_onnx(model_or_path: SentenceTransformer | str | Path, out_dir: str | Path,
+                cfg: ExportConfig | None = None, *, matryoshka_dims: Sequence[int] | None = None,
+                bidirectional: bool | None = None, source: str | None = None) -> ExportResult:
+    """Export a model to ``out_dir`` (files are built aside and moved in, so a crash leaves no half-file):
+    the fp32 graph, then every format of :data:`~embedtune.export.formats.FORMATS` that ``cfg`` asks for.
 
+    ``matryoshka_dims`` are the sizes the model was trained for (recorded in embedtune.json).
     ``bidirectional=True`` gives a decoder backbone (Llama & co.) a full attention mask inside the graph,
     making a plain causal checkpoint a bidirectional encoder; None/False export the attention as the
     PyTorch model runs it (so a model already made bidirectional stays bidirectional).
     """
+    cfg = cfg or ExportConfig()
     model, source = _as_model(model_or_path, source)
     spec = describe(model, bidirectional)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        fp32 = trace_to_onnx(model, spec, staging / MODEL_FILES["fp32"], opset)
-        int8_info = None
-        if int8:
-            log.info("quantising to int8 (dynamic, QInt8 weights)")
-            int8_info = quantize_int8(fp32, staging / MODEL_FILES["int8"], int8_per_channel, int8_reduce_range,
-                                      int8_exclude_sensitive, fuse=_fusion_shape(model),
-                                      quantize_attention=int8_quantize_attention)
-        gpu = build_gpu_precisions(fp32, staging, list(gpu_precisions)) if gpu_precisions else {}
+        fp32 = trace_to_onnx(model, spec, model_file(staging, "fp32"), cfg.opset)
+        formats = build_formats(BuildContext(fp32, staging, cfg, model))
         model.tokenizer.save_pretrained(str(staging / "tokenizer"))
-        metadata = _metadata(model, spec, opset, matryoshka_dims, source)
+        metadata = _metadata(model, spec, cfg.opset, matryoshka_dims, source)
         write_metadata(staging, metadata)
         files = _move_into(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s to %s", source, out_dir)
-    return ExportResult(out_dir, metadata, files, int8_info, gpu)
-
-
-def _fusion_shape(model: Any) -> tuple[int, int] | None:
-    """(num_heads, hidden_size) for onnxruntime's BERT fusions, which cannot always infer them."""
-    if model_type(model) not in FUSABLE_TYPES:
-        return None
-    config = backbone(model).config
-    heads, hidden = getattr(config, "num_attention_heads", 0), getattr(config, "hidden_size", 0)
-    return (int(heads), int(hidden)) if heads and hidden else None
+    return ExportResult(out_dir, metadata, files, formats)
 
 
 def _as_model(model_or_path: SentenceTransformer | str | Path, source: str | None) -> tuple[Any, str]:
@@ -143,6 +129,6 @@ def _move_into(staging: Path, out_dir: Path) -> list[Path]:
         item.replace(target)
         moved.append(target)
     # Precision files from an earlier export that this one did not rebuild would be stale: remove them.
-    for stale in set(MODEL_FILES.values()) - {p.name for p in moved}:
+    for stale in {f.file for f in MODEL_FORMATS.values()} - {p.name for p in moved}:
         (out_dir / stale).unlink(missing_ok=True)
     return moved

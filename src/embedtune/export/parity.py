@@ -1,4 +1,5 @@
-"""Parity checks: the ONNX graph against PyTorch (cosine per vector), int8 against fp32 (retrieval metrics).
+"""Parity checks: the ONNX graph against PyTorch (cosine per vector), int8 (or another derived
+format) against fp32 (cosine and retrieval metrics).
 
 The probe set mixes queries and passages of very different lengths (one past the model's max length, so
 truncation is exercised) and is encoded in batches of mixed lengths, so padding is exercised too.
@@ -94,42 +95,45 @@ def onnx_vs_torch(model: SentenceTransformer, encoder: OnnxEncoder, probe: Probe
             "passed": worst >= min_cosine, "checks": checks}
 
 
-def int8_cosines(fp32: OnnxEncoder, int8: OnnxEncoder, probe: Probe) -> dict[str, Any]:
+def cosines_vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, probe: Probe) -> dict[str, Any]:
+    """Cosine between a derived format's vectors (int8...) and fp32's on the probe set, per text kind."""
     out = {}
     for kind, texts in (("query", probe.queries), ("document", probe.passages)):
         name = kind if kind in fp32.prompts else None
-        out[kind] = _stats(_cosines(int8.encode(texts, prompt_name=name), fp32.encode(texts, prompt_name=name)))
+        out[kind] = _stats(_cosines(derived.encode(texts, prompt_name=name), fp32.encode(texts, prompt_name=name)))
     return out
 
 
-def int8_vs_fp32_retrieval(fp32: OnnxEncoder, int8: OnnxEncoder, eval_dir: Path, k_values: Sequence[int],
-                           tolerance_low_k: float, tolerance_high_k: float, batch_size: int = 32) -> dict[str, Any]:
-    """nDCG@k and Recall@k of int8 vs fp32 on a BEIR folder; drift beyond the tolerance fails."""
-    from embedtune.retrieval import evaluate_embeddings, load_beir
+def retrieval_vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, eval_dir: Path, k_values: Sequence[int],
+                      tolerance_low_k: float, tolerance_high_k: float, batch_size: int = 32) -> dict[str, Any]:
+    """nDCG@k and Recall@k of a derived format (int8...) vs fp32 on a BEIR folder; drift beyond the tolerance
+    fails. The report keys the metrics by precision (``"fp32"``, ``"int8"``)."""
+    from embedtune.retrieval import RankingSpec, evaluate_embeddings, load_beir
 
     data = load_beir(eval_dir)
     qids, dids = list(data.queries), list(data.corpus)
     queries, passages = [data.queries[q] for q in qids], data.passages(dids)
     metrics = {}
-    for enc in (fp32, int8):
+    new = derived.precision
+    for enc in (fp32, derived):
         q_name = "query" if "query" in enc.prompts else None
         d_name = "document" if "document" in enc.prompts else None
         q = enc.encode(queries, prompt_name=q_name, batch_size=batch_size)
         d = enc.encode(passages, prompt_name=d_name, batch_size=batch_size)
-        metrics[enc.precision] = evaluate_embeddings(data, qids, q, dids, d, k_values)
+        metrics[enc.precision] = evaluate_embeddings(data, qids, q, dids, d, RankingSpec(tuple(k_values)))
     failures, deltas = [], {}
     for k in k_values:
         tol = tolerance_low_k if k < 5 else tolerance_high_k
         for name in ("ndcg", "recall"):
             key = f"{name}@{k}"
-            delta = metrics["int8"][key] - metrics["fp32"][key]
+            delta = metrics[new][key] - metrics["fp32"][key]
             deltas[key] = round(delta, 5)
             if abs(delta) > tol + 1e-9:  # a drift of exactly the tolerance passes (float rounding aside)
-                failures.append(f"{key}: int8 {metrics['int8'][key]:.4f} vs fp32 {metrics['fp32'][key]:.4f} "
+                failures.append(f"{key}: {new} {metrics[new][key]:.4f} vs fp32 {metrics['fp32'][key]:.4f} "
                                 f"(|Δ| {abs(delta):.4f} > {tol})")
     return {"eval_set": str(eval_dir), "queries": len(qids), "documents": len(dids),
             "tolerances": {"k<5": tolerance_low_k, "k>=5": tolerance_high_k},
-            "fp32": _round(metrics["fp32"]), "int8": _round(metrics["int8"]), "delta": deltas,
+            "fp32": _round(metrics["fp32"]), new: _round(metrics[new]), "delta": deltas,
             "failures": failures, "passed": not failures}
 
 

@@ -14,9 +14,11 @@ from embedtune.artifacts import Manifest, RunDir, write_json
 from embedtune.config import ModelConfig, Recipe
 from embedtune.console import log
 from embedtune.export import parity
+from embedtune.export.formats import FORMATS, is_built
 from embedtune.export.onnx_export import ExportResult, export_onnx
+from embedtune.retrieval.formats import model_file
 from embedtune.retrieval.metadata import METADATA_FILE
-from embedtune.retrieval.onnx import MODEL_FILES, OnnxEncoder
+from embedtune.retrieval.onnx import OnnxEncoder
 
 STAGE = "export"
 PROBE_SAMPLES_FROM_EVAL = 16  # real queries and passages added to the built-in probe set
@@ -38,10 +40,8 @@ def run_export(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
         return done
 
     result, report = export_and_check(recipe, model_cfg, st.dir, source, eval_dir, _matryoshka_dims(recipe, run))
-    outputs = [st.dir / MODEL_FILES["fp32"], st.dir / "tokenizer", st.dir / METADATA_FILE, st.dir / "parity.json"]
-    if cfg.int8:
-        outputs.append(st.dir / MODEL_FILES["int8"])
-    outputs += [st.dir / r["path"] for r in result.gpu.values() if r.get("status") == "built"]
+    outputs = [model_file(st.dir, "fp32"), st.dir / "tokenizer", st.dir / METADATA_FILE, st.dir / "parity.json"]
+    outputs += [model_file(st.dir, name) for name, record in result.formats.items() if is_built(record)]
     return st.finish(outputs=outputs, counts=_counts(result, report), metrics=_metrics(result, report))
 
 
@@ -54,10 +54,7 @@ def export_and_check(recipe: Recipe, model_cfg: ModelConfig, out_dir: Path, sour
 
     cfg = recipe.export
     model = load_model(model_cfg, device="cpu")
-    result = export_onnx(model, out_dir, cfg.opset, int8=cfg.int8, int8_per_channel=cfg.int8_per_channel,
-                         int8_reduce_range=cfg.int8_reduce_range, int8_exclude_sensitive=cfg.int8_exclude_sensitive,
-                         int8_quantize_attention=cfg.int8_quantize_attention,
-                         gpu_precisions=cfg.gpu_precisions, matryoshka_dims=matryoshka_dims, source=source)
+    result = export_onnx(model, out_dir, cfg, matryoshka_dims=matryoshka_dims, source=source)
     report = check_parity(model, result, recipe, eval_dir)
     write_json(out_dir / "parity.json", report)
     raise_unless_passed(report, cfg.allow_parity_failure, out_dir / "parity.json")
@@ -65,7 +62,8 @@ def export_and_check(recipe: Recipe, model_cfg: ModelConfig, out_dir: Path, sour
 
 
 def check_parity(model: Any, result: ExportResult, recipe: Recipe, eval_dir: Path | None) -> dict[str, Any]:
-    """fp32 vs PyTorch on the probe set (always); int8 vs fp32 on the eval set (when there is one)."""
+    """fp32 vs PyTorch on the probe set (always); each derived format that parity covers (int8) vs fp32, by
+    cosine on the probe set and by retrieval metrics on the eval set (when there is one)."""
     cfg = recipe.export
     probe = parity.build_probe(*_eval_samples(eval_dir))
     fp32 = OnnxEncoder(result.folder, "fp32")
@@ -73,20 +71,31 @@ def check_parity(model: Any, result: ExportResult, recipe: Recipe, eval_dir: Pat
     if len(dims) == 1 and dims[0] > 1:
         dims.append(dims[0] // 2)  # always prove the in-graph truncation, even without Matryoshka sizes
     report: dict[str, Any] = {"fp32_vs_torch": parity.onnx_vs_torch(model, fp32, probe, cfg.parity_min_cosine, dims)}
-    if cfg.int8:
-        int8 = OnnxEncoder(result.folder, "int8")
-        report["int8_vs_fp32"] = {"cosine": parity.int8_cosines(fp32, int8, probe)}
-        if eval_dir is not None:
-            report["int8_vs_fp32"]["retrieval"] = parity.int8_vs_fp32_retrieval(
-                fp32, int8, eval_dir, recipe.eval.k_values, cfg.tolerance_low_k, cfg.tolerance_high_k,
-                recipe.eval.batch_size)
-        else:
-            report["int8_vs_fp32"]["retrieval"] = None
-            report["int8_vs_fp32"]["note"] = "no eval set (prep/eval): only cosine checks were run"
-            log.warning("no eval set found: int8 checked by cosine only (recorded in parity.json)")
-    report["passed"] = report["fp32_vs_torch"]["passed"] and bool(
-        (report.get("int8_vs_fp32", {}).get("retrieval") or {"passed": True})["passed"])
+    for name, record in result.formats.items():
+        if FORMATS[name].parity_vs_fp32 and is_built(record):
+            report[f"{name}_vs_fp32"] = _vs_fp32(fp32, OnnxEncoder(result.folder, name), probe, recipe, eval_dir)
+    report["passed"] = report["fp32_vs_torch"]["passed"] and all(
+        (r.get("retrieval") or {"passed": True})["passed"] for r in _derived(report).values())
     return report
+
+
+def _vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, probe: parity.Probe, recipe: Recipe,
+             eval_dir: Path | None) -> dict[str, Any]:
+    cfg = recipe.export
+    out: dict[str, Any] = {"cosine": parity.cosines_vs_fp32(fp32, derived, probe)}
+    if eval_dir is not None:
+        out["retrieval"] = parity.retrieval_vs_fp32(fp32, derived, eval_dir, recipe.eval.k_values,
+                                                    cfg.tolerance_low_k, cfg.tolerance_high_k, recipe.eval.batch_size)
+    else:
+        out["retrieval"] = None
+        out["note"] = "no eval set (prep/eval): only cosine checks were run"
+        log.warning("no eval set found: %s checked by cosine only (recorded in parity.json)", derived.precision)
+    return out
+
+
+def _derived(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``<format>_vs_fp32`` sections of a parity report."""
+    return {k: v for k, v in report.items() if k.endswith("_vs_fp32")}
 
 
 def raise_unless_passed(report: dict[str, Any], allowed: bool, path: Path) -> None:
@@ -97,7 +106,8 @@ def raise_unless_passed(report: dict[str, Any], allowed: bool, path: Path) -> No
     f = report["fp32_vs_torch"]
     if not f["passed"]:
         problems.append(f"fp32 ONNX vs PyTorch: min cosine {f['min_cosine']} < {f['threshold']}")
-    problems += (report.get("int8_vs_fp32", {}).get("retrieval") or {}).get("failures", [])
+    for section in _derived(report).values():
+        problems += (section.get("retrieval") or {}).get("failures", [])
     message = f"export parity failed (details in {path}):\n  " + "\n  ".join(problems)
     if not allowed:
         raise ParityError(message + "\n  set export.allow_parity_failure=true to keep the export anyway")
@@ -162,9 +172,9 @@ def _counts(result: ExportResult, report: dict[str, Any]) -> dict[str, Any]:
 def _metrics(result: ExportResult, report: dict[str, Any]) -> dict[str, Any]:
     metrics: dict[str, Any] = {"fp32_min_cosine": report["fp32_vs_torch"]["min_cosine"], "int8": result.int8,
                                "gpu_precisions": result.gpu}
-    int8 = report.get("int8_vs_fp32")
-    if int8:
-        metrics["int8_min_cosine"] = min(v["min"] for v in int8["cosine"].values())
-        if int8.get("retrieval"):
-            metrics["int8_delta"] = int8["retrieval"]["delta"]
+    for key, section in _derived(report).items():
+        name = key.removesuffix("_vs_fp32")
+        metrics[f"{name}_min_cosine"] = min(v["min"] for v in section["cosine"].values())
+        if section.get("retrieval"):
+            metrics[f"{name}_delta"] = section["retrieval"]["delta"]
     return metrics

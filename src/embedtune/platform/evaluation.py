@@ -32,13 +32,13 @@ def nvidia_names(metrics: dict[str, float]) -> dict[str, float]:
 
 def run_evaluation(job: db.Job, sessions: sessionmaker[Session], settings: PlatformSettings, progress) -> dict:  # noqa: ANN001
     from embedtune.evaluate import evaluate_model
-    from embedtune.retrieval import EndpointEncoder, evaluate_embeddings, load_beir
+    from embedtune.retrieval import EndpointEncoder, RankingSpec, evaluate_embeddings, load_beir
 
     spec = job.spec
     progress.update(force=True, stage="load")
     dataset = load_beir(spec["_dataset_path"], spec.get("split", "test"))
     t0 = time.perf_counter()
-    kwargs = {"k_values": spec["k_values"], "top_k": spec["top_k"]}
+    ranking = RankingSpec(tuple(spec["k_values"]), spec["top_k"])
     if spec.get("_deployment_url"):
         progress.update(force=True, stage="encode (deployment)")
         qids, dids = list(dataset.queries), list(dataset.corpus)
@@ -50,13 +50,13 @@ def run_evaluation(job: db.Job, sessions: sessionmaker[Session], settings: Platf
                                  api_key=bearer.removeprefix("Bearer ") or None)
         q = client.encode([dataset.queries[i] for i in qids], "query")
         d = client.encode(dataset.passages(dids), "passage")
-        metrics = evaluate_embeddings(dataset, qids, q, dids, d, **kwargs)
+        metrics = evaluate_embeddings(dataset, qids, q, dids, d, ranking)
     else:
         from embedtune.models import load_model
 
         progress.update(force=True, stage="encode (model)")
         model = load_model(spec["_model_path"])
-        metrics = evaluate_model(model, dataset, batch_size=spec["batch_size"], **kwargs)
+        metrics = evaluate_model(model, dataset, ranking, batch_size=spec["batch_size"])
     result: dict[str, Any] = {
         "target": spec.get("deployment") or spec.get("model"), "dataset": spec["dataset"],
         "split": spec.get("split", "test"), "queries": len(dataset.queries), "documents": len(dataset.corpus),

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from embedtune.artifacts import RunDir, read_json, write_text
 from embedtune.platform import db
 from embedtune.platform.settings import PlatformSettings
+from embedtune.retrieval.formats import MODEL_FORMATS
 
 LOSS_HISTORY_MAX = 500  # keep status_details small: later points thin the history
 
@@ -280,7 +281,7 @@ def register_output_model(job: db.Job, run: RunDir, result: dict, sessions: sess
     if "eval" in result:
         metrics = {"base": result["eval"].get("base"), "finetuned": result["eval"].get("finetuned")}
     artifacts = {"model": str(folder)}
-    for name in ("model.onnx", "model.int8.onnx"):
+    for name in (f.file for f in MODEL_FORMATS.values()):
         if run.path("export", name).is_file():
             artifacts[name] = str(run.path("export", name))
     name = job.spec["_output_model"]

@@ -25,7 +25,7 @@ _LOCATIONS = {
     "OnnxEncoder": "onnx",
     "dense_search": "search", "search": "search", "to_run": "search",
     "BM25Index": "bm25", "fuse": "fusion", "hybrid_search": "fusion",
-    "compute_metrics": "metrics", "evaluate_embeddings": "metrics",
+    "compute_metrics": "metrics", "evaluate_embeddings": "metrics", "RankingSpec": "metrics",
     "passage_id": "ids", "METADATA_FILE": "metadata", "read_metadata": "metadata", "matryoshka_dims": "metadata",
 }
 __all__ = sorted(_LOCATIONS)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 
 from embedtune.console import log, progress
+from embedtune.retrieval.formats import ONNX_FILES, model_file, pick_precision
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -215,11 +216,11 @@ class OnnxModelEncoder:
     block_size: int = 1024
 
     def __post_init__(self) -> None:
-        from embedtune.retrieval.onnx import MODEL_FILES, OnnxEncoder
+        from embedtune.retrieval.onnx import OnnxEncoder
 
         self.folder = Path(self.folder)
         self.model = OnnxEncoder(self.folder, self.precision)
-        self.fingerprint = model_fingerprint_file(self.folder / MODEL_FILES[self.precision])
+        self.fingerprint = model_fingerprint_file(model_file(self.folder, self.precision))
 
     def prompt_name(self, kind: Kind) -> str | None:
         name = "query" if kind == "query" else "document"
@@ -267,20 +268,41 @@ class ServedModel:
         return load_encoder(model, self.label, batch_size, path=path)
 
 
-def served_model(run_root: str | Path, base_path: str, prefer_onnx: bool = True) -> ServedModel:
-    """The model `embedtune serve --model RUN` loads on this machine (ONNX int8 on a CPU when exported)."""
-    from embedtune.retrieval.metadata import metadata_path
-    from embedtune.retrieval.onnx import MODEL_FILES
-
+def served_model(run_root: str | Path, base_path: str | None = None, prefer_onnx: bool = True,
+                 precision: str = "auto") -> ServedModel:
+    """The model `embedtune serve --model PATH` loads on this machine from a run directory (or an export or
+    model folder): its ONNX export (``auto``: int8 on a CPU, fp32 on a GPU), else its fine-tuned folder,
+    else ``base_path``. Without ``base_path``, a folder holding no model is a FileNotFoundError."""
     root = Path(run_root)
-    export = root / "export"
-    if prefer_onnx and metadata_path(export).is_file() and (export / MODEL_FILES["fp32"]).is_file():
-        precision = "int8" if (export / MODEL_FILES["int8"]).is_file() and not _has_cuda() else "fp32"
-        return ServedModel("onnx", str(export), precision, f"export ({precision})")
-    finetuned = root / "finetune" / "model"
-    if (finetuned / "modules.json").is_file() or (finetuned / "config.json").is_file():
+    export = export_folder(root) if prefer_onnx else None
+    if export is not None:
+        chosen = pick_precision(export, _has_cuda(), precision)
+        return ServedModel("onnx", str(export), chosen, f"export ({chosen})")
+    finetuned = torch_folder(root)
+    if finetuned is not None:
         return ServedModel("torch", str(finetuned), None, "fine-tuned")
+    if base_path is None:
+        raise FileNotFoundError(f"{run_root} holds no model: expected a sentence-transformers/transformers "
+                                "folder, a run directory with finetune/model, or an ONNX export")
     return ServedModel("torch", base_path, None, "base")
+
+
+def export_folder(path: Path) -> Path | None:
+    """The ONNX export inside ``path`` (a run directory) or ``path`` itself, if there is one."""
+    from embedtune.retrieval.metadata import METADATA_FILE
+
+    for folder in (path, path / "export"):
+        if (folder / METADATA_FILE).is_file() and any(model_file(folder, p).is_file() for p in ONNX_FILES):
+            return folder
+    return None
+
+
+def torch_folder(path: Path) -> Path | None:
+    """The sentence-transformers / transformers folder ``path`` is, or its run's ``finetune/model``."""
+    for folder in (path, path / "finetune" / "model"):
+        if (folder / "modules.json").is_file() or (folder / "config.json").is_file():
+            return folder
+    return None
 
 
 def _has_cuda() -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytrec_eval
@@ -14,6 +15,42 @@ if TYPE_CHECKING:
     from embedtune.retrieval.beir import BeirDataset
 
 METRIC_NAMES = ("ndcg", "recall", "precision", "map")
+
+
+@dataclass(frozen=True)
+class RankingSpec:
+    """How a ranking is retrieved and scored: the metric cutoffs, the hits kept per query, and whether a hit
+    with the query's own id is dropped (BEIR's ``ignore_identical_ids``, for datasets whose queries are
+    also documents)."""
+
+    k_values: tuple[int, ...] = (1, 5, 10, 100)
+    top_k: int = 100
+    ignore_identical_ids: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "k_values", tuple(int(k) for k in self.k_values))
+        if not self.k_values or min(self.k_values) < 1 or self.top_k < 1:
+            raise ValueError(f"k_values must be positive cutoffs and top_k >= 1, got {self.k_values}, {self.top_k}")
+
+    @classmethod
+    def of(cls, cfg: Any) -> RankingSpec:
+        """From any settings holding the three fields (``EvalConfig``, a platform job spec's values)."""
+        return cls(tuple(cfg.k_values), cfg.top_k, cfg.ignore_identical_ids)
+
+    @property
+    def depth(self) -> int:
+        """Hits to retrieve per query: one extra so that dropping the query's own id still leaves ``top_k``."""
+        return max(self.top_k, max(self.k_values)) + int(self.ignore_identical_ids)
+
+    def cut_at(self, *k_values: int) -> RankingSpec:
+        return RankingSpec(k_values, self.top_k, self.ignore_identical_ids)
+
+    def to_run(self, query_ids: list[str], doc_ids: list[str], scores: np.ndarray,
+               idx: np.ndarray) -> dict[str, dict[str, float]]:
+        return to_run(query_ids, doc_ids, scores, idx, self.ignore_identical_ids)
+
+
+DEFAULT_RANKING = RankingSpec()
 
 
 def compute_metrics(
@@ -55,20 +92,15 @@ def evaluate_embeddings(
     query_emb: np.ndarray,
     doc_ids: list[str],
     doc_emb: np.ndarray,
-    k_values: Sequence[int] = (1, 5, 10, 100),
-    top_k: int = 100,
-    ignore_identical_ids: bool = False,
+    ranking: RankingSpec = DEFAULT_RANKING,
     dimensions: int | None = None,
     backend: str = "exact",
 ) -> dict[str, float]:
     """Metrics of already-computed, L2-normalised embeddings (truncated to ``dimensions`` if given)."""
     if dimensions is not None:
         query_emb, doc_emb = truncate(query_emb, dimensions), truncate(doc_emb, dimensions)
-    # One extra hit so that dropping a query's own id (ignore_identical_ids) still leaves top_k.
-    k = max(top_k, max(k_values)) + int(ignore_identical_ids)
-    scores, idx = search(query_emb, doc_emb, top_k=k, backend=backend)
-    run = to_run(query_ids, doc_ids, scores, idx, ignore_identical_ids)
-    return compute_metrics(dataset.qrels, run, k_values)
+    scores, idx = search(query_emb, doc_emb, top_k=ranking.depth, backend=backend)
+    return compute_metrics(dataset.qrels, ranking.to_run(query_ids, doc_ids, scores, idx), ranking.k_values)
 
 
 def truncate(emb: np.ndarray, dims: int) -> np.ndarray:

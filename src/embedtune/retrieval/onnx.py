@@ -15,9 +15,9 @@ from typing import Any, Literal
 import numpy as np
 
 from embedtune.artifacts import ArtifactError
+from embedtune.retrieval.formats import ONNX_FILES as MODEL_FILES
 from embedtune.retrieval.metadata import METADATA_FILE, read_metadata
 
-MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 Precision = Literal["fp32", "int8", "fp16"]
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from embedtune.retrieval.formats import model_file, pick_precision
 from embedtune.retrieval.metadata import read_metadata
 from embedtune.serve.tokens import InputType, Tokenization, Truncate
 
@@ -151,7 +152,8 @@ def _refuse_prompt_excluding_pooling(model) -> None:
 class OnnxBackend(Backend):
     """The export stage's ONNX graph (pooling, normalisation and Matryoshka inside) with its tokenizer.
 
-    Contract of an export folder: ``model.onnx`` (fp32), optional ``model.int8.onnx``, ``tokenizer/``
+    Contract of an export folder (:mod:`embedtune.retrieval.formats`): ``model.onnx`` (fp32), optional
+    ``model.int8.onnx`` (``auto`` serves it on a CPU), ``tokenizer/``
     and ``embedtune.json`` {dimension, matryoshka_dims, max_seq_length, prompts{query, document},
     inputs[names], output}. Graph inputs ``input_ids``/``attention_mask`` (int64 [batch, seq]),
     ``token_type_ids`` only when listed, ``dimensions`` (int64 [1]); output float32 [batch, dimensions].
@@ -166,7 +168,8 @@ class OnnxBackend(Backend):
 
         folder = Path(folder)
         meta = read_metadata(folder)
-        self.model_file = _pick_onnx_file(folder, precision, ort.get_available_providers())
+        self.precision = pick_precision(folder, "CUDAExecutionProvider" in ort.get_available_providers(), precision)
+        self.model_file = model_file(folder, self.precision)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -180,7 +183,7 @@ class OnnxBackend(Backend):
         self.output_name = meta.get("output", "embeddings")
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
         tokenization = Tokenization(tokenizer, meta.get("prompts") or {}, int(meta["max_seq_length"]))
-        self.kind = f"onnx-{'int8' if '.int8.' in self.model_file.name else 'fp32'}"
+        self.kind = f"onnx-{self.precision}"
         super().__init__(tokenization, int(meta["dimension"]), meta.get("matryoshka_dims"), micro_batch)
 
     def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -194,14 +197,3 @@ class OnnxBackend(Backend):
 def _providers(ort) -> list[str]:
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-def _pick_onnx_file(folder: Path, precision: OnnxPrecision, providers: list[str]) -> Path:
-    fp32, int8 = folder / "model.onnx", folder / "model.int8.onnx"
-    on_gpu = "CUDAExecutionProvider" in providers
-    # int8 (dynamic quantisation) is the CPU speed-up; on a GPU the fp32 graph is the faster one.
-    order = {"int8": [int8], "fp32": [fp32], "auto": [fp32, int8] if on_gpu else [int8, fp32]}[precision]
-    for path in order:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{folder} has no {' or '.join(p.name for p in order)}")

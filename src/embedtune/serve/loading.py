@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from embedtune.retrieval.encoders import export_folder, served_model
 from embedtune.retrieval.metadata import METADATA_FILE, matryoshka_dims
 from embedtune.serve.backends import Backend, BackendKind, OnnxBackend, OnnxPrecision, TorchBackend
 
@@ -25,21 +26,6 @@ def split_model_arg(arg: str) -> tuple[str | None, str]:
     """``name=path`` -> (name, path); a bare path or built-in name -> (None, arg)."""
     match = re.fullmatch(r"([A-Za-z0-9][\w.:-]*)=(.+)", arg)
     return (match.group(1), match.group(2)) if match else (None, arg)
-
-
-def export_folder(path: Path) -> Path | None:
-    """The ONNX export inside ``path`` (a run directory) or ``path`` itself, if there is one."""
-    for folder in (path, path / "export"):
-        if (folder / METADATA_FILE).is_file() and any(folder.glob("model*.onnx")):
-            return folder
-    return None
-
-
-def torch_folder(path: Path) -> Path | None:
-    for folder in (path, path / "finetune" / "model"):
-        if (folder / "modules.json").is_file() or (folder / "config.json").is_file():
-            return folder
-    return None
 
 
 def default_name(spec: str) -> str:
@@ -80,19 +66,17 @@ def _model_entry(arg: str, backend: BackendKind, precision: OnnxPrecision) -> Mo
     name, spec = split_model_arg(arg)
     name = name or default_name(spec)
     path = Path(spec).expanduser()
-    onnx = export_folder(path) if path.is_dir() else None
-    if backend == "onnx" or (backend == "auto" and onnx is not None):
-        if onnx is None:
-            raise FileNotFoundError(f"--backend onnx: no ONNX export ({METADATA_FILE} + model*.onnx) in {spec} "
-                                    "or its export/ folder; run `embedtune export` first")
-        return ModelEntry(name, str(onnx), lambda: OnnxBackend(onnx, precision))
-    if path.is_dir():
-        folder = torch_folder(path)
-        if folder is None:
-            raise FileNotFoundError(f"{spec} holds no model: expected a sentence-transformers/transformers "
-                                    "folder, a run directory with finetune/model, or an ONNX export")
-        return ModelEntry(name, str(folder), lambda: load_torch(str(folder), _declared_dims(path, folder)))
-    return ModelEntry(name, spec, lambda: load_torch(spec, None))
+    if backend == "onnx" and (not path.is_dir() or export_folder(path) is None):
+        raise FileNotFoundError(f"--backend onnx: no ONNX export ({METADATA_FILE} + model*.onnx) in {spec} "
+                                "or its export/ folder; run `embedtune export` first")
+    if not path.is_dir():
+        return ModelEntry(name, spec, lambda: load_torch(spec, None))
+    # The retrieval library decides which weights a folder deploys (the index stage embeds with the same).
+    served = served_model(path, prefer_onnx=backend != "torch", precision=precision)
+    folder = Path(served.path)
+    if served.kind == "onnx":
+        return ModelEntry(name, str(folder), lambda: OnnxBackend(folder, served.precision))  # type: ignore[arg-type]
+    return ModelEntry(name, str(folder), lambda: load_torch(str(folder), _declared_dims(path, folder)))
 
 
 def load_torch(spec: str, matryoshka_dims: list[int] | None) -> TorchBackend:

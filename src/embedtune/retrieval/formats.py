@@ -1,0 +1,51 @@
+"""The files of an export folder, one row per precision: the contract the export stage writes and the
+server, the index stage, the retrieval encoders and the platform read.
+
+How each file is built lives with the export stage (:mod:`embedtune.export.formats`, keyed by the same
+names); this table is what every reader needs: the file name, the device it is for, and whether
+onnxruntime loads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    precision: str
+    file: str
+    device: Literal["any", "cpu", "gpu"]
+    onnxruntime: bool  # loadable by onnxruntime (OnnxEncoder, serve's ONNX backend); a TensorRT plan is not
+
+
+MODEL_FORMATS: dict[str, ModelFile] = {f.precision: f for f in (
+    ModelFile("fp32", "model.onnx", "any", True),       # always built; the reference the others are checked against
+    ModelFile("int8", "model.int8.onnx", "cpu", True),  # dynamic int8: the CPU speed-up
+    ModelFile("fp16", "model.fp16.onnx", "gpu", True),
+    ModelFile("fp8", "model.fp8.plan", "gpu", False),   # TensorRT engine, specific to the GPU that built it
+)}
+
+# precision -> file name of the formats onnxruntime runs.
+ONNX_FILES: dict[str, str] = {p: f.file for p, f in MODEL_FORMATS.items() if f.onnxruntime}
+
+
+def model_file(folder: Path, precision: str) -> Path:
+    return Path(folder) / MODEL_FORMATS[precision].file
+
+
+def serving_order(on_gpu: bool) -> list[str]:
+    """Precisions ``auto`` tries, best first: int8 is the CPU speed-up; on a GPU the fp32 graph is faster."""
+    return ["fp32", "int8"] if on_gpu else ["int8", "fp32"]
+
+
+def pick_precision(folder: Path, on_gpu: bool, precision: str = "auto") -> str:
+    """The precision this machine serves from an export folder: ``precision``, or for ``auto`` the first of
+    :func:`serving_order` the folder holds. FileNotFoundError names the files looked for."""
+    order = serving_order(on_gpu) if precision == "auto" else [precision]
+    found = next((p for p in order if model_file(folder, p).is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"{folder} has no {' or '.join(MODEL_FORMATS[p].file for p in order)}")
+    return found
