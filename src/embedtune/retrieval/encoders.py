@@ -269,13 +269,17 @@ class ServedModel:
 
 def served_model(run_root: str | Path, base_path: str, prefer_onnx: bool = True) -> ServedModel:
     """The model `embedtune serve --model RUN` loads on this machine (ONNX int8 on a CPU when exported)."""
-    from embedtune.retrieval.metadata import metadata_path
+    from embedtune.retrieval.metadata import int8_parity_failure, metadata_path
     from embedtune.retrieval.onnx import MODEL_FILES
 
     root = Path(run_root)
     export = root / "export"
     if prefer_onnx and metadata_path(export).is_file() and (export / MODEL_FILES["fp32"]).is_file():
-        precision = "int8" if (export / MODEL_FILES["int8"]).is_file() and not _has_cuda() else "fp32"
+        int8 = (export / MODEL_FILES["int8"]).is_file() and not _has_cuda()
+        if int8 and (failure := int8_parity_failure(export)):
+            log.warning("%s: using fp32", failure)
+            int8 = False
+        precision = "int8" if int8 else "fp32"
         return ServedModel("onnx", str(export), precision, f"export ({precision})")
     finetuned = root / "finetune" / "model"
     if (finetuned / "modules.json").is_file() or (finetuned / "config.json").is_file():

@@ -14,7 +14,8 @@ from typing import Literal
 
 import numpy as np
 
-from embedtune.retrieval.metadata import read_metadata
+from embedtune.console import log
+from embedtune.retrieval.metadata import int8_parity_failure, read_metadata
 from embedtune.serve.tokens import InputType, Tokenization, Truncate
 
 BackendKind = Literal["auto", "onnx", "torch"]
@@ -201,6 +202,9 @@ def _pick_onnx_file(folder: Path, precision: OnnxPrecision, providers: list[str]
     on_gpu = "CUDAExecutionProvider" in providers
     # int8 (dynamic quantisation) is the CPU speed-up; on a GPU the fp32 graph is the faster one.
     order = {"int8": [int8], "fp32": [fp32], "auto": [fp32, int8] if on_gpu else [int8, fp32]}[precision]
+    if precision == "auto" and int8.is_file() and (failure := int8_parity_failure(folder)):
+        log.warning("%s: serving fp32 instead (ask for int8 by name to serve it anyway)", failure)
+        order = [fp32]
     for path in order:
         if path.is_file():
             return path
