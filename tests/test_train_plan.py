@@ -215,3 +215,23 @@ def test_encoders_keep_the_encoder_formula(tiny_bert_dir):
     from embedtune.train.plan import decoder_activation_bytes
 
     assert decoder_activation_bytes(load_model(str(tiny_bert_dir))[0].auto_model, 64) is None
+
+
+def test_queries_are_counted_at_their_typical_length(tiny_llama_dir, monkeypatch):
+    from embedtune.models import load_model
+    from embedtune.train import plan as plan_module
+    from embedtune.train.plan import decoder_activation_bytes, typical_query_tokens
+
+    monkeypatch.setattr(plan_module, "free_memory", lambda hw: 10_000_000_000)
+    model = load_model(str(tiny_llama_dir))
+    queries = ["short one"] * 19 + [" ".join(["word"] * 500)]  # one very long query: past the max length
+    tokens = typical_query_tokens(model, queries)
+    prompted = len(model.tokenizer("query: short one")["input_ids"])
+    assert tokens == prompted  # the 95th percentile of 20: not the outlier
+    assert typical_query_tokens(model, [" ".join(["word"] * 500)] * 3) == model.max_seq_length
+    cpu = Hardware(False, False, False, "adamw_torch")
+    budget = memory_budget(model, 2, cpu, query_tokens=tokens)
+    auto_model = model[0].auto_model
+    assert budget.bytes_per_query == decoder_activation_bytes(auto_model, tokens)
+    assert budget.activations(3) == 3 * (2 * budget.bytes_per_text + budget.bytes_per_query)
+    assert memory_budget(model, 2, cpu).bytes_per_query == 0

@@ -23,16 +23,20 @@ class MemoryBudget:
     """What one training text costs in activations, and how much memory activations may take."""
 
     bytes_per_text: int  # one passage at the model's max length, forward kept for backward
-    texts_per_example: int  # positive + hard negatives (queries are short)
+    texts_per_example: int  # positive + hard negatives
     available: int  # bytes activations may take (free memory minus weights, gradients, optimizer)
     resident: int = 0  # bytes the training process holds when planning: runtime, loaded weights (and adapters)
     optimizer: int = 0  # gradients and AdamW's two moments of the trained parameters, allocated at the first step
+    bytes_per_query: int = 0  # one query at its typical tokenized length (0: not known, not counted)
+
+    def bytes_per_example(self) -> int:
+        return self.bytes_per_text * self.texts_per_example + self.bytes_per_query
 
     def examples_that_fit(self) -> int:
-        return max(1, self.available // (self.bytes_per_text * self.texts_per_example))
+        return max(1, self.available // self.bytes_per_example())
 
     def activations(self, examples: int) -> int:
-        return examples * self.texts_per_example * self.bytes_per_text
+        return examples * self.bytes_per_example()
 
     def peak_bytes(self, examples: int) -> int:
         """The training process's expected peak: what it holds now, the optimizer state, the batch's activations."""
@@ -111,7 +115,7 @@ def plan_batches(cfg: FinetuneConfig, n_train: int, world_size: int = 1,
 
 
 def _gb(memory: MemoryBudget, examples: int) -> float:
-    return examples * memory.texts_per_example * memory.bytes_per_text / 1e9
+    return memory.activations(examples) / 1e9
 
 
 def activation_bytes(seq_len: int, hidden: int, heads: int, layers: int, bytes_per_value: int = 4) -> int:
@@ -126,22 +130,42 @@ def activation_bytes(seq_len: int, hidden: int, heads: int, layers: int, bytes_p
 
 
 def memory_budget(model, texts_per_example: int, hw: Hardware, share: float = 0.7,
-                  world_size: int = 1) -> MemoryBudget | None:
+                  world_size: int = 1, query_tokens: int | None = None) -> MemoryBudget | None:
     """The budget for ``model`` (a SentenceTransformer) on this machine; None when its transformer config
     does not say its shape. ``share`` of free memory is allowed, less weights, gradients and AdamW state;
     on CPU the ranks of one machine share its RAM, so each gets ``1 / world_size`` of it. Call it after LoRA
-    adapters are added, so that only they are charged optimizer state."""
+    adapters are added, so that only they are charged optimizer state. ``query_tokens`` (see
+    :func:`typical_query_tokens`) counts each example's query too: passages run to the max length, queries
+    rarely do, but with 96-token passages a 21-token query is still a tenth of the activations."""
     auto_model = getattr(model[0], "auto_model", None)
     config = getattr(auto_model, "config", None)
     shape = [getattr(config, k, None) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers")]
     if config is None or None in shape or not model.max_seq_length:
         return None
-    seq, value = int(model.max_seq_length), 2 if hw.bf16 else 4
-    per_text = decoder_activation_bytes(auto_model, seq, value) or activation_bytes(seq, *shape, bytes_per_value=value)
+    value = 2 if hw.bf16 else 4
+
+    def per_text(seq: int) -> int:
+        return decoder_activation_bytes(auto_model, seq, value) or activation_bytes(seq, *shape, bytes_per_value=value)
+
+    seq = int(model.max_seq_length)
+    per_query = per_text(min(query_tokens, seq)) if query_tokens else 0
     free = free_memory(hw) // (1 if hw.cuda else world_size)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return MemoryBudget(per_text, texts_per_example, max(0, int(free * share) - parameter_state_bytes(model)),
-                        resident=resident_memory(hw), optimizer=12 * trained)
+    return MemoryBudget(per_text(seq), texts_per_example, max(0, int(free * share) - parameter_state_bytes(model)),
+                        resident=resident_memory(hw), optimizer=12 * trained, bytes_per_query=per_query)
+
+
+def typical_query_tokens(model, queries: list[str], sample: int = 1000) -> int | None:
+    """The 95th percentile of the training queries' tokenized length (query prompt included, at most the model's
+    max length): a batch pads its queries to its longest, so a high percentile, not the mean. None without a
+    tokenizer."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None or not queries:
+        return None
+    prompt = (getattr(model, "prompts", None) or {}).get("query", "")
+    picked = queries[:: max(1, len(queries) // sample)][:sample]
+    lengths = sorted(len(ids) for ids in tokenizer([prompt + q for q in picked])["input_ids"])
+    return min(lengths[int(0.95 * (len(lengths) - 1))], int(model.max_seq_length or lengths[-1]))
 
 
 def decoder_activation_bytes(auto_model, seq_len: int, bytes_per_value: int = 4) -> int | None:

@@ -30,6 +30,7 @@ from embedtune.train.plan import (
     memory_budget,
     plan_batches,
     return_freed_tensors_to_the_os,
+    typical_query_tokens,
 )
 from embedtune.train.report import plot_curves, write_log, write_summary
 from embedtune.train.trainer import (
@@ -70,8 +71,9 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
     hw = hardware()
     if not hw.cuda:
         return_freed_tensors_to_the_os()  # else glibc keeps a forward's freed temporaries: ~1.5 GB on a 135M decoder
-    # Passages (positive + hard negatives) run to the model's max length; queries are short enough to ignore.
-    memory = memory_budget(model, data.negatives + 1, hw, world_size=dist.world_size)
+    # Passages (positive + hard negatives) run to the model's max length; queries at their typical length.
+    memory = memory_budget(model, data.negatives + 1, hw, world_size=dist.world_size,
+                           query_tokens=typical_query_tokens(model, [ex.query for ex in data.train]))
     plan = plan_batches(cfg, len(data.train), dist.world_size, memory)
     dims = matryoshka_dims(cfg.matryoshka_dims, model.get_embedding_dimension())
     log.info(
