@@ -286,6 +286,8 @@ def main() -> int:
     peak = _training_peak(run, peak, retrained=ft_file.stat().st_mtime_ns != before)
     ft = json.loads(ft_file.read_text())
     memory = planner_figures(gguf, args, ft["counts"]["train_examples"])
+    # The finetune stage's own figures (its queries' lengths, its resident memory) where it recorded them.
+    memory["activations_bytes"] = ft["metrics"].get("planned_activations_bytes") or memory["activations_bytes"]
     memory |= {"peak_rss_bytes": peak, "planned_peak_bytes": ft["metrics"].get("planned_peak_bytes"),
                "examples_per_second": ft["metrics"]["examples_per_second"],
                "steps": ft["counts"]["steps"], "train_seconds": ft["metrics"]["train_seconds"]}
