@@ -11,7 +11,9 @@ What it does, all on this machine:
    model as is (same weights, causal attention, mean pooling, same prompts), the same weights bidirectional
    without training, the LoRA-merged fine-tune, and all-MiniLM-L6-v2 for reference;
 3. the memory planner (``train/plan.py``) for that fine-tune — activation bytes per passage, the per-device
-   batch, the weights/gradients/AdamW allowance — against the measured peak RSS, and examples/s as measured.
+   batch, the weights/gradients/AdamW allowance, and the peak it plans (recorded by the finetune stage itself:
+   the process's resident memory when planning + gradients and AdamW state + the batch's activations) — against
+   the measured peak RSS, and examples/s as measured. ``--memory-only`` stops there (a short run for the ratio).
 
 SciFact subset: every abstract judged relevant to a test claim (all 300 test claims, or the first
 ``--scifact-claims`` by id) plus ``--scifact-extra`` other abstracts drawn at random (seed 0) from the rest.
@@ -61,6 +63,7 @@ def parse_args() -> argparse.Namespace:
                    help="keep only the first N test claims (by id) and their abstracts; default: all 300")
     p.add_argument("--scifact-extra", type=int, default=200, help="abstracts added beyond the test-relevant ones")
     p.add_argument("--skip-scifact", action="store_true")
+    p.add_argument("--memory-only", action="store_true", help="stop after the fine-tune: planned vs measured memory")
     p.add_argument("--run-dir", type=Path, default=Path("runs/llama-bidirectional"))
     p.add_argument("--fresh", action="store_true", help="delete the run directory first")
     return p.parse_args()
@@ -227,7 +230,7 @@ def markdown(report: dict) -> str:
     lines = ["# SmolLM2-135M (Llama, GGUF) as a bidirectional embedder", "",
              f"load average at start {report['load_start']}, at end {report['load_end']} (2 shared cores: "
              "figures are indicative)", ""]
-    for name, rows in report["retrieval"].items():
+    for name, rows in report.get("retrieval", {}).items():
         lines += [f"## {name} ({report['datasets'][name]})", "", "| model | nDCG@10 | Recall@10 | MAP@10 | s |",
                   "|---|---|---|---|---|"]
         lines += [f"| {label} | {r['ndcg@10']:.4f} | {r['recall@10']:.4f} | {r['map@10']:.4f} | {r['seconds']} |"
@@ -240,17 +243,26 @@ def markdown(report: dict) -> str:
               f"| per-device batch, loss | {m['per_device_batch']}, {m['loss']} |",
               f"| planner: activations for the batch | {m['activations_bytes'] / gb:.2f} GB |",
               f"| planner: weights + adapters' grads and AdamW state | {m['planner_state_bytes'] / gb:.2f} GB |",
-              f"| planner total | {(m['activations_bytes'] + m['planner_state_bytes']) / gb:.2f} GB |",
               f"| (a full fine-tune's state, 16 B x all params) | {m['full_finetune_state_bytes'] / gb:.2f} GB |",
-              f"| measured peak RSS of `embedtune finetune` | {m['peak_rss_bytes'] / gb:.2f} GB |",
+              f"| planned peak (finetune stage: resident + optimizer + activations) | {_gb(m['planned_peak_bytes'])} |",
+              f"| measured peak RSS of `embedtune finetune` | {_gb(m['peak_rss_bytes'])} |",
+              f"| measured / planned peak | {_ratio(m['peak_rss_bytes'], m['planned_peak_bytes'])} |",
               f"| measured examples/s | {m['examples_per_second']} |",
               f"| optimizer steps, train seconds | {m['steps']}, {m['train_seconds']} |", ""]
     return "\n".join(lines)
 
 
+def _gb(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 1e9:.2f} GB"
+
+
+def _ratio(measured: int | None, planned: int | None) -> str:
+    return "n/a" if not measured or not planned else f"{measured / planned:.2f}"
+
+
 def main() -> int:
     args = parse_args()
-    from embedtune.console import console, setup_logging
+    from embedtune.console import setup_logging
     from embedtune.demo import MODULES, build
     from embedtune.evaluate import load_beir
 
@@ -275,10 +287,16 @@ def main() -> int:
     peak = _training_peak(run, peak, retrained=ft_file.stat().st_mtime_ns != before)
     ft = json.loads(ft_file.read_text())
     memory = planner_figures(gguf, args, ft["counts"]["train_examples"])
-    memory |= {"peak_rss_bytes": peak, "examples_per_second": ft["metrics"]["examples_per_second"],
+    # The finetune stage's own figures (its queries' lengths, its resident memory) where it recorded them.
+    memory["activations_bytes"] = ft["metrics"].get("planned_activations_bytes") or memory["activations_bytes"]
+    memory |= {"peak_rss_bytes": peak, "planned_peak_bytes": ft["metrics"].get("planned_peak_bytes"),
+               "examples_per_second": ft["metrics"]["examples_per_second"],
                "steps": ft["counts"]["steps"], "train_seconds": ft["metrics"]["train_seconds"]}
     report |= {"prep_seconds": round(prep_seconds, 1), "finetune_seconds": round(ft_seconds, 1), "memory": memory}
 
+    report["load_end"] = os.getloadavg()[0]
+    if args.memory_only:
+        return _write(run, report)
     demo_eval = load_beir(run / "run" / "prep" / "eval")
     datasets = {"demo held-out queries": demo_eval}
     report["datasets"] = {"demo held-out queries": f"{len(demo_eval.queries)} queries, {len(demo_eval.corpus)} "
@@ -291,6 +309,12 @@ def main() -> int:
                                                 f"relevant to a test claim + {n - relevant} random others, seed 0)")
     report["retrieval"] = score_all(datasets, variants(gguf, run / "run" / "finetune" / "model", args.eval_seq))
     report["load_end"] = os.getloadavg()[0]
+    return _write(run, report)
+
+
+def _write(run: Path, report: dict) -> int:
+    from embedtune.console import console
+
     (run / "llama_bidirectional.json").write_text(json.dumps(report, indent=2))
     text = markdown(report)
     (run / "llama_bidirectional.md").write_text(text)

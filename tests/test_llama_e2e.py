@@ -1,6 +1,6 @@
 """The Nemotron architecture on real weights, end to end: the shipped SmolLM2-135M GGUF (Llama) as a
-bidirectional embedder -> `embedtune run` (sdg, prep, LoRA-merged fine-tune, eval, ONNX export with parity)
--> `embedtune serve` as a process -> the official openai client.
+bidirectional embedder -> `embedtune run` (sdg, prep, LoRA-merged fine-tune, eval, ONNX export with parity,
+Milvus Lite index) -> `embedtune search` and `embedtune serve` as processes -> the official openai client.
 
 Small on purpose (12 documents, 2 optimizer steps, 64-token sequences): it proves the path, not the gain
 (bench/llama_bidirectional.py measures that, with SmolLM2 writing the queries). Here a plug-in generator
@@ -65,9 +65,6 @@ OVERRIDES = [
     "finetune.learning_rate=1e-4", "finetune.warmup_steps=0", "finetune.matryoshka_dims=null",
     "finetune.validation_fraction=0",
     "eval.matryoshka_sweep=false", "eval.hybrid_bm25_weight=0",
-    # int8's retrieval gate is checked below, not by the stage: on this fixture's 2 held-out queries dynamic int8
-    # of SmolLM2 flipped one rank 1 -> 2 (query cosine to fp32 min 0.94), which fails nDCG@1 by 0.5 (open issue).
-    "export.allow_parity_failure=true",
 ]
 
 
@@ -84,7 +81,7 @@ def llama_run(tmp_path_factory):
     for d in make_documents(n_per_topic=2):  # the 12-document fixture corpus
         (docs / f"{d['_id']}.md").write_text(f"# {d['title']}\n\n{d['text']}\n")
     gguf = shipped_gguf()
-    args = ["run", "--corpus", str(docs), "--model", str(gguf), "-r", str(root / "run"), "--to", "export"]
+    args = ["run", "--corpus", str(docs), "--model", str(gguf), "-r", str(root / "run"), "--to", "index"]
     for item in OVERRIDES:
         args += ["-o", item]
     result = CliRunner().invoke(app, args)
@@ -125,7 +122,10 @@ def test_llama_export_passes_parity_and_is_served_to_the_openai_client(llama_run
     parity = json.loads((run / "export" / "parity.json").read_text())
     assert parity["fp32_vs_torch"]["passed"] and parity["fp32_vs_torch"]["min_cosine"] >= 0.9999
     int8 = parity["int8_vs_fp32"]
-    assert min(c["min"] for c in int8["cosine"].values()) > 0.9 and int8["retrieval"]["queries"] > 0
+    # The stage's own gate (no allow_parity_failure here): int8 retrieval within tolerance of fp32. Decoder int8
+    # keeps its down-projections and first layers fp32 (export/quantize.py); with the encoder rule this was 0.87.
+    assert int8["retrieval"]["passed"] and int8["retrieval"]["queries"] > 0
+    assert min(c["min"] for c in int8["cosine"].values()) > 0.99
     assert (run / "export" / "model.onnx").is_file() and (run / "export" / "model.int8.onnx").is_file()
 
     port = free_port()
@@ -151,3 +151,23 @@ def test_llama_export_passes_parity_and_is_served_to_the_openai_client(llama_run
     assert card.id == "smol" and card.backend == "onnx-int8"
     want = OnnxEncoder(run / "export", "int8").encode_queries(TEXTS)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_llama_run_is_indexed_and_searched_with_its_own_embedder(llama_run):
+    """The index stage fills Milvus Lite with the Llama export's vectors (576 dims, passage prefix, mean pooling
+    in the graph); `embedtune search` in another process embeds the query the same way (query prefix) and, on
+    dense vectors alone (no BM25 to lean on), finds the document a sentence was taken from."""
+    from embedtune.retrieval.deployment import read_info
+
+    run, _ = llama_run
+    info = read_info(run)
+    assert (info.dimension, info.model_kind, info.model_precision) == (576, "onnx", "int8")
+    assert info.chunks == len(make_documents(n_per_topic=2))
+    doc = make_documents(n_per_topic=2)[5]
+    sentence = doc["text"].split(". ")[1]
+    cli = subprocess.run([sys.executable, "-m", "embedtune", "search", "-r", str(run), "-k", "1", "--mode", "dense",
+                          "--snippet", "1000", sentence], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "COLUMNS": "400"})
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert doc["title"] in cli.stdout and "dense:" in cli.stdout

@@ -148,3 +148,90 @@ def test_short_negative_lists_are_filled_without_the_rows_own_positive():
     negs = [first[f"negative_{i}"] for i in range(1, 5)]
     assert negs[0] == rows[0].neg_doc[0]
     assert rows[0].pos_doc[0] not in negs and len(set(negs)) == 4
+
+
+def saved_activation_bytes(model, features) -> int:
+    """Bytes autograd keeps for backward in one forward pass: every tensor a backward node saves, counted once per
+    storage, the model's own parameters left out (they are resident anyway)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(features)["sentence_embedding"].sum()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize(
+    ("training", "attention"),
+    [("all_weights", "sdpa"), ("lora", "sdpa"), ("lora_no_dropout", "sdpa"), ("all_weights", "eager"),
+     ("lora", "eager")],
+)
+def test_decoder_activation_estimate_matches_what_autograd_saves(tiny_llama_dir, training, attention):
+    """The Llama term by term count (norms, gated MLP, grouped-query attention, LoRA's dropout copies) against the
+    tensors a tiny random Llama really keeps for backward, within 5 %."""
+    import torch
+
+    from embedtune.config import LoraConfig
+    from embedtune.models import load_model
+    from embedtune.train.lora import add_lora
+    from embedtune.train.plan import decoder_activation_bytes
+
+    model = load_model(str(tiny_llama_dir))
+    auto_model = model[0].auto_model
+    auto_model.set_attn_implementation(attention)
+    if training != "all_weights":
+        add_lora(model, LoraConfig(dropout=0.1 if training == "lora" else 0.0))
+    model.train()
+    batch, seq = 4, 48
+    features = {"input_ids": torch.randint(5, 1000, (batch, seq)),
+                "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    measured = saved_activation_bytes(model, features)
+    planned = batch * decoder_activation_bytes(auto_model, seq)
+    assert planned == pytest.approx(measured, rel=0.05)
+
+
+def test_decoder_estimate_grows_with_what_the_config_says(tiny_llama_dir):
+    """Eager attention adds the softmax's n*s per token (quadratic in the sequence); SDPA does not."""
+    from embedtune.models import load_model
+    from embedtune.train.plan import decoder_activation_bytes
+
+    auto_model = load_model(str(tiny_llama_dir))[0].auto_model
+    auto_model.set_attn_implementation("sdpa")
+    assert decoder_activation_bytes(auto_model, 64) == 2 * decoder_activation_bytes(auto_model, 32)
+    auto_model.set_attn_implementation("eager")
+    assert decoder_activation_bytes(auto_model, 64) > 2 * decoder_activation_bytes(auto_model, 32)
+
+
+def test_encoders_keep_the_encoder_formula(tiny_bert_dir):
+    from embedtune.models import load_model
+    from embedtune.train.plan import decoder_activation_bytes
+
+    assert decoder_activation_bytes(load_model(str(tiny_bert_dir))[0].auto_model, 64) is None
+
+
+def test_queries_are_counted_at_their_typical_length(tiny_llama_dir, monkeypatch):
+    from embedtune.models import load_model
+    from embedtune.train import plan as plan_module
+    from embedtune.train.plan import decoder_activation_bytes, typical_query_tokens
+
+    monkeypatch.setattr(plan_module, "free_memory", lambda hw: 10_000_000_000)
+    model = load_model(str(tiny_llama_dir))
+    queries = ["short one"] * 19 + [" ".join(["word"] * 500)]  # one very long query: past the max length
+    tokens = typical_query_tokens(model, queries)
+    prompted = len(model.tokenizer("query: short one")["input_ids"])
+    assert tokens == prompted  # the 95th percentile of 20: not the outlier
+    assert typical_query_tokens(model, [" ".join(["word"] * 500)] * 3) == model.max_seq_length
+    cpu = Hardware(False, False, False, "adamw_torch")
+    budget = memory_budget(model, 2, cpu, query_tokens=tokens)
+    auto_model = model[0].auto_model
+    assert budget.bytes_per_query == decoder_activation_bytes(auto_model, tokens)
+    assert budget.activations(3) == 3 * (2 * budget.bytes_per_text + budget.bytes_per_query)
+    assert memory_budget(model, 2, cpu).bytes_per_query == 0

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from embedtune.console import log
+
 
 @dataclass(frozen=True)
 class ModelFile:
@@ -43,8 +45,15 @@ def serving_order(on_gpu: bool) -> list[str]:
 
 def pick_precision(folder: Path, on_gpu: bool, precision: str = "auto") -> str:
     """The precision this machine serves from an export folder: ``precision``, or for ``auto`` the first of
-    :func:`serving_order` the folder holds. FileNotFoundError names the files looked for."""
+    :func:`serving_order` the folder holds, leaving out an int8 graph that failed the export's parity gate
+    (kept on disk for inspection; asking for int8 by name still gets it). FileNotFoundError names the files
+    looked for."""
+    from embedtune.retrieval.metadata import int8_parity_failure
+
     order = serving_order(on_gpu) if precision == "auto" else [precision]
+    if precision == "auto" and model_file(folder, "int8").is_file() and (failure := int8_parity_failure(folder)):
+        log.warning("%s: using fp32 instead (ask for int8 by name to use it anyway)", failure)
+        order = [p for p in order if p != "int8"]
     found = next((p for p in order if model_file(folder, p).is_file()), None)
     if found is None:
         raise FileNotFoundError(f"{folder} has no {' or '.join(MODEL_FORMATS[p].file for p in order)}")

@@ -41,3 +41,25 @@ def matryoshka_dims(*folders: str | Path) -> list[int] | None:
         if dims:
             return sorted({int(d) for d in dims}, reverse=True)
     return None
+
+
+PARITY_FILE = "parity.json"
+
+
+def int8_parity_failure(folder: str | Path) -> str | None:
+    """Why the folder's int8 graph must not be deployed by default, or None when nothing says so.
+
+    The export stage writes ``parity.json``; with ``export.allow_parity_failure`` it keeps an int8 graph whose
+    retrieval drifted beyond the recipe's tolerances from fp32 (dynamic int8 of a Llama decoder does: one
+    per-tensor activation scale cannot hold its outlier channels). That file stays on disk for inspection, but
+    the server and the index stage pick fp32 unless int8 is asked for by name.
+    """
+    path = Path(folder) / PARITY_FILE
+    if not path.is_file():
+        return None
+    report = read_json(path)
+    retrieval = ((report.get("int8_vs_fp32") or {}).get("retrieval") or {}) if isinstance(report, dict) else {}
+    if retrieval.get("passed", True):
+        return None
+    failures = "; ".join(retrieval.get("failures") or []) or "see the file"
+    return f"int8 failed the export's retrieval parity gate ({failures}; {path})"

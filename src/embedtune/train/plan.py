@@ -23,11 +23,24 @@ class MemoryBudget:
     """What one training text costs in activations, and how much memory activations may take."""
 
     bytes_per_text: int  # one passage at the model's max length, forward kept for backward
-    texts_per_example: int  # positive + hard negatives (queries are short)
+    texts_per_example: int  # positive + hard negatives
     available: int  # bytes activations may take (free memory minus weights, gradients, optimizer)
+    resident: int = 0  # bytes the training process holds when planning: runtime, loaded weights (and adapters)
+    optimizer: int = 0  # gradients and AdamW's two moments of the trained parameters, allocated at the first step
+    bytes_per_query: int = 0  # one query at its typical tokenized length (0: not known, not counted)
+
+    def bytes_per_example(self) -> int:
+        return self.bytes_per_text * self.texts_per_example + self.bytes_per_query
 
     def examples_that_fit(self) -> int:
-        return max(1, self.available // (self.bytes_per_text * self.texts_per_example))
+        return max(1, self.available // self.bytes_per_example())
+
+    def activations(self, examples: int) -> int:
+        return examples * self.bytes_per_example()
+
+    def peak_bytes(self, examples: int) -> int:
+        """The training process's expected peak: what it holds now, the optimizer state, the batch's activations."""
+        return self.resident + self.optimizer + self.activations(examples)
 
 
 @dataclass(frozen=True)
@@ -102,7 +115,7 @@ def plan_batches(cfg: FinetuneConfig, n_train: int, world_size: int = 1,
 
 
 def _gb(memory: MemoryBudget, examples: int) -> float:
-    return examples * memory.texts_per_example * memory.bytes_per_text / 1e9
+    return memory.activations(examples) / 1e9
 
 
 def activation_bytes(seq_len: int, hidden: int, heads: int, layers: int, bytes_per_value: int = 4) -> int:
@@ -117,18 +130,118 @@ def activation_bytes(seq_len: int, hidden: int, heads: int, layers: int, bytes_p
 
 
 def memory_budget(model, texts_per_example: int, hw: Hardware, share: float = 0.7,
-                  world_size: int = 1) -> MemoryBudget | None:
+                  world_size: int = 1, query_tokens: int | None = None) -> MemoryBudget | None:
     """The budget for ``model`` (a SentenceTransformer) on this machine; None when its transformer config
     does not say its shape. ``share`` of free memory is allowed, less weights, gradients and AdamW state;
     on CPU the ranks of one machine share its RAM, so each gets ``1 / world_size`` of it. Call it after LoRA
-    adapters are added, so that only they are charged optimizer state."""
-    config = getattr(getattr(model[0], "auto_model", None), "config", None)
+    adapters are added, so that only they are charged optimizer state. ``query_tokens`` (see
+    :func:`typical_query_tokens`) counts each example's query too: passages run to the max length, queries
+    rarely do, but with 96-token passages a 21-token query is still a tenth of the activations."""
+    auto_model = getattr(model[0], "auto_model", None)
+    config = getattr(auto_model, "config", None)
     shape = [getattr(config, k, None) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers")]
     if config is None or None in shape or not model.max_seq_length:
         return None
-    per_text = activation_bytes(int(model.max_seq_length), *shape, bytes_per_value=2 if hw.bf16 else 4)
+    value = 2 if hw.bf16 else 4
+
+    def per_text(seq: int) -> int:
+        return decoder_activation_bytes(auto_model, seq, value) or activation_bytes(seq, *shape, bytes_per_value=value)
+
+    seq = int(model.max_seq_length)
+    per_query = per_text(min(query_tokens, seq)) if query_tokens else 0
     free = free_memory(hw) // (1 if hw.cuda else world_size)
-    return MemoryBudget(per_text, texts_per_example, max(0, int(free * share) - parameter_state_bytes(model)))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return MemoryBudget(per_text(seq), texts_per_example, max(0, int(free * share) - parameter_state_bytes(model)),
+                        resident=resident_memory(hw), optimizer=12 * trained, bytes_per_query=per_query)
+
+
+def typical_query_tokens(model, queries: list[str], sample: int = 1000) -> int | None:
+    """The 95th percentile of the training queries' tokenized length (query prompt included, at most the model's
+    max length): a batch pads its queries to its longest, so a high percentile, not the mean. None without a
+    tokenizer."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None or not queries:
+        return None
+    prompt = (getattr(model, "prompts", None) or {}).get("query", "")
+    picked = queries[:: max(1, len(queries) // sample)][:sample]
+    lengths = sorted(len(ids) for ids in tokenizer([prompt + q for q in picked])["input_ids"])
+    return min(lengths[int(0.95 * (len(lengths) - 1))], int(model.max_seq_length or lengths[-1]))
+
+
+def decoder_activation_bytes(auto_model, seq_len: int, bytes_per_value: int = 4) -> int | None:
+    """Activations one sequence of ``seq_len`` tokens keeps for backward through a Llama-style decoder (RMSNorm,
+    gated SiLU MLP, grouped-query attention), counted tensor by tensor from its config and what trains; None for
+    other architectures (the encoder formula above applies to them).
+
+    Per token and layer, in values (h hidden, i MLP intermediate, n query heads, g key/value heads, d head size):
+
+    - the two RMSNorms keep their input (h each), and their output too when their weight trains;
+    - SiLU keeps the gate projection's output, the product keeps SiLU's output and the up projection's (3i);
+    - SDPA keeps q, its output (n*d each), k and v (g*d each; grouped, not repeated) and a log-sum-exp per head.
+      Eager attention keeps q and the repeated k and v (n*d each), the softmax's probabilities (n*s, the one term
+      that grows with the sequence) and a contiguous copy of its output for o_proj;
+    - a linear layer whose weight trains keeps its input (shared by q/k/v and by gate/up). A frozen one keeps
+      nothing: the gradient to its input needs only the weight. A LoRA adapter keeps its A output (rank r) and,
+      with dropout, its own dropped copy of the input plus the float mask (2 x in): so LoRA with dropout keeps
+      *more* than a full fine-tune (SmolLM2-135M: ~17.4k values per token and layer against ~11.2k);
+    - per sequence, the final norm's input and the pooled token states (2h); with frozen embeddings, less what
+      the first layer need not keep (its first norm's input, its q/k/v dropout masks).
+
+    Checked against the tensors autograd actually saves (tests/test_train_plan.py, SmolLM2-135M within 1 %).
+    """
+    config = getattr(auto_model, "config", None)
+    layers = getattr(getattr(auto_model, "get_base_model", lambda: auto_model)(), "layers", None)
+    if config is None or not layers or not hasattr(layers[0], "mlp") or not hasattr(layers[0], "self_attn"):
+        return None
+    block = layers[0]
+    h, i = config.hidden_size, config.intermediate_size
+    n = config.num_attention_heads
+    g = getattr(config, "num_key_value_heads", None) or n
+    d = getattr(config, "head_dim", None) or h // n
+    eager = getattr(config, "_attn_implementation", "eager") == "eager"
+    attn, mlp = block.self_attn, block.mlp
+    norms = sum(h * (2 if _trains(norm) else 1) for norm in (block.input_layernorm, block.post_attention_layernorm))
+    values = norms + 3 * i + (3 * n * d + n * seq_len if eager else 2 * n * d + 2 * g * d + n)
+    groups = [(h, [attn.q_proj, attn.k_proj, attn.v_proj]), (n * d, [attn.o_proj]),
+              (h, [mlp.gate_proj, mlp.up_proj]), (i, [mlp.down_proj])]
+    for width, linears in groups:
+        keeps_input = False
+        for linear in linears:
+            base_trains, adapters = _linear_training(linear)
+            keeps_input |= base_trains or any(not dropout for _, _, dropout in adapters)
+            values += sum(rank + (2 * width if dropout else 0) for _, rank, dropout in adapters)
+        if keeps_input and not (linears[0] is attn.o_proj and not eager):  # SDPA's output is o_proj's input
+            values += width
+    return (config.num_hidden_layers * values + 2 * h - _frozen_input_savings(auto_model, block, h)) * seq_len \
+        * bytes_per_value
+
+
+def _frozen_input_savings(auto_model, block, hidden: int) -> int:
+    """With frozen embeddings nothing before the first layer needs a gradient: its first norm keeps no input and
+    its q/k/v adapters' dropout keeps no mask (values per token, counted once, not per layer)."""
+    embeddings = auto_model.get_input_embeddings() if hasattr(auto_model, "get_input_embeddings") else None
+    if embeddings is None or _trains(embeddings):
+        return 0
+    attn = block.self_attn
+    masks = sum(dropout for linear in (attn.q_proj, attn.k_proj, attn.v_proj)
+                for _, _, dropout in _linear_training(linear)[1])
+    return hidden * (1 + masks)
+
+
+def _trains(module) -> bool:
+    weight = getattr(module, "weight", None)
+    return weight is not None and weight.requires_grad
+
+
+def _linear_training(linear) -> tuple[bool, list[tuple[int, int, bool]]]:
+    """Whether a linear layer's own weight trains, and its trained LoRA adapters as (in, rank, has dropout)."""
+    base = getattr(linear, "base_layer", linear)
+    adapters = []
+    for name, lora_a in getattr(linear, "lora_A", {}).items():
+        if lora_a.weight.requires_grad:
+            dropout = getattr(linear.lora_dropout[name], "p", 0.0)
+            adapters.append((lora_a.in_features, lora_a.out_features, dropout > 0))
+    return _trains(base), adapters
 
 
 def parameter_state_bytes(model) -> int:
@@ -137,6 +250,40 @@ def parameter_state_bytes(model) -> int:
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return 16 * trained + 4 * frozen
+
+
+def resident_memory(hw: Hardware) -> int:
+    """Bytes the training process holds now: its resident set on CPU, what torch has allocated under CUDA."""
+    if hw.cuda:
+        import torch
+
+        return int(torch.cuda.memory_allocated())
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+# glibc's mallopt parameter, and the size from which it maps blocks straight from the kernel (its own default start).
+M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 128 * 1024
+
+
+def return_freed_tensors_to_the_os() -> bool:
+    """Have glibc give freed tensors' memory back to the kernel at once (Linux, CPU training).
+
+    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MB), after which a forward pass's
+    freed temporaries (projections before reshapes, rotary halves, attention scratch) stay in its heap: on the
+    SmolLM2-135M LoRA fine-tune that was ~1.5 GB of peak RSS beyond the live tensors (6.3 GB against 4.8 GB with
+    the threshold fixed at glibc's own 128 KiB start, and no slower). Fixing the threshold keeps the measured peak
+    close to what the planner counts. A no-op (False) where libc is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 def free_memory(hw: Hardware) -> int:
