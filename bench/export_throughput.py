@@ -3,8 +3,11 @@
 Baseline: ``SentenceTransformer.encode`` (torch fp32) on the same texts, measured in the same run.
 Texts: short queries and 256-token passages (SciFact when ../shared/data is present, else generated).
 Quality: int8 vs fp32 ONNX cosine on every text, and nDCG@10 on a SciFact subset (--ndcg-queries).
+Also: the CPU's instruction set (int8 gains most with VNNI/AMX), what padding costs on a length-mixed
+set (batches in arrival order vs length-sorted), and with ``--profile`` onnxruntime's per-op profile of
+the int8 graph on the passages (time share per op type, and how much of it still runs in fp32).
 
-    PYTHONPATH=src python bench/export_throughput.py --threads 2
+    PYTHONPATH=src python bench/export_throughput.py --threads 2 --profile
 """
 
 from __future__ import annotations
@@ -42,11 +45,77 @@ def texts(n_queries: int, n_passages: int) -> tuple[list[str], list[str]]:
     return queries, [" ".join(rng.choices(words, k=300)) for _ in range(n_passages)]
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_isa() -> str:
+    """The x86 flags that decide onnxruntime's int8 kernels (AVX2 u8s8 vs VNNI dot products vs AMX)."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "unknown (no /proc/cpuinfo flags)"
+    return " ".join(f if f in flags else f"no-{f}" for f in ISA_FLAGS)
+
+
 def timed(encode: Callable[[list[str]], np.ndarray], items: list[str]) -> tuple[float, np.ndarray]:
     encode(items[:8])  # warm-up: first-run allocations and kernel selection
     t0 = time.perf_counter()
     out = encode(items)
     return len(items) / (time.perf_counter() - t0), out
+
+
+def mixed_batches(enc, queries: list[str], passages: list[str], bs: int) -> tuple[float, float]:
+    """texts/s on a shuffled query+passage mix: batches in arrival order vs the encoder's length sorting."""
+    mixed = queries + passages
+    random.Random(1).shuffle(mixed)
+
+    def arrival(items: list[str]) -> np.ndarray:
+        return np.concatenate([enc.run_tokens(enc.tokenize(items[s:s + bs])) for s in range(0, len(items), bs)])
+
+    unsorted, _ = timed(arrival, mixed)
+    sorted_, _ = timed(lambda x: enc.encode(x, batch_size=bs), mixed)
+    return unsorted, sorted_
+
+
+INT8_OPS = {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention",
+            "QGemm", "QLinearMatMul", "DequantizeLinear", "QuantizeLinear"}
+
+
+def profile_ops(model_path: Path, tokens: dict[str, np.ndarray], threads: int, runs: int = 3) -> list[tuple]:
+    """onnxruntime's profiler on ``runs`` passes over ``tokens``: [(op type, share, ms, int8?)], largest first."""
+    import json
+
+    import onnxruntime as ort
+
+    from embedtune.retrieval.onnx import session_options
+
+    opts = session_options(threads)
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="embedtune-profile-")) / "ort")
+    sess = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {k: v for k, v in tokens.items() if k in names}
+    feeds["dimensions"] = np.array([0], dtype=np.int64)  # clamped to 1 by the graph; pooling still runs in full
+    for _ in range(runs):
+        sess.run(None, feeds)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    for ev in events:
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+            op = ev.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + ev["dur"] / 1000 / runs
+    total = sum(by_op.values()) or 1.0
+    return [(op, ms / total, ms, op in INT8_OPS) for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])]
+
+
+def print_profile(rows: list[tuple], label: str) -> None:
+    int8_share = sum(share for _, share, _, quantised in rows if quantised)
+    print(f"\nonnxruntime profile, {label} (per pass; int8 kernels {int8_share:.0%} of op time, "
+          f"fp32 {1 - int8_share:.0%}):\n| op type | share | ms | precision |\n|---|---:|---:|---|")
+    for op, share, ms, q in rows:
+        if share >= 0.005:
+            print(f"| {op} | {share:.1%} | {ms:.1f} | {'int8' if q else 'fp32'} |")
 
 
 def ndcg_subset(fp32, int8, n_queries: int, n_docs: int) -> dict[str, float] | None:
@@ -82,18 +151,23 @@ def main() -> None:
     ap.add_argument("--export-dir", type=Path, default=None, help="reuse (or keep) the export here")
     ap.add_argument("--quantise-ffn-down", action="store_true",
                     help="quantise the FFN down-projections too (int8_exclude_sensitive=false)")
+    ap.add_argument("--quantise-attention", action="store_true",
+                    help="quantise the fused attention's QKV projection too (int8_quantize_attention=true)")
+    ap.add_argument("--profile", action="store_true", help="onnxruntime per-op profile of fp32 and int8 on passages")
     args = ap.parse_args()
 
     import torch
 
     from embedtune.export import OnnxEncoder, export_onnx
     from embedtune.models import load_model
+    from embedtune.retrieval.onnx import MODEL_FILES
 
     torch.set_num_threads(args.threads)
     model = load_model("default", device="cpu")
     folder = args.export_dir or Path(tempfile.mkdtemp(prefix="embedtune-bench-"))
     if not (folder / "model.int8.onnx").is_file():
-        export_onnx(model, folder, source="default", int8_exclude_sensitive=not args.quantise_ffn_down)
+        export_onnx(model, folder, source="default", int8_exclude_sensitive=not args.quantise_ffn_down,
+                    int8_quantize_attention=args.quantise_attention)
     queries, passages = texts(args.queries, args.passages)
     encoders = {p: OnnxEncoder(folder, p, threads=args.threads) for p in ("fp32", "int8")}
     bs = args.batch_size
@@ -107,11 +181,21 @@ def main() -> None:
             rate, vectors[(name, kind)] = timed(lambda x, e=enc: e.encode(x, batch_size=bs), items)
             rows.append((kind, f"onnx {name}", rate, rate / base))
 
+    mixed = mixed_batches(encoders["int8"], queries, passages, bs)
+
     print(f"\nthreads={args.threads}, batch={bs}, {len(queries)} queries, {len(passages)} passages, "
-          f"model=all-MiniLM-L6-v2, cpu cores visible={os.cpu_count()}\n")
+          f"model=all-MiniLM-L6-v2, cpu cores visible={os.cpu_count()}, cpu: {cpu_isa()}\n")
     print("| texts | backend | texts/s | × torch |\n|---|---|---:|---:|")
     for kind, name, rate, ratio in rows:
         print(f"| {kind} | {name} | {rate:.1f} | {ratio:.2f} |")
+
+    print(f"\nonnx int8 on shuffled queries+passages: {mixed[0]:.1f} texts/s in arrival order, {mixed[1]:.1f} "
+          f"length-sorted ({mixed[1] / mixed[0]:.2f}x: the padding a mixed batch pays)")
+    if args.profile:
+        tokens = encoders["int8"].tokenize(passages[:bs])
+        for name in ("fp32", "int8"):
+            print_profile(profile_ops(folder / MODEL_FILES[name], tokens, args.threads),
+                          f"{name}, one batch of {bs} passages x {tokens['input_ids'].shape[1]} tokens")
 
     print("\n| check | min cosine | mean cosine |\n|---|---:|---:|")
     for a, b in (("fp32", "torch"), ("int8", "fp32")):
