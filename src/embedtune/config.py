@@ -88,6 +88,10 @@ class QueryFilterConfig(StrictModel):
     roundtrip_min_rank: int = Field(
         1, ge=1, description="drop queries whose best positive ranks above this (2 drops rank-1 'easy' ones)"
     )
+    backend: Literal["torch", "onnx-int8"] = Field(
+        "onnx-int8", description="how the base model encodes for the dedup and round-trip filters: onnx-int8 is "
+        "exported once into the embedtune cache (torch fp32 when the model cannot be exported)"
+    )
 
     @model_validator(mode="after")
     def _rank_window(self) -> QueryFilterConfig:
