@@ -130,8 +130,8 @@ def print_profile(rows: list[tuple], label: str) -> None:
             print(f"| {op} | {share:.1%} | {ms:.1f} | {'int8' if q else 'fp32'} |")
 
 
-def ndcg_subset(fp32, int8, n_queries: int, n_docs: int) -> dict[str, float] | None:
-    """nDCG@10 of fp32 and int8 ONNX on SciFact: the first n queries, their relevant docs + distractors."""
+def ndcg_subset(encoders: dict, n_queries: int, n_docs: int) -> dict[str, float] | None:
+    """nDCG@10 of each ONNX encoder on SciFact: the first n queries, their relevant docs + distractors."""
     from embedtune.evaluate import BeirDataset, evaluate_embeddings, load_beir
 
     if n_queries <= 0 or not (SHARED / "corpus.jsonl").is_file():
@@ -144,11 +144,33 @@ def ndcg_subset(fp32, int8, n_queries: int, n_docs: int) -> dict[str, float] | N
     sub = BeirDataset({d: data.corpus[d] for d in dids}, {q: data.queries[q] for q in qids},
                       {q: data.qrels[q] for q in qids})
     out = {}
-    for enc in (fp32, int8):
+    for name, enc in encoders.items():
         q = enc.encode([sub.queries[i] for i in qids], batch_size=32)
         d = enc.encode(sub.passages(dids), batch_size=32)
-        out[enc.precision] = evaluate_embeddings(sub, qids, q, dids, d, k_values=(1, 10))["ndcg@10"]
+        out[name] = evaluate_embeddings(sub, qids, q, dids, d, k_values=(1, 10))["ndcg@10"]
     out["docs"], out["queries"] = len(dids), len(qids)
+    return out
+
+
+#: int8 variants built from the same fp32 graph: (quantise the fused attention's QKV, quantise FFN down).
+VARIANTS = {"attention": (True, False), "all": (True, True)}
+
+
+def build_variant(folder: Path, name: str, reduce_range: bool | None, fuse: tuple[int, int]) -> Path:
+    """A sibling folder sharing the export's tokenizer and metadata, with its own ``model.int8.onnx``."""
+    from embedtune.export.quantize import quantize_int8
+    from embedtune.retrieval.onnx import MODEL_FILES
+
+    out = folder.parent / f"{folder.name}-{name}{'-rr' if reduce_range else ''}"
+    if (out / MODEL_FILES["int8"]).is_file():
+        return out
+    out.mkdir(exist_ok=True)
+    for item in ("tokenizer", "embedtune.json", MODEL_FILES["fp32"]):
+        if not (out / item).exists():
+            (out / item).symlink_to(folder / item)
+    attention, ffn_down = VARIANTS[name]
+    quantize_int8(folder / MODEL_FILES["fp32"], out / MODEL_FILES["int8"], reduce_range=reduce_range,
+                  exclude_sensitive=not ffn_down, fuse=fuse, quantize_attention=attention)
     return out
 
 
@@ -166,23 +188,34 @@ def main() -> None:
                     help="quantise the FFN down-projections too (int8_exclude_sensitive=false)")
     ap.add_argument("--quantise-attention", action="store_true",
                     help="quantise the fused attention's QKV projection too (int8_quantize_attention=true)")
+    ap.add_argument("--variants", default="", help=f"also time int8 variants in the same rounds: comma list of "
+                    f"{', '.join(VARIANTS)} (attention: QKV quantised; all: QKV and FFN down quantised)")
+    ap.add_argument("--reduce-range", action="store_true",
+                    help="7-bit weights everywhere (what a CPU without VNNI gets), to see its quality here")
     ap.add_argument("--profile", action="store_true", help="onnxruntime per-op profile of fp32 and int8 on passages")
     args = ap.parse_args()
 
     import torch
 
     from embedtune.export import OnnxEncoder, export_onnx
+    from embedtune.export.graph import backbone
     from embedtune.models import load_model
     from embedtune.retrieval.onnx import MODEL_FILES
 
     torch.set_num_threads(args.threads)
     model = load_model("default", device="cpu")
     folder = args.export_dir or Path(tempfile.mkdtemp(prefix="embedtune-bench-"))
+    reduce_range = True if args.reduce_range else None
     if not (folder / "model.int8.onnx").is_file():
         export_onnx(model, folder, source="default", int8_exclude_sensitive=not args.quantise_ffn_down,
-                    int8_quantize_attention=args.quantise_attention)
+                    int8_quantize_attention=args.quantise_attention, int8_reduce_range=reduce_range)
     queries, passages = texts(args.queries, args.passages)
     encoders = {p: OnnxEncoder(folder, p, threads=args.threads) for p in ("fp32", "int8")}
+    config = backbone(model).config
+    fuse = (config.num_attention_heads, config.hidden_size)
+    for variant in filter(None, args.variants.split(",")):
+        encoders[f"int8 {variant}"] = OnnxEncoder(build_variant(folder, variant, reduce_range, fuse), "int8",
+                                                  threads=args.threads)
     bs = args.batch_size
 
     backends: dict[str, Callable[[list[str]], np.ndarray]] = {
@@ -213,14 +246,18 @@ def main() -> None:
                           f"{name}, one batch of {bs} passages x {tokens['input_ids'].shape[1]} tokens")
 
     print("\n| check | min cosine | mean cosine |\n|---|---:|---:|")
-    for a, b in (("fp32", "torch"), ("int8", "fp32")):
-        cos = np.concatenate([(vectors[(a, k)] * vectors[(b, k)]).sum(1) for k in ("queries", "passages (256 tok)")])
+    kinds = ("queries", "passages (256 tok)")
+    for a in encoders:
+        b = "torch" if a == "fp32" else "fp32"
+        cos = np.concatenate([(vectors[(a, k)] * vectors[(b, k)]).sum(1) for k in kinds])
         print(f"| onnx {a} vs {b} | {cos.min():.5f} | {cos.mean():.5f} |")
 
-    nd = ndcg_subset(encoders["fp32"], encoders["int8"], args.ndcg_queries, args.ndcg_docs)
+    nd = ndcg_subset(encoders, args.ndcg_queries, args.ndcg_docs)
     if nd:
-        print(f"\nSciFact subset ({nd['queries']} queries, {nd['docs']} docs): nDCG@10 fp32 {nd['fp32']:.4f}, "
-              f"int8 {nd['int8']:.4f}, Δ {nd['int8'] - nd['fp32']:+.4f} (tolerance 0.01)")
+        print(f"\nSciFact subset ({nd['queries']} queries, {nd['docs']} docs), nDCG@10, tolerance 0.01"
+              f"{' (7-bit weights)' if args.reduce_range else ''}:")
+        for name in encoders:
+            print(f"  {name}: {nd[name]:.4f} (Δ vs fp32 {nd[name] - nd['fp32']:+.4f})")
 
 
 if __name__ == "__main__":
