@@ -192,7 +192,8 @@ def main() -> None:
                     f"{', '.join(VARIANTS)} (attention: QKV quantised; all: QKV and FFN down quantised)")
     ap.add_argument("--reduce-range", action="store_true",
                     help="7-bit weights everywhere (what a CPU without VNNI gets), to see its quality here")
-    ap.add_argument("--profile", action="store_true", help="onnxruntime per-op profile of fp32 and int8 on passages")
+    ap.add_argument("--profile", action="store_true",
+                    help="onnxruntime per-op profile of every ONNX graph (fp32, int8, variants) on one passage batch")
     args = ap.parse_args()
 
     import torch
@@ -241,8 +242,8 @@ def main() -> None:
           f"length-sorted ({mixed[1] / mixed[0]:.2f}x: the padding a mixed batch pays)")
     if args.profile:
         tokens = encoders["int8"].tokenize(passages[:bs])
-        for name in ("fp32", "int8"):
-            print_profile(profile_ops(folder / MODEL_FILES[name], tokens, args.threads),
+        for name, enc in encoders.items():
+            print_profile(profile_ops(enc.folder / MODEL_FILES[enc.precision], tokens, args.threads),
                           f"{name}, one batch of {bs} passages x {tokens['input_ids'].shape[1]} tokens")
 
     print("\n| check | min cosine | mean cosine |\n|---|---:|---:|")

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from embedtune.models import ModelSpec
     from embedtune.retrieval.encoders import OnnxModelEncoder
 
-#: Bumped when the export itself changes (graph, quantisation rules), so old cached exports are rebuilt.
+#: Bumped when what this module does with an export changes (the export code itself is fingerprinted).
 EXPORT_VERSION = 1
 #: int8 vs torch fp32 on the probe texts: below this the export is not trusted (a broken trace, a model
 #: whose int8 graph saturates); all-MiniLM-L6-v2 measures a min cosine of ~0.997.
@@ -40,9 +40,20 @@ def export_marker(spec: ModelSpec) -> dict[str, object]:
     """Everything that decides the cached export: weights content, prompts, max length, pooling, version."""
     from embedtune.retrieval.encoders import model_fingerprint
 
-    return {"export_version": EXPORT_VERSION, "precision": "int8", "model": model_fingerprint(spec.path),
-            "query_prompt": spec.query_prompt, "passage_prompt": spec.passage_prompt,
-            "max_seq_length": spec.max_seq_length, "pooling": spec.pooling}
+    return {"export_version": EXPORT_VERSION, "exporter": _exporter_fingerprint(), "precision": "int8",
+            "model": model_fingerprint(spec.path), "query_prompt": spec.query_prompt,
+            "passage_prompt": spec.passage_prompt, "max_seq_length": spec.max_seq_length, "pooling": spec.pooling}
+
+
+def _exporter_fingerprint() -> str:
+    """The export code itself (tracing and quantisation rules) and onnxruntime's version: a change to either
+    rebuilds the cached export instead of reusing one made by other rules."""
+    import onnxruntime
+
+    h = hashlib.sha256(onnxruntime.__version__.encode())
+    for name in ("graph.py", "quantize.py", "onnx_export.py"):
+        h.update((Path(__file__).with_name(name)).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def cached_int8_encoder(model: str | ModelConfig | ModelSpec, label: str = "base model (onnx int8)",
@@ -53,7 +64,9 @@ def cached_int8_encoder(model: str | ModelConfig | ModelSpec, label: str = "base
     try:
         spec = model if isinstance(model, ModelSpec) else resolve(model)
         marker = export_marker(spec)
-        key = hashlib.sha256(json.dumps(marker, sort_keys=True).encode()).hexdigest()[:24]
+        # The folder is named by the model's identity; a new exporter rebuilds it in place (marker mismatch).
+        identity = {k: v for k, v in marker.items() if k != "exporter"}
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
         folder = folder or onnx_dir() / f"{Path(spec.path).name or 'model'}-{key}"
         return _load(spec, folder, marker, label)
     except Exception as exc:  # noqa: BLE001 - any failure (tracer, quantiser, onnxruntime missing) means torch
