@@ -95,6 +95,7 @@ def test_encoder_batches_texts_by_token_length_and_restores_their_order(bert_exp
     assert lengths == sorted(lengths, reverse=True)  # longest first by token count, across batches
     assert all(width == max(batch) for width, batch in batches)  # each batch pads only to its own longest
     assert _cos(got, one_by_one).min() >= 0.9999  # and every vector is back at its text's position
+    assert enc.encode([]).shape == (0, 32)
 
 
 def test_dimensions_input_truncates_then_renormalises(bert_export):

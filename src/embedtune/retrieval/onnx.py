@@ -83,6 +83,8 @@ class OnnxEncoder:
             texts = [texts]
         n = self._check_dimensions(dimensions)
         prefix = prompt if prompt is not None else self._prompt(prompt_name)
+        if not texts:
+            return np.zeros((0, n), dtype=np.float32)
         tokens = self.tokenizer([prefix + t for t in texts], truncation="longest_first",
                                 max_length=self.max_seq_length)
         ids = tokens["input_ids"]
