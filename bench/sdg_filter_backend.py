@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--min-rank", type=int, default=1)
     ap.add_argument("--dedup", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; each backend's best counts")
     args = ap.parse_args()
 
     import torch
@@ -64,16 +65,20 @@ def main() -> None:
         raise SystemExit("the default model did not export")
     model = load_model("default", device="cpu")
 
-    def rate(fn, items):
-        fn(items[:8])
-        t = time.perf_counter()
-        out = fn(items)
-        return len(items) / (time.perf_counter() - t), out
-
-    tq, q_t = rate(lambda x: encode_queries(model, x), queries)
-    tp, p_t = rate(lambda x: encode_passages(model, x), passages)
-    oq, q_o = rate(lambda x: onnx.encode(x, "query"), queries)
-    op, p_o = rate(lambda x: onnx.encode(x, "passage"), passages)
+    runs = {"tq": (lambda x: encode_queries(model, x), queries),
+            "oq": (lambda x: onnx.encode(x, "query"), queries),
+            "tp": (lambda x: encode_passages(model, x), passages),
+            "op": (lambda x: onnx.encode(x, "passage"), passages)}
+    best: dict[str, tuple[float, np.ndarray]] = {}
+    for _ in range(args.rounds):  # interleaved, best of N: a slow spell on shared cores hits both backends
+        for key, (fn, items) in runs.items():
+            fn(items[:8])
+            t = time.perf_counter()
+            out = fn(items)
+            rate = len(items) / (time.perf_counter() - t)
+            if key not in best or rate > best[key][0]:
+                best[key] = (rate, out)
+    (tq, q_t), (oq, q_o), (tp, p_t), (op, p_o) = (best[k] for k in ("tq", "oq", "tp", "op"))
 
     r_t, r_o = roundtrip_ranks(q_t, p_t, positives), roundtrip_ranks(q_o, p_o, positives)
     dd_t, dd_o = near_duplicates(q_t, args.dedup), near_duplicates(q_o, args.dedup)
