@@ -31,9 +31,9 @@ def _candidates(chunks: list[Chunk]) -> list[Candidate]:
     out = []
     for c in chunks:
         words = [w.strip(".").lower() for w in c.text.split()]
+        w = [words[i % len(words)] for i in (1, 7, 13, 20)]
         topic = c.doc_id.split("-")[0]
-        for text in (f"which {topic} ideas relate to {words[1]} and {words[7]}",
-                     f"how does {words[13]} affect {words[20]} in {topic}"):
+        for text in (f"which {topic} ideas relate to {w[0]} and {w[1]}", f"how does {w[2]} affect {w[3]} in {topic}"):
             out.append(Candidate(text=text, positive_ids=[c.id], doc_id=c.doc_id, source=c.id))
     return out
 
@@ -98,3 +98,31 @@ def test_a_model_onnx_cannot_take_falls_back_to_torch_with_a_log_line(tmp_path, 
     assert "encoding with torch fp32 instead" in caplog.text and "include_prompt" in caplog.text
     assert kept == _filter(folder, "torch", chunks, tmp_path / "torch")[1]
     assert not (tmp_path / "cache" / "onnx").exists() or not any((tmp_path / "cache" / "onnx").iterdir())
+
+
+def test_prep_mines_with_the_int8_chunk_embeddings_sdg_left_in_the_run_cache(tmp_path, tiny_bert_dir, export_calls,
+                                                                              monkeypatch, caplog):
+    import embedtune.models
+    from embedtune.prep import run_prep
+    from embedtune.schemas import TrainExample, read_rows
+    from test_prep import make_chunks, make_queries, make_run
+
+    chunks = make_chunks()
+    run = make_run(tmp_path / "run", chunks, make_queries(chunks))
+    overrides = [f"model.name={tiny_bert_dir}", "sdg.filters.backend=onnx-int8", "sdg.filters.roundtrip=true",
+                 "prep.test_ratio=0.25",
+                 "prep.teacher=dense", "prep.fill_missing=drop", "prep.negatives_used=1"]
+    recipe = load_recipe(None, overrides)
+    QueryFilter(recipe, NoGeneration(recipe, None, tmp_path), chunks, Counter(),
+                run.root / "cache" / "embeddings").apply(_candidates(chunks[::2]))
+
+    def no_torch(*args, **kw):
+        raise AssertionError("prep loaded the torch model although sdg's int8 backend was chosen")
+
+    monkeypatch.setattr(embedtune.models, "load_model", no_torch)
+    with caplog.at_level(logging.INFO, logger="embedtune"):
+        manifest = run_prep(recipe, run)
+    assert f"base model (onnx int8): {len(chunks)} passage embeddings from the cache" in caplog.text
+    assert len(export_calls) == 1  # sdg exported, prep reused the export
+    train = list(read_rows(run.path("prep", "train.jsonl"), TrainExample))
+    assert train and manifest.counts["mined_negatives"] > 0

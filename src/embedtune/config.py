@@ -89,10 +89,10 @@ class QueryFilterConfig(StrictModel):
         1, ge=1, description="drop queries whose best positive ranks above this (2 drops rank-1 'easy' ones)"
     )
     backend: Literal["torch", "onnx-int8"] = Field(
-        "torch", description="how the base model encodes for the dedup and round-trip filters. onnx-int8: its "
-        "ONNX int8 export, built once into the embedtune cache (torch when the model cannot be exported), 2-4x "
-        "faster with 99% the same decisions; but prep's mining then cannot reuse sdg's chunk embeddings and "
-        "encodes the chunks with torch itself, so in a full pipeline torch (shared) is the faster choice"
+        "torch", description="how the base model encodes for sdg's dedup and round-trip filters and prep's mining "
+        "(which reuses sdg's chunk embeddings). onnx-int8: its ONNX int8 export, built once into the embedtune "
+        "cache (torch when the model cannot be exported): 2-4x faster, 99% the same filter decisions; mined "
+        "negatives and teacher scores then come from int8 embeddings"
     )
 
     @model_validator(mode="after")
