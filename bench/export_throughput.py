@@ -128,6 +128,9 @@ def print_profile(rows: list[tuple], label: str) -> None:
     for op, share, ms, q in rows:
         if share >= 0.005:
             print(f"| {op} | {share:.1%} | {ms:.1f} | {'int8' if q else 'fp32'} |")
+    if any(op in ("Attention", "QAttention") for op, *_ in rows):
+        print("(Attention/QAttention = fused QKV projection + scores + softmax + context; QAttention quantises "
+              "only the QKV projection, the rest stays fp32. Pooling/normalise/Matryoshka ops are below 0.5%.)")
 
 
 def ndcg_subset(encoders: dict, n_queries: int, n_docs: int) -> dict[str, float] | None:
