@@ -79,6 +79,26 @@ def test_fp32_onnx_matches_pytorch_at_any_batch_size_and_length(bert_export, tin
         assert _cos(got, ref).min() >= 0.9999
 
 
+def test_encoder_batches_texts_by_token_length_and_restores_their_order(bert_export, monkeypatch):
+    enc = OnnxEncoder(bert_export, "fp32")
+    texts = [TEXTS[i] for i in (2, 0, 3, 1, 2, 4, 3, 0)]  # lengths mixed in arrival order
+    one_by_one = np.vstack([enc.encode([t]) for t in texts])
+    batches: list[tuple[int, list[int]]] = []
+    real = enc.run_tokens
+
+    def spy(tokens, dimensions=None):
+        batches.append((tokens["input_ids"].shape[1], tokens["attention_mask"].sum(1).tolist()))
+        return real(tokens, dimensions)
+
+    monkeypatch.setattr(enc, "run_tokens", spy)
+    got = enc.encode(texts, batch_size=3)
+    lengths = [n for _, batch in batches for n in batch]
+    assert lengths == sorted(lengths, reverse=True)  # longest first by token count, across batches
+    assert all(width == max(batch) for width, batch in batches)  # each batch pads only to its own longest
+    assert _cos(got, one_by_one).min() >= 0.9999  # and every vector is back at its text's position
+    assert enc.encode([]).shape == (0, 32)
+
+
 def test_dimensions_input_truncates_then_renormalises(bert_export):
     enc = OnnxEncoder(bert_export, "fp32")
     full = enc.encode(TEXTS)

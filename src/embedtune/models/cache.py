@@ -50,7 +50,8 @@ def write_marker(folder: Path, marker: dict[str, Any]) -> None:
     (folder / MARKER).write_text(json.dumps(marker, indent=2))
 
 
-def ensure_converted(folder: Path, marker: dict[str, Any], convert: Callable[[Path], None], what: str) -> Path:
+def ensure_converted(folder: Path, marker: dict[str, Any], convert: Callable[[Path], None], what: str,
+                     into: str = "a sentence-transformers model") -> Path:
     """``folder``, converting into it first unless its marker equals ``marker``.
 
     ``convert(build)`` writes the model into the empty folder ``build`` and finishes with
@@ -60,7 +61,7 @@ def ensure_converted(folder: Path, marker: dict[str, Any], convert: Callable[[Pa
         return folder
     from embedtune.console import log
 
-    log.info(f"converting {what} into a sentence-transformers model at {folder} (once)")
+    log.info(f"converting {what} into {into} at {folder} (once)")
     started = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

@@ -170,20 +170,13 @@ def build_examples(recipe: Recipe, split: Split, chunks: list[Chunk],
     """Embed the training queries and candidate chunks with the base model, mine, fill, assemble.
 
     All chunks are embedded through ``cache`` (the run's: sdg's round-trip filter already embedded the
-    same chunks with the same model), and the candidate pool takes its rows from them.
+    same chunks with the same model and backend), and the candidate pool takes its rows from them.
     """
     cfg = recipe.prep
     pool = [c for c in chunks if cfg.test_chunks_as_negatives or c.doc_id in split.train_docs]
     positives, excluded = candidate_masks(split.train, pool, cfg.exclude_same_document)
 
-    from embedtune.models import encode_queries, load_model, resolve
-
-    model = load_model(recipe.model)
-    q_emb = _encode(encode_queries, model, [q.text for q in split.train], cfg.mining_batch_size,
-                    cfg.query_max_length, "encoding queries")
-    with _max_length(model, cfg.passage_max_length):
-        all_emb = encode_passages_cached(model, resolve(recipe.model).path, [c.text for c in chunks], cache,
-                                         what="base model, chunks")
+    q_emb, all_emb = _base_embeddings(recipe, [q.text for q in split.train], [c.text for c in chunks], cache)
     row = {c.id: i for i, c in enumerate(chunks)}
     p_emb = all_emb[[row[c.id] for c in pool]]
     teacher = make_teacher(cfg.teacher, [q.text for q in split.train], [c.text for c in pool], cfg.bm25_weight,
@@ -200,6 +193,30 @@ def build_examples(recipe: Recipe, split: Split, chunks: list[Chunk],
     examples = [_example(q, pool, positives[i], mined, i) for i, q in enumerate(split.train)
                 if mined.neg_idx[i] is not None]
     return examples, counts
+
+
+def _base_embeddings(recipe: Recipe, queries: list[str], chunks: list[str],
+                     cache: EmbeddingCache | None) -> tuple[np.ndarray, np.ndarray]:
+    """The base model's query and chunk embeddings, by the backend sdg's filters used (so the chunks come
+    from the run cache sdg filled): its ONNX int8 export with ``sdg.filters.backend=onnx-int8``, else torch."""
+    from embedtune.models import encode_queries, load_model, resolve
+
+    cfg = recipe.prep
+    if recipe.sdg.filters.backend == "onnx-int8":
+        if cfg.query_max_length or cfg.passage_max_length:
+            log.info("prep: query/passage_max_length set, which the ONNX export cannot change: mining with torch")
+        else:
+            from embedtune.export.cached import cached_int8_encoder
+            from embedtune.retrieval.cache import encode_cached
+
+            if (onnx := cached_int8_encoder(recipe.model)) is not None:
+                return (onnx.encode(queries, "query"),
+                        encode_cached(onnx, chunks, "passage", cache, what="base model (onnx int8), chunks"))
+    model = load_model(recipe.model)
+    q_emb = _encode(encode_queries, model, queries, cfg.mining_batch_size, cfg.query_max_length, "encoding queries")
+    with _max_length(model, cfg.passage_max_length):
+        all_emb = encode_passages_cached(model, resolve(recipe.model).path, chunks, cache, what="base model, chunks")
+    return q_emb, all_emb
 
 
 def candidate_masks(queries: Sequence[SyntheticQuery], pool: Sequence[Chunk],

@@ -14,12 +14,16 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from embedtune.config import Recipe
 from embedtune.schemas import Chunk
 from embedtune.sdg.base import Candidate, Generator
+
+if TYPE_CHECKING:
+    from embedtune.retrieval.encoders import OnnxModelEncoder
 
 # Han, Hiragana, Katakana, CJK punctuation-free ranges, Thai, Lao, Khmer, Myanmar: scripts written without
 # spaces between words.
@@ -180,6 +184,7 @@ class FilterResult:
     rejected: list[tuple[Candidate, str]]
     reasons: Counter[str]
     ranks: list[int]
+    backend: str | None = None  # what encoded for the dedup/round-trip filters (None: nothing was encoded)
 
 
 class QueryFilter:
@@ -194,6 +199,7 @@ class QueryFilter:
         self.rejected: list[tuple[Candidate, str]] = []
         self.reasons: Counter[str] = Counter()
         self._model = None
+        self._onnx: OnnxModelEncoder | None | bool = None  # False: asked for and unavailable (torch instead)
         self._query_emb: np.ndarray | None = None
 
     def apply(self, candidates: list[Candidate]) -> FilterResult:
@@ -206,7 +212,8 @@ class QueryFilter:
         if self.generator.oversamples:
             kept = self._quota(kept)
         kept = self._judge(kept)
-        return FilterResult(kept, self.rejected, self.reasons, ranks)
+        backend = self.backend if self._onnx is not None else None
+        return FilterResult(kept, self.rejected, self.reasons, ranks, backend)
 
     def _reject(self, cand: Candidate, reason: str) -> None:
         self.rejected.append((cand, reason))
@@ -238,6 +245,21 @@ class QueryFilter:
             self._model = load_model(self.recipe.model)
         return self._model
 
+    def _onnx_encoder(self) -> OnnxModelEncoder | None:
+        """The base model's cached ONNX int8 encoder when ``filters.backend`` asks for it and it exports."""
+        if self._onnx is None:
+            self._onnx = False
+            if self.cfg.backend == "onnx-int8":
+                from embedtune.export.cached import cached_int8_encoder
+
+                self._onnx = cached_int8_encoder(self.recipe.model) or False
+        return self._onnx or None
+
+    @property
+    def backend(self) -> str:
+        """The backend the filters actually encode with (``onnx-int8`` may have fallen back to torch)."""
+        return "onnx-int8" if self._onnx_encoder() is not None else "torch"
+
     def _near_duplicates(self, cands: list[Candidate]) -> list[Candidate]:
         if len(cands) < 2:
             return cands
@@ -254,13 +276,21 @@ class QueryFilter:
         from embedtune.console import track
         from embedtune.models import encode_queries
 
-        model = self._embedder()
+        onnx = self._onnx_encoder()
+        if onnx is not None:
+            def encode(part: list[str]) -> np.ndarray:
+                return onnx.model.encode(part, prompt_name=onnx.prompt_name("query"), batch_size=onnx.batch_size)
+            dim = onnx.model.dimension
+        else:
+            model = self._embedder()
+            def encode(part: list[str]) -> np.ndarray:
+                return encode_queries(model, part)
+            dim = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)() or 0
         starts = range(0, len(texts), block)
-        parts = [encode_queries(model, texts[s:s + block])
+        parts = [encode(texts[s:s + block])
                  for s in track(starts, "sdg filters: encoding queries", total=len(texts), unit="queries",
                                 weight=lambda s: min(block, len(texts) - s))]
-        return np.concatenate(parts) if parts else np.zeros((0, model.get_sentence_embedding_dimension() or 0),
-                                                            np.float32)
+        return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
     def _roundtrip_on(self) -> bool:
         return self.cfg.roundtrip if self.cfg.roundtrip is not None else self.generator.needs_roundtrip
@@ -268,11 +298,10 @@ class QueryFilter:
     def _roundtrip(self, cands: list[Candidate]) -> list[Candidate]:
         if not cands:
             return cands
-        model = self._embedder()
         q = self._query_emb
         if q is None or len(q) != len(cands):
             q = self._encode_queries([c.text for c in cands])
-        p = self._passage_embeddings(model)
+        p = self._passage_embeddings()
         row = {c.id: i for i, c in enumerate(self.chunks)}
         ranks = roundtrip_ranks(q, p, [[row[i] for i in c.positive_ids] for c in cands])
         kept = []
@@ -285,14 +314,18 @@ class QueryFilter:
                 kept.append(cand)
         return kept
 
-    def _passage_embeddings(self, model) -> np.ndarray:
-        """All chunks' base-model embeddings, from the run's embedding cache (prep's mining reuses them)."""
+    def _passage_embeddings(self) -> np.ndarray:
+        """All chunks' base-model embeddings, from the run's embedding cache (prep's mining reuses the torch
+        ones; the int8 ones are keyed apart, so they never stand in for torch vectors)."""
         from embedtune.models import resolve
-        from embedtune.retrieval.cache import EmbeddingCache, encode_passages_cached
+        from embedtune.retrieval.cache import EmbeddingCache, encode_cached, encode_passages_cached
 
         cache = EmbeddingCache(self.cache_dir) if self.cache_dir else None
-        return encode_passages_cached(model, resolve(self.recipe.model).path, [c.text for c in self.chunks],
-                                      cache, what="base model, chunks")
+        texts = [c.text for c in self.chunks]
+        if (onnx := self._onnx_encoder()) is not None:
+            return encode_cached(onnx, texts, "passage", cache, what="base model (onnx int8), chunks")
+        return encode_passages_cached(self._embedder(), resolve(self.recipe.model).path, texts, cache,
+                                      what="base model, chunks")
 
     def _quota(self, cands: list[Candidate]) -> list[Candidate]:
         """At most ``queries_per_chunk`` per source chunk, preferring question-shaped queries, then those
