@@ -95,7 +95,7 @@ def test_finetuned_model_is_preferred_and_int8_checked_on_the_eval_set(tiny_bert
     for key, fp32 in expected.items():
         tolerance = 0.03 if key.endswith("@1") else 0.01
         assert retrieval["fp32"][key] == pytest.approx(fp32, abs=1e-4), key
-        assert abs(retrieval["int8"][key] - fp32) <= tolerance + 1e-9, (key, retrieval["int8"][key], fp32)
+        assert retrieval["int8"][key] - fp32 >= -tolerance - 1e-9, (key, retrieval["int8"][key], fp32)
         assert retrieval["delta"][key] == pytest.approx(retrieval["int8"][key] - retrieval["fp32"][key], abs=1e-4)
     assert manifest.metrics["int8_delta"] == retrieval["delta"]
 
@@ -195,3 +195,41 @@ def test_export_resumes_after_an_interrupted_run_and_redoes_a_changed_model(tiny
     new_vectors = changed.encode(texts, normalize_embeddings=True)
     assert np.abs(onnx_vectors() - new_vectors).max() < 1e-4
     assert np.abs(new_vectors - torch_vectors).max() > 1e-3
+
+
+class _RankingEncoder:
+    """Stands in for an OnnxEncoder: query i and document i share a direction unless the query is in ``lost``,
+    whose embedding then points at another document (that query's hit is ranked last)."""
+
+    prompts: dict[str, str] = {}
+
+    def __init__(self, precision: str, n: int, lost: set[int]):
+        self.precision, self.n, self.lost = precision, n, lost
+
+    def encode(self, texts, prompt_name=None, batch_size=32):  # noqa: ANN001, ANN201
+        eye = np.eye(self.n, dtype=np.float32)
+        if texts[0].startswith("doc"):
+            return eye
+        return np.stack([eye[(i + 1) % self.n] if i in self.lost else eye[i] for i in range(self.n)])
+
+
+@pytest.mark.parametrize(("fp32_lost", "int8_lost", "passed"), [
+    ({0, 1, 2, 3}, set(), True),   # int8 finds four more queries' documents: a gain, never a failure
+    (set(), {0, 1, 2, 3}, False),  # int8 loses four: recall@5 -0.2, far beyond 0.01
+    (set(), set(), True),
+])
+def test_the_retrieval_gate_fails_a_loss_beyond_tolerance_not_a_gain(tmp_path, fp32_lost, int8_lost, passed):
+    from embedtune.export.parity import retrieval_vs_fp32
+
+    n = 20
+    write_jsonl(tmp_path / "corpus.jsonl", [{"_id": f"d{i}", "text": f"doc {i}"} for i in range(n)])
+    write_jsonl(tmp_path / "queries.jsonl", [{"_id": f"q{i}", "text": f"query {i}"} for i in range(n)])
+    write_text(tmp_path / "qrels" / "test.tsv",
+               "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(n)))
+    report = retrieval_vs_fp32(_RankingEncoder("fp32", n, fp32_lost), _RankingEncoder("int8", n, int8_lost),
+                               tmp_path, [1, 5], tolerance_low_k=0.03, tolerance_high_k=0.01)
+    assert report["passed"] is passed and bool(report["failures"]) is not passed
+    sign = len(fp32_lost) - len(int8_lost)
+    assert report["delta"]["recall@5"] == pytest.approx(sign / n)
+    if not passed:
+        assert "loss 0.2000 > 0.01" in " ".join(report["failures"])

