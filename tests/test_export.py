@@ -110,20 +110,31 @@ def test_dimensions_input_truncates_then_renormalises(bert_export):
     np.testing.assert_allclose(enc.encode(TEXTS, dimensions=32), full, atol=1e-6)
 
 
-def test_int8_fuses_and_quantises_but_keeps_ffn_down_projections_fp32(bert_export):
+def test_int8_fuses_and_quantises_every_weighted_matmul_of_an_encoder_by_default(bert_export):
     fp32_graph = onnx.load(str(bert_export / "model.onnx"))
     int8_graph = onnx.load(str(bert_export / "model.int8.onnx"))
     ops = [n.op_type for n in int8_graph.graph.node]
-    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert "QAttention" in ops and "Attention" not in ops  # fused by onnxruntime, then its QKV quantised
+    assert "Attention" not in {n.op_type for n in fp32_graph.graph.node}  # the fp32 graph stays plain ONNX
+    weights = {init.name for init in int8_graph.graph.initializer}
+    fp32_weighted = [n.name for n in int8_graph.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert fp32_weighted == []  # the FFN down-projections too (auto: per-channel int8 loses nothing there)
+    fp32, int8 = OnnxEncoder(bert_export, "fp32"), OnnxEncoder(bert_export, "int8")
+    assert _cos(int8.encode(TEXTS), fp32.encode(TEXTS)).min() > 0.95
+
+
+def test_int8_keeps_the_ffn_down_projections_fp32_when_asked(bert_export, tmp_path):
+    from embedtune.export.quantize import quantize_int8
+
     kept = sensitive_matmuls(bert_export / "model.onnx")
     assert len(kept) == 2  # one FFN down-projection per layer of the 2-layer model
     assert all("output/dense" in name and "attention" not in name for name in kept)
-    still_fp32 = {n.name for n in int8_graph.graph.node if n.op_type == "MatMul"}
-    assert set(kept) <= still_fp32
-    assert "Attention" in ops and "QAttention" not in ops  # fused by onnxruntime, QKV kept fp32 by default
-    assert "Attention" not in {n.op_type for n in fp32_graph.graph.node}  # the fp32 graph stays plain ONNX
-    fp32, int8 = OnnxEncoder(bert_export, "fp32"), OnnxEncoder(bert_export, "int8")
-    assert _cos(int8.encode(TEXTS), fp32.encode(TEXTS)).min() > 0.95
+    out = tmp_path / "model.int8.onnx"
+    record = quantize_int8(bert_export / "model.onnx", out, exclude_sensitive=True, quantize_attention=False)
+    graph = onnx.load(str(out)).graph
+    assert record["kept_fp32"] == 2 and set(kept) <= {n.name for n in graph.node if n.op_type == "MatMul"}
+    assert "QAttention" not in {n.op_type for n in graph.node}
 
 
 @pytest.mark.parametrize("pooling", ["cls", "lasttoken"])
