@@ -168,3 +168,23 @@ def test_stage_resumes_only_from_complete_checkpoints_of_the_same_config(tmp_pat
                           save_total_limit=None, learning_rate=2e-3)
     restarted = run_finetune(changed, run)
     assert restarted.metrics["resumed_from_step"] == 0 and restarted.counts["steps"] == 2  # not from step 1
+
+
+def test_a_run_stopped_after_its_last_step_finishes_from_the_checkpoint_without_training_more(tmp_path, tiny_bert_dir):
+    """The stage killed after its last checkpoint but before its manifest: the rerun resumes from that
+    checkpoint and ends at the same step with the same weights (transformers alone would train one more step)."""
+    from sentence_transformers import SentenceTransformer
+
+    recipe = tiny_recipe(tiny_bert_dir, max_steps=2, checkpoint_steps=2, validation_fraction=0.0,
+                         save_total_limit=None)
+    run = make_run(tmp_path / "run", synthetic_examples(64))
+    first = run_finetune(recipe, run)
+    texts = ["a query about ships", "a passage about bread and butter"]
+    before = SentenceTransformer(str(run.root / "finetune" / "model"), device="cpu").encode(texts)
+    (run.root / "finetune" / "manifest.json").unlink()  # what a kill between the last step and the manifest leaves
+
+    again = run_finetune(recipe, run)
+    assert first.counts["steps"] == again.counts["steps"] == 2
+    assert again.metrics["resumed_from_step"] == 2
+    after = SentenceTransformer(str(run.root / "finetune" / "model"), device="cpu").encode(texts)
+    assert abs(before - after).max() < 1e-6

@@ -45,6 +45,22 @@ from embedtune.train.trainer import (
 STAGE = "finetune"
 
 
+def _holds_every_step(trainer, checkpoint: str, total_steps: int) -> bool:  # noqa: ANN001
+    """When ``checkpoint`` is the run's last step (the stage was stopped after training, before its manifest),
+    load it (or the best checkpoint it names) into ``trainer`` and return True. transformers' resume would
+    otherwise skip the epoch's trained batches and run one more step past ``max_steps``."""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    if state.global_step < total_steps:
+        return False
+    best = state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    weights = best if best and Path(best).is_dir() else checkpoint
+    trainer._load_from_checkpoint(weights)  # the same loader trainer.train(resume_from_checkpoint=...) uses
+    trainer.state = state
+    return True
+
+
 def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bool = True) -> Manifest:
     """Train, keep the best checkpoint by validation nDCG@10, save ``finetune/model``; resumes."""
     cfg = recipe.finetune
@@ -103,7 +119,11 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
 
     trainer, throughput = _trainer(cfg, plan, hw, model, data, evaluator, metric, checkpoints, dims)
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
+    if resume_from and _holds_every_step(trainer, resume_from, plan.total_steps):
+        log.info("%s already holds all %d steps: finishing from it without training",
+                 Path(resume_from).name, plan.total_steps)
+    else:
+        trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - t0
 
     manifest = None
