@@ -210,12 +210,14 @@ class _RankingEncoder:
         eye = np.eye(self.n, dtype=np.float32)
         if texts[0].startswith("doc"):
             return eye
-        return np.stack([eye[(i + 1) % self.n] if i in self.lost else eye[i] for i in range(self.n)])
+        # a lost query scores its own document -1: last, whatever the order of the tied zeros
+        return np.stack([eye[(i + 1) % self.n] - eye[i] if i in self.lost else eye[i] for i in range(self.n)])
 
 
 @pytest.mark.parametrize(("fp32_lost", "int8_lost", "passed"), [
     ({0, 1, 2, 3}, set(), True),   # int8 finds four more queries' documents: a gain, never a failure
-    (set(), {0, 1, 2, 3}, False),  # int8 loses four: recall@5 -0.2, far beyond 0.01
+    (set(), {0, 1, 2, 3}, False),  # int8 loses four: recall@5 -0.2, beyond the tolerance and one query (0.05)
+    (set(), {7}, True),            # int8 loses one query of 20: one rank flip is not a finding
     (set(), set(), True),
 ])
 def test_the_retrieval_gate_fails_a_loss_beyond_tolerance_not_a_gain(tmp_path, fp32_lost, int8_lost, passed):
@@ -232,4 +234,5 @@ def test_the_retrieval_gate_fails_a_loss_beyond_tolerance_not_a_gain(tmp_path, f
     sign = len(fp32_lost) - len(int8_lost)
     assert report["delta"]["recall@5"] == pytest.approx(sign / n)
     if not passed:
-        assert "loss 0.2000 > 0.01" in " ".join(report["failures"])
+        assert "loss 0.2000 > 0.05" in " ".join(report["failures"])  # the tolerance grown to one query of 20
+    assert report["one_query"] == pytest.approx(1 / n)
