@@ -11,6 +11,7 @@ evaluation jobs send it, so another local user of the host cannot use the loopba
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -51,12 +52,21 @@ def key_path(data_dir: Path, dep_id: str) -> Path:
     return data_dir / "deployments" / dep_id / KEY_FILE
 
 
+@functools.lru_cache(maxsize=1024)
+def _read_key(path: Path) -> str | None:
+    # Read once per deployment, not on every gateway request: a deployment's key never changes (ids are random).
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+
+
+def deployment_key(data_dir: Path, dep_id: str) -> str | None:
+    """The deployment's API key; None for one started before deployments had keys."""
+    return _read_key(key_path(data_dir, dep_id))
+
+
 def auth_headers(data_dir: Path, dep_id: str) -> dict[str, str]:
-    """The Authorization header for a deployment's server; none for one started before keys existed."""
-    path = key_path(data_dir, dep_id)
-    if not path.is_file():
-        return {}
-    return {"Authorization": f"Bearer {path.read_text(encoding='utf-8').strip()}"}
+    """The Authorization header for a deployment's server (none for a key-less one)."""
+    key = deployment_key(data_dir, dep_id)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 class DeploymentManager:

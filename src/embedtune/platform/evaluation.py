@@ -42,12 +42,11 @@ def run_evaluation(job: db.Job, sessions: sessionmaker[Session], settings: Platf
     if spec.get("_deployment_url"):
         progress.update(force=True, stage="encode (deployment)")
         qids, dids = list(dataset.queries), list(dataset.corpus)
-        from embedtune.platform.deployments import auth_headers
+        from embedtune.platform.deployments import deployment_key
 
-        bearer = auth_headers(settings.data_dir, spec.get("_deployment_id", "")).get("Authorization", "")
         client = EndpointEncoder(spec["_deployment_url"], spec.get("_served_model") or "model",
                                  batch_size=spec["batch_size"], label="deployment",
-                                 api_key=bearer.removeprefix("Bearer ") or None)
+                                 api_key=deployment_key(settings.data_dir, spec.get("_deployment_id", "")))
         q = client.encode([dataset.queries[i] for i in qids], "query")
         d = client.encode(dataset.passages(dids), "passage")
         metrics = evaluate_embeddings(dataset, qids, q, dids, d, ranking)
