@@ -144,6 +144,33 @@ def test_keeps_the_best_checkpoint_not_the_last(tmp_path, tiny_bert_dir, monkeyp
     assert np.abs(saved - vectors(checkpoints / "checkpoint-4")).max() > 1e-4  # the last really differs
 
 
+def test_cpu_bf16_trains_under_autocast_and_saves_fp32_weights(tmp_path, tiny_bert_dir, monkeypatch):
+    """cpu_bf16=true: the training forward runs in bf16 (read off a layer's output), the optimizer keeps fp32
+    weights, the manifest says so, and the saved model has moved and reloads in fp32."""
+    import torch
+
+    from embedtune.models import load_model
+    from embedtune.train import stage as driver
+
+    dtypes: set[torch.dtype] = set()
+
+    def load_and_watch(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        layer = model[0].auto_model.encoder.layer[0].intermediate.dense
+        layer.register_forward_hook(lambda module, args, output: dtypes.add(output.dtype) if module.training else None)
+        return model
+
+    monkeypatch.setattr(driver, "load_model", load_and_watch)
+    run = make_run(tmp_path / "run", synthetic_examples(24))
+    recipe = tiny_recipe(tiny_bert_dir, max_steps=2, learning_rate=5e-3, validation_fraction=0.0, cpu_bf16=True)
+    manifest = run_finetune(recipe, run)
+    assert dtypes == {torch.bfloat16}
+    assert manifest.metrics["precision"] == "bf16-mixed"
+    tuned = load_model(str(run.path("finetune", "model")))
+    assert {p.dtype for p in tuned.parameters()} == {torch.float32}
+    assert np.abs(tuned.encode(TEXTS) - load_model(str(tiny_bert_dir)).encode(TEXTS)).max() > 1e-3
+
+
 def test_unchanged_rerun_is_skipped(trained):
     recipe, run, _, _ = trained
     assert run_finetune(recipe, run).skipped
@@ -291,8 +318,9 @@ def test_cached_mnrl_trains_in_mini_batches_like_mnrl_on_the_whole_batch(tmp_pat
 
     def train(loss: str, **extra):
         run = make_run(tmp_path / loss, rows)
+        # fp32 on every CPU: GradCache is exact in fp32; bf16 rounds its two passes differently.
         recipe = tiny_recipe(model_dir, loss=loss, passages_per_query=3, max_steps=2, learning_rate=5e-3,
-                             validation_fraction=0.0, **extra)
+                             validation_fraction=0.0, cpu_bf16=False, **extra)
         return run, run_finetune(recipe, run)
 
     monkeypatch.setattr(driver, "load_model", load_and_watch)

@@ -235,3 +235,20 @@ def test_queries_are_counted_at_their_typical_length(tiny_llama_dir, monkeypatch
     assert budget.bytes_per_query == decoder_activation_bytes(auto_model, tokens)
     assert budget.activations(3) == 3 * (2 * budget.bytes_per_text + budget.bytes_per_query)
     assert memory_budget(model, 2, cpu).bytes_per_query == 0
+
+
+@pytest.mark.parametrize(
+    ("native", "setting", "expected"),
+    [(True, None, True), (False, None, False), (True, False, False), (False, True, True)],
+)
+def test_cpu_training_uses_bf16_where_the_cpu_multiplies_it_natively_unless_told(monkeypatch, native, setting,
+                                                                                   expected):
+    import torch
+
+    from embedtune.train import plan as plan_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(plan_module, "cpu_has_native_bf16", lambda: native)
+    hw = plan_module.hardware(setting)
+    assert hw.bf16 is expected
+    assert not hw.cuda and not hw.tf32 and hw.optim == "adamw_torch"

@@ -84,7 +84,7 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
         examples, cfg.passages_per_query - 1, cfg.validation_fraction, cfg.val_corpus_size, cfg.seed
     )
     _report_data(data, len(examples), cfg)
-    hw = hardware()
+    hw = hardware(cfg.cpu_bf16)
     if not hw.cuda:
         return_freed_tensors_to_the_os()  # else glibc keeps a forward's freed temporaries: ~1.5 GB on a 135M decoder
     # Passages (positive + hard negatives) run to the model's max length; queries at their typical length.
@@ -124,6 +124,9 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
                  Path(resume_from).name, plan.total_steps)
     else:
         trainer.train(resume_from_checkpoint=resume_from)
+        # Mixed precision wraps the model's forward in bf16 autocast; what follows (LoRA merge, saving, any
+        # scoring of the in-memory model) runs the plain fp32 forward, as the saved model will.
+        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     seconds = time.perf_counter() - t0
 
     manifest = None
@@ -142,6 +145,7 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
                 "examples_per_second": round(throughput.examples_per_second, 3),
                 "base_val_ndcg@10": base_score,
                 "resumed_from_step": _step_of(resume_from),
+                "precision": "bf16-mixed" if hw.bf16 else "fp32",
                 **_memory_plan(memory, plan),
             },
             metric,
