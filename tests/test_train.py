@@ -171,6 +171,29 @@ def test_cpu_bf16_trains_under_autocast_and_saves_fp32_weights(tmp_path, tiny_be
     assert np.abs(tuned.encode(TEXTS) - load_model(str(tiny_bert_dir)).encode(TEXTS)).max() > 1e-3
 
 
+def test_attention_dropout_applies_while_training_and_the_saved_config_keeps_its_own(tmp_path, tiny_bert_dir,
+                                                                                    monkeypatch):
+    from embedtune.models import load_model
+    from embedtune.train import stage as driver
+
+    rates: list[float] = []
+
+    def load_and_watch(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        attention = model[0].auto_model.encoder.layer[0].attention.self
+        attention.register_forward_hook(
+            lambda module, args, output: rates.append(module.dropout.p) if module.training else None)
+        return model
+
+    monkeypatch.setattr(driver, "load_model", load_and_watch)
+    run = make_run(tmp_path / "run", synthetic_examples(24))
+    run_finetune(tiny_recipe(tiny_bert_dir, max_steps=2, validation_fraction=0.0), run)  # the default: 0
+    assert rates and set(rates) == {0.0}
+    saved = json.loads(run.path("finetune", "model", "config.json").read_text())
+    original = json.loads((tiny_bert_dir / "config.json").read_text())
+    assert saved["attention_probs_dropout_prob"] == original["attention_probs_dropout_prob"] == 0.1
+
+
 def test_unchanged_rerun_is_skipped(trained):
     recipe, run, _, _ = trained
     assert run_finetune(recipe, run).skipped

@@ -252,3 +252,36 @@ def test_cpu_training_uses_bf16_where_the_cpu_multiplies_it_natively_unless_told
     hw = plan_module.hardware(setting)
     assert hw.bf16 is expected
     assert not hw.cuda and not hw.tf32 and hw.optim == "adamw_torch"
+
+
+def test_attention_dropout_is_set_on_the_live_layers_and_frees_the_attention_scores(tiny_bert_dir, tiny_llama_dir):
+    """BERT's self-attention dropout module and Llama's attention_dropout float are both found and set; fused
+    SDPA without dropout keeps no attention probabilities for backward, so the planner counts less."""
+    from embedtune.models import load_model
+    from embedtune.train.plan import attention_dropout_layers, keeps_attention_scores, set_attention_dropout
+
+    bert = load_model(str(tiny_bert_dir))
+    layers = attention_dropout_layers(bert)
+    assert len(layers) == 2 and all(m.dropout.p == pytest.approx(0.1) for m, _ in layers)  # BERT's default
+    auto_model = bert[0].auto_model
+    sdpa = auto_model.config._attn_implementation == "sdpa"
+    assert keeps_attention_scores(auto_model)  # dropout on the probabilities: no fused kernel
+    cpu = Hardware(False, False, False, "adamw_torch")
+    before = memory_budget(bert, 2, cpu)
+    assert set_attention_dropout(bert, 0.0) == 2
+    assert all(m.dropout.p == 0.0 for m, _ in layers)
+    assert keeps_attention_scores(auto_model) is not sdpa
+    if sdpa:
+        assert memory_budget(bert, 2, cpu).bytes_per_text < before.bytes_per_text
+
+    llama = load_model(str(tiny_llama_dir))
+    llama_layers = attention_dropout_layers(llama)
+    assert len(llama_layers) == 2 and {attr for _, attr in llama_layers} == {"attention_dropout"}
+    set_attention_dropout(llama, 0.25)
+    assert all(m.attention_dropout == 0.25 for m, _ in llama_layers)
+
+
+def test_activation_formula_drops_the_attention_term_without_scores():
+    with_scores = activation_bytes(256, 384, 12, 6)
+    without = activation_bytes(256, 384, 12, 6, attention_scores=False)
+    assert without / with_scores == pytest.approx(34 / (34 + 5 * 12 * 256 / 384))

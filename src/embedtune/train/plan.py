@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from embedtune.config import FinetuneConfig
 from embedtune.console import log
@@ -118,15 +119,19 @@ def _gb(memory: MemoryBudget, examples: int) -> float:
     return memory.activations(examples) / 1e9
 
 
-def activation_bytes(seq_len: int, hidden: int, heads: int, layers: int, bytes_per_value: int = 4) -> int:
+def activation_bytes(seq_len: int, hidden: int, heads: int, layers: int, bytes_per_value: float = 4,
+                     attention_scores: bool = True) -> int:
     """Activations one sequence keeps for backward through a transformer encoder.
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") count
     ``s*h*(34 + 5*a*s/h)`` bytes per layer at 2 bytes a value. Checked here: it predicts ~31 GB for
     multilingual-e5-small at 512 tokens, batch 29 x 2 passages, which the kernel killed on a 24 GB machine,
-    and ~11 GB for MiniLM-L6 at 256 tokens, batch 64 x 2 passages, which trained.
+    and ~11 GB for MiniLM-L6 at 256 tokens, batch 64 x 2 passages, which trained. The ``5*a*s/h`` term is the
+    attention probabilities and their dropout mask; fused attention without dropout keeps neither
+    (``attention_scores=False``): MiniLM at 256 tokens then measured 0.51x the activations, the formula says 0.46x.
     """
-    return int(layers * seq_len * hidden * (34 + 5 * heads * seq_len / hidden) * bytes_per_value / 2)
+    per_token = 34 + (5 * heads * seq_len / hidden if attention_scores else 0)
+    return int(layers * seq_len * hidden * per_token * bytes_per_value / 2)
 
 
 def memory_budget(model, texts_per_example: int, hw: Hardware, share: float = 0.7,
@@ -142,10 +147,14 @@ def memory_budget(model, texts_per_example: int, hw: Hardware, share: float = 0.
     shape = [getattr(config, k, None) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers")]
     if config is None or None in shape or not model.max_seq_length:
         return None
-    value = 2 if hw.bf16 else 4
+    # CPU autocast keeps norms, softmax and residual sums in fp32: MiniLM measured 0.68-0.80x its fp32
+    # activations, not 0.5x, so it is counted at 3 bytes a value.
+    value = (2 if hw.cuda else 3) if hw.bf16 else 4
+    scores = keeps_attention_scores(auto_model)
 
     def per_text(seq: int) -> int:
-        return decoder_activation_bytes(auto_model, seq, value) or activation_bytes(seq, *shape, bytes_per_value=value)
+        return (decoder_activation_bytes(auto_model, seq, value)
+                or activation_bytes(seq, *shape, bytes_per_value=value, attention_scores=scores))
 
     seq = int(model.max_seq_length)
     per_query = per_text(min(query_tokens, seq)) if query_tokens else 0
@@ -153,6 +162,43 @@ def memory_budget(model, texts_per_example: int, hw: Hardware, share: float = 0.
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return MemoryBudget(per_text(seq), texts_per_example, max(0, int(free * share) - parameter_state_bytes(model)),
                         resident=resident_memory(hw), optimizer=12 * trained, bytes_per_query=per_query)
+
+
+def attention_dropout_layers(model) -> list[tuple[Any, str]]:
+    """(module, attribute) of every attention-probability dropout: BERT-family self-attention's ``dropout``
+    (an ``nn.Dropout``) and the ``attention_dropout`` float of Llama-style attention."""
+    import torch
+
+    found = []
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            found.append((module, "attention_dropout"))
+        elif type(module).__name__.endswith("SelfAttention") and isinstance(getattr(module, "dropout", None),
+                                                                              torch.nn.Dropout):
+            found.append((module, "dropout"))
+    return found
+
+
+def set_attention_dropout(model, p: float) -> int:
+    """Sets the attention-probability dropout of ``model``'s live modules (its saved config is left as it was);
+    returns how many layers it changed."""
+    layers = attention_dropout_layers(model)
+    for module, attr in layers:
+        if attr == "dropout":
+            module.dropout.p = p
+        else:
+            setattr(module, attr, p)
+    return len(layers)
+
+
+def keeps_attention_scores(auto_model) -> bool:
+    """Whether backward keeps the (heads x seq x seq) attention probabilities: eager attention does, and so does
+    SDPA with dropout (no fused kernel applies); fused SDPA without dropout does not."""
+    config = getattr(auto_model, "config", None)
+    if getattr(config, "_attn_implementation", "eager") == "eager":
+        return True
+    rates = [m.dropout.p if attr == "dropout" else getattr(m, attr) for m, attr in attention_dropout_layers(auto_model)]
+    return any(rate > 0 for rate in rates)
 
 
 def typical_query_tokens(model, queries: list[str], sample: int = 1000) -> int | None:

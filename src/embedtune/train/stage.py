@@ -30,6 +30,7 @@ from embedtune.train.plan import (
     memory_budget,
     plan_batches,
     return_freed_tensors_to_the_os,
+    set_attention_dropout,
     typical_query_tokens,
 )
 from embedtune.train.report import plot_curves, write_log, write_summary
@@ -80,6 +81,9 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
         # then charges optimizer state to the adapters only; they start at zero (peft's LoRA B = 0), so the
         # base evaluation below still scores the base model exactly.
         add_lora(model, cfg.lora)
+    if cfg.attention_dropout is not None:
+        changed = set_attention_dropout(model, cfg.attention_dropout)
+        log.info("attention dropout %g in %d layers while training", cfg.attention_dropout, changed)
     data = prepare(
         examples, cfg.passages_per_query - 1, cfg.validation_fraction, cfg.val_corpus_size, cfg.seed
     )
