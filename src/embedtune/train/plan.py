@@ -184,11 +184,13 @@ def set_attention_dropout(model, p: float) -> int:
     returns how many layers it changed."""
     layers = attention_dropout_layers(model)
     for module, attr in layers:
-        if attr == "dropout":
-            module.dropout.p = p
-        else:
-            setattr(module, attr, p)
+        setattr(*_rate_slot(module, attr), p)
     return len(layers)
+
+
+def _rate_slot(module, attr: str) -> tuple[Any, str]:
+    """Where a layer found by :func:`attention_dropout_layers` keeps its rate: the Dropout's ``p``, or the float."""
+    return (module.dropout, "p") if attr == "dropout" else (module, attr)
 
 
 def keeps_attention_scores(auto_model) -> bool:
@@ -197,8 +199,7 @@ def keeps_attention_scores(auto_model) -> bool:
     config = getattr(auto_model, "config", None)
     if getattr(config, "_attn_implementation", "eager") == "eager":
         return True
-    rates = [m.dropout.p if attr == "dropout" else getattr(m, attr) for m, attr in attention_dropout_layers(auto_model)]
-    return any(rate > 0 for rate in rates)
+    return any(getattr(*_rate_slot(m, attr)) > 0 for m, attr in attention_dropout_layers(auto_model))
 
 
 def typical_query_tokens(model, queries: list[str], sample: int = 1000) -> int | None:
