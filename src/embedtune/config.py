@@ -77,6 +77,12 @@ class LocalGeneratorConfig(StrictModel):
     )
     temperature: float = Field(0.7, ge=0, le=100, description="0 = greedy (one sample per chunk makes sense then)")
     top_p: float = Field(0.95, gt=0, le=1)
+    max_prefix_tokens: int = Field(
+        512, ge=64, le=8192, description="token budget of the few-shot examples before each passage: as many "
+        "of sdg.examples as fit (in the file's order), at least one")
+    example_max_words: int = Field(
+        40, ge=8, le=2048, description="an example's passage is cut to this many words, keeping the sentences "
+        "that share most words with its query")
 
 
 class QueryFilterConfig(StrictModel):
@@ -104,6 +110,10 @@ class QueryFilterConfig(StrictModel):
 
 class SdgConfig(StrictModel):
     generator: str = Field("local", description="registered generator name: local, llm or a plug-in")
+    examples: str | None = Field(
+        None, description="JSONL of a few real queries of your users, each with its passage (or the doc_id of "
+        "a corpus document): every synthetic query is written in their style (Promptagator's few-shot setting; "
+        "5-8 are enough). These queries are left out of eval.dataset's scores. None: a generic prompt")
     queries_per_chunk: int = Field(2, ge=1, le=1024)
     max_chunks: int | None = Field(None, gt=0, description="sample at most this many chunks")
     seed: int = Field(42, ge=0, le=SEED_MAX)

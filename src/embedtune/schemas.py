@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -101,3 +102,9 @@ def read_rows_numbered(path: str | Path, model: type[R]) -> Iterator[tuple[int, 
 def load_chunks(run: RunDir) -> list[Chunk]:
     """A finished corpus stage's chunks (what every later stage reads first)."""
     return list(read_rows(run.require("corpus", "chunks.jsonl"), Chunk))
+
+
+def query_key(text: str) -> str:
+    """How two query texts are compared: lower case, words only (the eval stage drops real queries that
+    were shown to the query writer as examples, whatever their punctuation or spacing)."""
+    return " ".join(re.findall(r"\w+", text.lower()))

@@ -35,6 +35,7 @@ from embedtune.schemas import Chunk, QueryScores
 if TYPE_CHECKING:
     from embedtune.config import Recipe
     from embedtune.sdg.cache import ResponseCache
+    from embedtune.sdg.examples import Example
 
 
 class SdgError(ValueError):
@@ -81,6 +82,12 @@ class Generator(ABC):
         self.cache = cache
         self.workdir = workdir
         self.settings = self._settings(recipe)
+        #: The user's example queries (``sdg.examples``), set by the stage before :meth:`generate`: a
+        #: generator writes its queries in their style. Empty: none given.
+        self.examples: Sequence[Example] = ()
+        #: The examples the generator really showed its model (a prompt budget may fit fewer); the stage
+        #: records them in ``sdg/examples.json``.
+        self.examples_used: list[Example] = []
 
     def _settings(self, recipe: Recipe) -> BaseModel | None:
         raw = recipe.sdg.plugins.get(self.kind)

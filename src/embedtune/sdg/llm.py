@@ -55,6 +55,7 @@ class LLMGenerator(Generator):
     # ----------------------------------------------------------------------------------- generation
 
     def generate(self, chunks: Sequence[Chunk], counts: Counter[str]) -> list[Candidate]:
+        self.examples_used = list(self.examples)  # all of them: a style list costs a few tokens each
         units = build_units(chunks, self.sdg)
         counts["units"] += len(units)
         results = _run_sync(lambda: self._map(units, lambda client, sem, unit: self._unit(client, sem, unit,
@@ -75,7 +76,8 @@ class LLMGenerator(Generator):
         question_prompt = prompts.QUESTIONS.format(
             n=n, segments=segments, artifacts=art_text or "(none)", mix=prompts.render_mix(unit.mix),
             reasoning=", ".join(self.sdg.reasoning_types), min_complexity=self.sdg.min_complexity,
-            max_complexity=self.sdg.max_complexity, min_hops=unit.min_hops, max_hops=unit.max_hops)
+            max_complexity=self.sdg.max_complexity, min_hops=unit.min_hops, max_hops=unit.max_hops,
+            style=prompts.render_style(self.examples))
         pairs = await self._ask_json(client, sem, question_prompt, "questions", counts,
                                      lambda v: as_list(v, "pairs") is not None)
         if pairs is None:

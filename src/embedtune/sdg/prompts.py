@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from embedtune.schemas import Chunk
+from embedtune.sdg.examples import Example
 
 SYSTEM = ("You are an expert at writing evaluation questions for search systems. "
           "Reply with JSON only, no commentary.")
@@ -24,7 +25,7 @@ segments below answer. Write them in the language of the segments.
 
 Artifacts extracted from these segments:
 {artifacts}
-
+{style}
 Requirements:
 - Question types: {mix}. "multi_hop": needs facts from two or more segments combined; "structural": about
   how the content is organised, compared or listed; "contextual": about one specific fact in context.
@@ -70,3 +71,17 @@ def render_segments(chunks: Sequence[Chunk], max_chars: int = 6000) -> str:
 
 def render_mix(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {kind}" for kind, n in counts.items() if n > 0)
+
+
+def render_style(examples: Sequence[Example], max_words: int = 40) -> str:
+    """The user's example queries as style examples (empty without examples): the form (question or
+    statement), length and vocabulary to imitate; their topics are not to be reused."""
+    if not examples:
+        return ""
+    lines = ["", "Real queries written by the users of this collection, each with the start of the passage it "
+             "asks about. Write every question in their style: the same form (a question or a statement), "
+             "length and vocabulary, never their topics:"]
+    for ex in examples:
+        about = " ".join(ex.passage.split()[:max_words])
+        lines.append(f"- {ex.query}  (passage: {about} ...)")
+    return "\n".join(lines) + "\n"

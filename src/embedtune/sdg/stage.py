@@ -22,19 +22,22 @@ import hashlib
 import random
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
-from embedtune.artifacts import Manifest, RunDir, write_jsonl
+from embedtune.artifacts import Manifest, RunDir, write_json, write_jsonl
 from embedtune.config import Recipe
 from embedtune.console import log
 from embedtune.schemas import Chunk, GeneratorInfo, SyntheticQuery
-from embedtune.sdg.base import Candidate, get_generator
+from embedtune.sdg.base import Candidate, Generator, get_generator
 from embedtune.sdg.cache import ResponseCache
+from embedtune.sdg.examples import file_digest, load_examples
 from embedtune.sdg.filters import QueryFilter
 
 QUERIES = "queries.jsonl"
 REJECTED = "rejected.jsonl"
+EXAMPLES = "examples.json"
 
 
 def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
@@ -42,7 +45,10 @@ def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
 
     chunks_path = run.require("corpus", "chunks.jsonl")
     config = {"sdg": recipe.sdg.model_dump(mode="json"), "model": recipe.model.model_dump(mode="json")}
-    stage = run.stage("sdg", config, inputs=[chunks_path])
+    examples_file = Path(recipe.sdg.examples).expanduser() if recipe.sdg.examples else None
+    if examples_file is not None and not examples_file.is_file():
+        raise FileNotFoundError(f"sdg.examples {recipe.sdg.examples!r} is not a file")
+    stage = run.stage("sdg", config, inputs=[chunks_path] + ([examples_file] if examples_file else []))
     if (done := stage.up_to_date(force)) is not None:
         return done
     t0 = time.perf_counter()
@@ -52,6 +58,8 @@ def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     counts: Counter[str] = Counter()
     try:
         generator = get_generator(recipe.sdg.generator)(recipe, cache, stage.dir)
+        if examples_file is not None:
+            generator.examples = load_examples(examples_file, chunks)
         try:
             t_gen = time.perf_counter()
             candidates = generator.generate(sample, counts)
@@ -69,6 +77,7 @@ def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     rows = [to_row(c, info) for c in result.kept]
     out = stage.dir / QUERIES
     write_jsonl(out, rows)
+    examples_out = write_json(stage.dir / EXAMPLES, examples_record(generator, examples_file))
     write_jsonl(stage.dir / REJECTED, ({"text": c.text, "source": c.source, "reason": r}
                                        for c, r in result.rejected))
     seconds = time.perf_counter() - t0
@@ -79,6 +88,7 @@ def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
         "chunks_without_queries": len(sample) - len({c.id for c in sample} & sources),
         "cache_hits": cache.hits, "rejected": dict(sorted(result.reasons.items())),
         "generator": dict(sorted(counts.items())),
+        "examples_given": len(generator.examples), "examples_used": len(generator.examples_used),
     }
     metrics = {"queries_per_second": round(len(rows) / seconds, 4),
                "chunks_per_second": round(len(sample) / seconds, 4),
@@ -89,7 +99,16 @@ def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     if rows and result.ranks:
         metrics["roundtrip_rank_median"] = float(np.median(result.ranks))
     log.info("sdg: kept %d of %d candidates from %d chunks", len(rows), len(candidates), len(sample))
-    return stage.finish(outputs=[out], counts=manifest_counts, metrics=metrics)
+    return stage.finish(outputs=[out, examples_out], counts=manifest_counts, metrics=metrics)
+
+
+def examples_record(generator: Generator, examples_file: Path | None) -> dict:
+    """``sdg/examples.json``: which example queries steered the generator (the file, its digest, the
+    ones its prompt budget fitted), so a run says what its queries imitate."""
+    return {"file": str(examples_file) if examples_file else None,
+            "sha256": file_digest(examples_file) if examples_file else None,
+            "given": len(generator.examples),
+            "used": [e.to_json() for e in generator.examples_used]}
 
 
 def sample_chunks(chunks: list[Chunk], limit: int | None, seed: int) -> list[Chunk]:
