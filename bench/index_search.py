@@ -52,9 +52,9 @@ def scifact(data: Path, out: Path, fusions: list[str], latency_queries: int) -> 
     from embedtune.config import load_recipe
     from embedtune.console import setup_logging
     from embedtune.corpus import run_corpus
-    from embedtune.evaluate.deployed import evaluate_index
-    from embedtune.index import run_index
+    from embedtune.deploy import run_deploy
     from embedtune.retrieval.beir import load_beir
+    from embedtune.retrieval.deployed import evaluate_index
     from embedtune.retrieval.deployment import open_searcher
     from embedtune.retrieval.milvus import SearchSettings
 
@@ -62,7 +62,7 @@ def scifact(data: Path, out: Path, fusions: list[str], latency_queries: int) -> 
     run = RunDir(out / "scifact-run")
     recipe = load_recipe(None, [f"corpus.path={data}", "name=scifact"])
     run_corpus(recipe, run)
-    manifest = run_index(recipe, run)
+    manifest = run_deploy(recipe, run)
     build = {"chunks": manifest.counts["chunks"], "seconds": manifest.seconds,
              "chunks_per_second": manifest.metrics["chunks_per_second"], "skipped": manifest.skipped}
     dataset = load_beir(data, "test")

@@ -20,7 +20,7 @@ from conftest import make_documents
 from embedtune.artifacts import RunDir
 from embedtune.config import load_recipe
 from embedtune.corpus import run_corpus
-from embedtune.index import run_index
+from embedtune.deploy import run_deploy
 from embedtune.retrieval import milvus
 from embedtune.retrieval.deployment import open_searcher, read_info
 
@@ -50,7 +50,7 @@ def indexed(tmp_path, tiny_bert_dir):
     recipe = _recipe(tmp_path, tiny_bert_dir)
     run = RunDir(tmp_path / "run")
     run_corpus(recipe, run)
-    manifest = run_index(recipe, run)
+    manifest = run_deploy(recipe, run)
     return recipe, run, manifest
 
 
@@ -61,7 +61,7 @@ def test_index_writes_a_collection_a_plain_milvus_client_can_query(indexed):
     info = read_info(run.root)
     chunks = [json.loads(line) for line in run.path("corpus", "chunks.jsonl").read_text().splitlines()]
     assert manifest.counts["chunks"] == info.chunks == len(chunks) >= 12
-    client = MilvusClient(str(run.path("index", "milvus.db")))  # not our code: pymilvus as a user would
+    client = MilvusClient(str(run.path("deploy", "milvus.db")))  # not our code: pymilvus as a user would
     assert client.describe_alias(info.alias)["collection_name"] == info.collection
     client.load_collection(info.alias)  # a reopened collection starts released, as on any Milvus
     rows = client.query(info.alias, filter=f'id == "{chunks[3]["_id"]}"',
@@ -85,7 +85,7 @@ def test_hybrid_ranks_a_lexical_only_match_first(tmp_path, tiny_bert_dir):
     recipe = _recipe(tmp_path, tiny_bert_dir, "index.bm25_weight=0.7")
     run = RunDir(tmp_path / "run")
     run_corpus(recipe, run)
-    run_index(recipe, run)
+    run_deploy(recipe, run)
     searcher = open_searcher(run.root, recipe.model)
     query = f"which protocol is called {RARE}"
     hybrid = searcher.search([query], mode="hybrid", top_k=5)[0]
@@ -98,11 +98,11 @@ def test_hybrid_ranks_a_lexical_only_match_first(tmp_path, tiny_bert_dir):
 
 def test_rerun_with_same_inputs_is_skipped_and_a_new_model_swaps_the_alias(indexed, tmp_path, tiny_bert_dir):
     recipe, run, first = indexed
-    assert run_index(recipe, run).skipped
+    assert run_deploy(recipe, run).skipped
     old = first.counts["collection"]
     seen_during_build: list[str | None] = []
 
-    import embedtune.index.stage as stage
+    import embedtune.deploy.index as stage
 
     original = stage.milvus.create_collection
 
@@ -112,11 +112,11 @@ def test_rerun_with_same_inputs_is_skipped_and_a_new_model_swaps_the_alias(index
 
     stage.milvus.create_collection = watch
     try:
-        second = run_index(load_recipe(None, [*_overrides(recipe), "index.dimensions=16"]), run)
+        second = run_deploy(load_recipe(None, [*_overrides(recipe), "index.dimensions=16"]), run)
     finally:
         stage.milvus.create_collection = original
     assert seen_during_build == [old]  # searches kept hitting the complete old collection
-    client = milvus.connect(str(run.path("index", "milvus.db")))
+    client = milvus.connect(str(run.path("deploy", "milvus.db")))
     assert milvus.resolve_alias(client, ALIAS) == second.counts["collection"] != old
     assert second.counts["previous_collection"] == old and client.has_collection(old)  # kept for rollback
     assert read_info(run.root).dimension == 16
@@ -132,27 +132,28 @@ def test_a_killed_build_reruns_cleanly(tmp_path, tiny_bert_dir):
     run_corpus(recipe, run)
     script = textwrap.dedent(f"""
         import os, signal
-        import embedtune.index.stage as stage
+        import embedtune.deploy.index as reindex
         from embedtune.artifacts import RunDir
         from embedtune.config import load_recipe
-        stage.INSERT_BATCH = 4
+        from embedtune.deploy import run_deploy
+        reindex.INSERT_BATCH = 4
         inserted = []
-        original = stage._row
+        original = reindex._row
         def dying_row(*args):
             inserted.append(1)
             if len(inserted) == 6:  # some rows are in the store, the build is not complete
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(*args)
-        stage._row = dying_row
+        reindex._row = dying_row
         recipe = load_recipe(None, {_overrides(recipe) + ["index.batch_size=4"]!r})
-        stage.run_index(recipe, RunDir({str(run.root)!r}))
+        run_deploy(recipe, RunDir({str(run.root)!r}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert run.manifest("index") is None  # no manifest: never mistaken for a finished index
-    manifest = run_index(recipe, run)
-    client = milvus.connect(str(run.path("index", "milvus.db")))
+    assert run.manifest("deploy") is None  # no manifest: never mistaken for a finished index
+    manifest = run_deploy(recipe, run)
+    client = milvus.connect(str(run.path("deploy", "milvus.db")))
     assert milvus.resolve_alias(client, ALIAS) == manifest.counts["collection"]
     assert milvus.row_count(client, manifest.counts["collection"]) == manifest.counts["chunks"]
     assert [c for c in client.list_collections() if c.startswith(f"{ALIAS}__")] == [manifest.counts["collection"]]
@@ -164,10 +165,10 @@ def test_bad_uri_gives_a_clear_error(tmp_path, tiny_bert_dir):
     run = RunDir(tmp_path / "run")
     run_corpus(recipe, run)
     with pytest.raises(milvus.MilvusIndexError, match="neither a Milvus Lite file"):
-        run_index(recipe, run)
+        run_deploy(recipe, run)
     with pytest.raises(milvus.MilvusIndexError, match=r"cannot connect to Milvus at 'http://127.0.0.1:\d+'"):
         milvus.connect(f"http://127.0.0.1:{_free_port()}", timeout=2)
-    cli = subprocess.run([sys.executable, "-m", "embedtune", "index", "-r", str(run.root), "--uri",
+    cli = subprocess.run([sys.executable, "-m", "embedtune", "deploy", "-r", str(run.root), "--uri",
                           "relative/not-a-db", "-o", f"model.name={tiny_bert_dir}"], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert cli.returncode == 1 and "Traceback" not in cli.stderr
@@ -200,9 +201,9 @@ def test_index_on_a_milvus_server_by_uri(tmp_path, tiny_bert_dir):
         recipe = _recipe(tmp_path, tiny_bert_dir, f"index.uri={uri}")
         run = RunDir(tmp_path / "run")
         run_corpus(recipe, run)
-        manifest = run_index(recipe, run)
+        manifest = run_deploy(recipe, run)
         assert read_info(run.root).uri == uri
-        assert not run.path("index", "milvus.db").exists()
+        assert not run.path("deploy", "milvus.db").exists()
         hits = open_searcher(run.root, recipe.model).search([f"{RARE} protocol"], top_k=3)[0]
         assert hits[0].doc_id == _docs()[5]["_id"] and manifest.counts["chunks"] >= 12
     finally:

@@ -390,3 +390,22 @@ def test_404_names_the_model_and_the_settings_to_check(tmp_path, tiny_bert_dir):
     assert "sdg.llm.base_url" in message and "sdg.llm.model" in message
     assert len(server.requests) == 1  # not retried: a wrong model name does not fix itself
     assert run.manifest("sdg") is None
+
+
+def test_example_queries_steer_the_question_prompt_and_are_recorded(tmp_path, tiny_bert_dir):
+    examples = tmp_path / "examples.jsonl"
+    rows = [{"query": "Tidal harbours silt up within a decade.", "passage": "Harbours..."},
+            {"query": "Vaccine doses scale with body weight.", "doc_id": "sail"}]
+    examples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = make_run(tmp_path, CHUNKS[:2])
+    with JsonModeLLM("honour") as server:
+        run_sdg(recipe_for(server, tiny_bert_dir, **{"sdg.examples": str(examples), "sdg.llm.concurrency": "1"}), run)
+    questions = [r["body"]["messages"][-1]["content"] for r in server.requests
+                 if "question-answer pairs" in r["body"]["messages"][-1]["content"]]
+    assert questions and all("Tidal harbours silt up within a decade." in p and "Vaccine doses scale" in p
+                             and "style" in p for p in questions)
+    record = json.loads(run.path("sdg", "examples.json").read_text())
+    assert record["given"] == 2 and [e["query"] for e in record["used"]][0].startswith("Tidal")
+    assert record["sha256"] == hashlib.sha256(examples.read_bytes()).hexdigest()
+    # The doc_id row took the passage of that document's first chunk.
+    assert record["used"][1]["passage"] == CHUNKS[0].text

@@ -306,3 +306,67 @@ def test_plugin_settings_come_from_their_own_section(tmp_path, topical_docs, tin
         register_generator("scripted", Scripted)
         run_sdg(load_recipe(None, ["sdg.generator=scripted", f"model.name={tiny_bert_dir}",
                                    "sdg.plugins.scripted.x=1"]), run, force=True)
+
+
+# ----------------------------------------------------------------------------- the user's example queries
+
+
+def _examples_file(tmp_path, rows) -> str:
+    path = tmp_path / "examples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_examples_file_errors_name_the_file_and_line(tmp_path):
+    from embedtune.artifacts import ArtifactError
+    from embedtune.sdg.examples import load_examples
+
+    chunks = [Chunk(_id="d1#0", doc_id="d1", title="T", text="first chunk"),
+              Chunk(_id="d1#1", doc_id="d1", text="second chunk")]
+    good = load_examples(_examples_file(tmp_path, [{"query": " a  claim. ", "passage": "p"},
+                                                   {"query": "b", "doc_id": "d1"}]), chunks)
+    assert [(e.query, e.passage, e.title) for e in good] == [("a claim.", "p", ""), ("b", "first chunk", "T")]
+    with pytest.raises(SdgError, match=r"examples.jsonl:2: doc_id 'nope' is not a document"):
+        load_examples(_examples_file(tmp_path, [{"query": "a", "passage": "p"}, {"query": "b", "doc_id": "nope"}]),
+                      chunks)
+    with pytest.raises(SdgError, match=r"examples.jsonl:1: an example needs its passage or the doc_id"):
+        load_examples(_examples_file(tmp_path, [{"query": "a"}]), chunks)
+    with pytest.raises(ArtifactError, match=r"examples.jsonl:1: query"):
+        load_examples(_examples_file(tmp_path, [{"query": "  "}]), chunks)
+
+
+def test_few_shot_prefix_fits_the_budget_in_file_order_and_focuses_on_the_query():
+    from embedtune.sdg.examples import Example
+    from embedtune.sdg.local import few_shot_prefix
+
+    filler = " ".join(f"Sentence {i} says nothing at all." for i in range(30))
+    examples = [Example(f"Claim {'abcdef'[i]} about harbours.", f"{filler} Harbours silt up.", f"Title {i}.")
+                for i in range(6)]
+    words = lambda text: len(text.split())  # noqa: E731 - a stand-in tokenizer: one token a word
+    prefix, shown = few_shot_prefix(examples, words, max_tokens=40, max_words=4)
+    assert [e.query for e in shown] == [e.query for e in examples[:len(shown)]] and 1 <= len(shown) < 6
+    assert words(prefix) <= 60 and prefix.endswith("Passage: ")
+    # The passage kept is the sentence the query asks about, not the filler at its start; one title stop.
+    assert "Passage: Title 0. Harbours silt up.\nQuery: Claim a about harbours.\n\n" in prefix
+    one, shown_one = few_shot_prefix(examples, words, max_tokens=5, max_words=12)  # always at least one
+    assert len(shown_one) == 1
+
+
+def test_local_generator_prompts_with_the_users_examples(tmp_path, tiny_causal_lm):
+    from embedtune.sdg.examples import Example
+
+    gen = _tiny_generator(tmp_path, tiny_causal_lm, "sdg.local.temperature=0", "sdg.local.max_new_tokens=4")
+    generic = gen.prompt_prefix()
+    assert "brisk walking" in generic and gen.examples_used[0].query.startswith("does daily")
+    gen = _tiny_generator(tmp_path, tiny_causal_lm, "sdg.local.temperature=0", "sdg.local.max_new_tokens=4",
+                          "sdg.local.samples_per_chunk=1")
+    gen.examples = [Example("Autophagy deficiency increases insulin resistance.", "Autophagy keeps cells healthy.")]
+    chunk = Chunk(_id="c0", doc_id="d0", text="tides and harbours")
+    _, tok = gen._load()
+    prompt = gen.prompt(chunk, tok)
+    assert prompt.startswith("Passage: Autophagy keeps cells healthy.\nQuery: Autophagy deficiency")
+    assert prompt.endswith("Passage: tides and harbours\nQuery:") and "brisk walking" not in prompt
+    # One-sentence claims: a full stop ends a query (decoding stops there instead of running on).
+    dot = tok.convert_tokens_to_ids(".")
+    assert dot in gen._stop_ids(tok)
+    assert len(gen.generate([chunk], Counter())) == 1

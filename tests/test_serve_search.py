@@ -12,7 +12,7 @@ from conftest import make_documents
 from embedtune.artifacts import RunDir
 from embedtune.config import load_recipe
 from embedtune.corpus import run_corpus
-from embedtune.index import run_index
+from embedtune.deploy import run_deploy
 from embedtune.serve.app import create_app
 from embedtune.serve.loading import model_entry
 from embedtune.serve.runner import start_in_thread
@@ -34,7 +34,7 @@ def indexed_run(tmp_path_factory, tiny_bert_dir):
     recipe = load_recipe(None, [f"corpus.path={root / 'docs.jsonl'}", f"model.name={tiny_bert_dir}",
                                 "index.bm25_weight=0.7"])
     run_corpus(recipe, run)
-    run_index(recipe, run)
+    run_deploy(recipe, run)
     return run, docs[5]["_id"]
 
 
@@ -109,4 +109,4 @@ def test_a_server_with_another_model_refuses_to_search_the_index(indexed_run):
         srv.wait_ready()
         resp = httpx.post(f"{srv.url}/v1/search", json={"query": "tides"}, timeout=60)
     assert resp.status_code == 503
-    assert "rerun `embedtune index`" in resp.json()["error"]["message"]
+    assert "rerun `embedtune deploy`" in resp.json()["error"]["message"]

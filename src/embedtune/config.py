@@ -237,7 +237,12 @@ class EvalConfig(StrictModel):
         None, description="dimensions to sweep; None: the fine-tune's Matryoshka dims, else 256/128/64"
     )
     search: Literal["exact", "faiss"] = Field("exact", description="exact: blocked torch; faiss: IndexFlatIP")
-    dataset: str | None = Field(None, description="BEIR folder to evaluate on instead of prep/eval")
+    dataset: str | None = Field(
+        None, description="BEIR folder of your own labelled queries (50 are enough to start): scored beside the "
+        "synthetic held-out set, and the release gate decides on it. Queries that were sdg.examples are left out")
+    heldout: bool = Field(
+        True, description="with eval.dataset, also score the run's synthetic held-out queries (they choose the "
+        "BM25 weight); off saves encoding the held-out corpus")
     queries: str | None = Field(None, description="BEIR folder to take queries from (cross-lingual)")
     split: str = "test"
     cache_dir: str | None = Field(None, description="embedding cache; None: <run>/eval/cache")
@@ -290,6 +295,21 @@ class IndexConfig(StrictModel):
     timeout: float = Field(30.0, gt=0, description="seconds to wait for the store")
 
 
+class DeployConfig(StrictModel):
+    """The release gate (see :mod:`embedtune.retrieval.release`) and the check of what it deployed."""
+
+    force: bool = Field(
+        False, description="deploy the challenger (the fine-tuned model's best retrieval) even when it does not "
+        "beat the champion beyond the noise; `embedtune deploy --force` sets it")
+    min_gain: float = Field(
+        0.0, ge=-1, le=1, description="nDCG@10 the challenger must beat the champion by: the lower end of the paired "
+        "interval must lie above it (0: any gain beyond the noise)")
+    confidence: float = Field(0.95, ge=0.5, lt=1, description="level of the paired bootstrap interval")
+    check: bool = Field(
+        True, description="after reindexing, run the deployed search on the deciding query set and compare it with "
+        "eval's figures (export.tolerance_low_k / tolerance_high_k); the alias is swapped only if it passes")
+
+
 class ServeConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -317,6 +337,7 @@ class Recipe(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")

@@ -41,7 +41,8 @@ STAGES: tuple[StageInfo, ...] = (
     StageInfo("finetune", "embedtune.train.stage:run_finetune", "contrastive fine-tuning"),
     StageInfo("eval", "embedtune.evaluate.stage:run_eval", "BEIR metrics, base vs fine-tuned"),
     StageInfo("export", "embedtune.export.stage:run_export", "ONNX export, int8, parity"),
-    StageInfo("index", "embedtune.index.stage:run_index", "reindex the vector store (Milvus, dense + BM25)"),
+    StageInfo("deploy", "embedtune.deploy.stage:run_deploy",
+              "release gate, reindex the vector store (Milvus, dense + BM25), check it against eval"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

@@ -5,7 +5,7 @@ Each module below adds its commands to the shared app on import; the import orde
 """
 
 # isort: off
-from embedtune.cli import corpus, sdg, prep, finetune, eval, export, index, serve  # noqa: F401
+from embedtune.cli import corpus, sdg, prep, finetune, eval, export, deploy, serve  # noqa: F401
 from embedtune.cli import pipeline, platform, config_cmd  # noqa: F401
 # isort: on
 from embedtune.cli._app import app

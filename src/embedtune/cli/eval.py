@@ -101,8 +101,8 @@ def _check_index(index: Path, dataset: Path | None, split: str, config: Path | N
                  verbose: bool, fail_on_drift: bool, out: Path | None) -> None:
     from rich.table import Table
 
-    from embedtune.evaluate.deployed import HEADLINE as INDEX_HEADLINE
-    from embedtune.evaluate.deployed import evaluate_run_index
+    from embedtune.retrieval.deployed import HEADLINE as INDEX_HEADLINE
+    from embedtune.retrieval.deployed import evaluate_run_index
 
     if dataset is None:
         raise ValueError("--index needs --dataset: the BEIR folder whose queries to run through the index")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +21,9 @@ from embedtune.cli._app import (
     user_errors,
 )
 from embedtune.console import console
+from embedtune.evaluate.report import pretty
 from embedtune.pipeline import STAGE_NAMES, StageResult, run_pipeline
+from embedtune.retrieval.release import Retrieval
 
 
 @app.command()
@@ -59,25 +59,19 @@ def _summary(results: list[StageResult], run_root: Path) -> None:
     peaks = [r.manifest.peak_rss_mb for r in results if r.manifest.peak_rss_mb is not None]
     table.add_row("total", "", f"{sum(r.seconds for r in results):.1f}", f"{max(peaks):.0f}" if peaks else "", "")
     console.print(table)
-    evaluated = next((r for r in results if r.name == "eval"), None)
-    if evaluated:
-        rows = retrieval_rows(evaluated.manifest.metrics, _read_results(run_root / "eval" / "results.json"))
-        queries = int(evaluated.manifest.counts.get("queries", 0))
-        console.print(_quality_table(rows, queries))
-        console.print(verdict(rows, queries))
-    indexed = next((r for r in results if r.name == "index"), None)
-    if indexed:
-        console.print(_deployed_line(indexed, run_root))
-
-
-def _deployed_line(indexed: StageResult, run_root: Path) -> str:
-    """What the run deployed: the search a user queries, with the fusion weight the run chose."""
-    info = _read_results(run_root / "index" / "index.json")
-    return (f"[bold]deployed:[/] {info.get('chunks')} chunks in Milvus collection {info.get('alias')!r} "
-            f"({info.get('model_label')}, {info.get('dimension')} dims), hybrid search with BM25 weight "
-            f"{info.get('bm25_weight')} ({info.get('fusion')} fusion).\n"
-            f"  search:  embedtune search -r {run_root} \"your question\"\n"
-            f"  serve:   embedtune serve --model {run_root}   # POST /v1/search, /v1/embeddings")
+    evaluated = run_root / "eval" / "results.json"
+    if any(r.name == "eval" for r in results) and evaluated.is_file():
+        console.print(quality_table(_read_results(evaluated)))
+    decision = _read_results(run_root / "deploy" / "decision.json") if any(r.name == "deploy" for r in results) \
+        else {}
+    if decision:
+        console.print(f"[bold]deployed:[/] {decision.get('served')}\n"
+                      f"  search:  embedtune search -r {run_root} \"your question\"\n"
+                      f"  serve:   embedtune serve --model {run_root}   # POST /v1/search, /v1/embeddings")
+    elif evaluated.is_file():
+        release = _read_results(evaluated).get("release") or {}
+        if release:
+            console.print(f"[bold]release gate:[/] {release.get('line')} (run the deploy stage to act on it)")
 
 
 def _read_results(path: Path) -> dict:
@@ -87,85 +81,37 @@ def _read_results(path: Path) -> dict:
         return {}
 
 
-METHODS = {"base": "base (dense)", "finetuned": "fine-tuned (dense)", "bm25": "BM25",
-           "base_hybrid": "base + BM25", "finetuned_hybrid": "fine-tuned + BM25"}
 KEYS = ("ndcg@10", "recall@10", "map@10")
 
 
-@dataclass
-class Row:
-    label: str
-    values: dict[str, float]
-    dims: int | None = None  # Matryoshka truncation; None = full width
-
-    @property
-    def ndcg(self) -> float:
-        return self.values["ndcg@10"]
-
-
-def retrieval_rows(metrics: dict, results: dict) -> list[Row]:
-    """One row per retrieval the eval stage scored: each model dense, BM25, each model fused with BM25,
-    and the fine-tuned model truncated to its smaller Matryoshka dimensions (from ``eval/results.json``)."""
-    rows = [Row(label, {k: metrics[f"{m}_{k}"] for k in KEYS if f"{m}_{k}" in metrics})
-            for m, label in METHODS.items() if f"{m}_ndcg@10" in metrics]
-    matryoshka = results.get("matryoshka") or {}
-    # The fine-tuned model's truncations (trained for them); the base model's when there is no fine-tune.
-    model = "finetuned" if matryoshka.get("finetuned") else "base"
-    per_dim = matryoshka.get(model) or {}
-    full = max((int(d) for d in per_dim), default=0)
-    for dim, values in per_dim.items():
-        if "ndcg@10" in values and int(dim) < full:  # the full width is the dense row already
-            rows.append(Row(f"{METHODS[model].split(' ')[0]} @ {dim} dims",
-                            {k: values[k] for k in KEYS if k in values}, int(dim)))
-    return rows
-
-
-def noise(mean: float, queries: int) -> float:
-    """Two standard errors of an nDCG@10 difference between two retrievals on ``queries`` queries, bounded
-    without per-query scores: per-query nDCG lies in [0, 1], so its variance is at most m(1-m). Unpaired,
-    so conservative (a paired test on the same queries would be tighter)."""
-    if queries <= 0:
-        return float("inf")
-    return 2 * math.sqrt(2 * max(mean * (1 - mean), 0.0) / queries)
-
-
-def verdict(rows: list[Row], queries: int) -> str:
-    """One line: which retrieval to deploy, and whether its lead over the base model exceeds the noise."""
-    full = [r for r in rows if r.dims is None]
-    base = next((r for r in full if r.label == METHODS["base"]), None)
-    if not full or base is None:
-        return "verdict: no base-model row to compare with"
-    best = max(full, key=lambda r: r.ndcg)
-    margin = noise((best.ndcg + base.ndcg) / 2, queries)
-    gain = best.ndcg - base.ndcg
-    deployed = base if best is base or gain <= margin else best
-    if deployed is base:
-        line = (f"[bold]verdict:[/] deploy [bold]{base.label}[/] — nothing beats it by more than the noise "
-                f"(best: {best.label} {gain:+.4f} nDCG@10, noise ±{margin:.4f} on {queries} held-out queries; "
-                "more queries, i.e. a larger sdg.max_chunks, would narrow it)")
-    else:
-        line = (f"[bold]verdict:[/] deploy [bold]{best.label}[/] — nDCG@10 {best.ndcg:.4f}, {gain:+.4f} over the "
-                f"base model, beyond the noise (±{margin:.4f} on {queries} held-out queries)")
-    model = deployed.label.split(" ")[0]
-    smaller = sorted((r for r in rows if r.dims and r.label.startswith(model + " @")), key=lambda r: r.dims or 0)
-    dense = next((r for r in full if r.label.startswith(model) and "BM25" not in r.label), None)
-    cheap = next((r for r in smaller if dense and dense.ndcg - r.ndcg <= noise(dense.ndcg, queries) / 2), None)
-    if cheap is not None and dense is not None:
-        line += f"; {cheap.dims} dims cost {cheap.ndcg - dense.ndcg:+.4f} nDCG@10 for a smaller index"
-    return line
-
-
-def _quality_table(rows: list[Row], queries: int) -> Table:
-    """nDCG@10 / Recall@10 / MAP@10 per retrieval, with the change in nDCG@10 against the base model."""
-    table = Table(title=f"retrieval quality on {queries} held-out queries (eval stage)")
+def quality_table(results: dict) -> Table:
+    """Each retrieval on the deciding query set: nDCG@10 / Recall@10 / MAP@10 and the paired 95 % interval of
+    its nDCG@10 difference to the base model (from ``eval/results.json``; the verdict is the release gate's)."""
+    n, role = results.get("n_queries", 0), results.get("decided_on", "queries")
+    table = Table(title=f"retrieval quality on {n} {role} ({results.get('dataset', '')})")
     table.add_column("retrieval")
     for k in KEYS:
-        table.add_column(k.replace("ndcg", "nDCG").replace("recall", "Recall").replace("map", "MAP"),
-                         justify="right")
-    table.add_column("nDCG@10 vs base", justify="right")
-    base = next((r for r in rows if r.label == METHODS["base"]), None)
-    for r in rows:
-        cells = [f"{r.values[k]:.4f}" if k in r.values else "-" for k in KEYS]
-        cells.append(f"{r.ndcg - base.ndcg:+.4f}" if base is not None and r is not base else "")
-        table.add_row(r.label, *cells)
+        table.add_column(pretty(k), justify="right")
+    table.add_column("nDCG@10 vs base [95 % paired interval]", justify="right")
+    paired = (results.get("paired") or {}).get("retrievals") or {}
+    for key, values in _rows(results):
+        cells = [f"{values[k]:.4f}" if k in values else "-" for k in KEYS]
+        d = paired.get(key)
+        mark = "" if d is None else " [green]better[/]" if d["low"] > 0 else " [red]worse[/]" if d["high"] < 0 else ""
+        cells.append("" if d is None else f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{mark}")
+        table.add_row(Retrieval.parse(key).label, *cells)
     return table
+
+
+def _rows(results: dict) -> list[tuple[str, dict]]:
+    """(retrieval key, its metrics) for each retrieval in results.json, dense, BM25, fused, truncated."""
+    rows = [(m, results[m]) for m in ("base", "finetuned") if results.get(m)]
+    if results.get("bm25"):
+        rows.append(("bm25", results["bm25"]))
+    hybrid = results.get("hybrid") or {}
+    rows += [(f"{m}_hybrid", hybrid[m]) for m in ("base", "finetuned") if m in hybrid]
+    mat = results.get("matryoshka") or {}
+    for m in ("base", "finetuned"):
+        full = (results.get(m) or {}).get("dim")
+        rows += [(f"{m}@{d}", v) for d, v in (mat.get(m) or {}).items() if full and int(d) < int(full)]
+    return rows

@@ -11,7 +11,7 @@ from embedtune.evaluate.hybrid import evaluate_hybrid
 from embedtune.retrieval.beir import BeirDataset
 from embedtune.retrieval.cache import EmbeddingCache, encode_cached
 from embedtune.retrieval.encoders import LocalEncoder
-from embedtune.retrieval.metrics import DEFAULT_RANKING, RankingSpec, evaluate_embeddings
+from embedtune.retrieval.metrics import DEFAULT_RANKING, PerQuery, RankingSpec, evaluate_embeddings
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -32,6 +32,8 @@ class ModelResult:
     docs_per_second: float | None = None  # None when the corpus came from the cache
     hybrid: dict[str, float] | None = None  # fused with BM25, when a BM25 index was given
     hybrid_sweep: dict[float, float] = field(default_factory=dict)  # BM25 weight -> fused nDCG@10
+    #: per-query scores of each retrieval: "dense", "hybrid", and "@<dims>" for each swept dimension
+    per_query: dict[str, PerQuery] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return {"label": self.label, "dim": self.dim, **self.metrics,
@@ -62,13 +64,18 @@ def evaluate_encoder(
                       what=f"{dataset.name} queries")
     seconds = time.perf_counter() - t0
     full = int(d.shape[1]) if d.size else int(q.shape[1])
-    metrics = evaluate_embeddings(dataset, qids, q, dids, d, ranking, backend=backend)
+    per_query: dict[str, PerQuery] = {"dense": {}}
+    metrics = evaluate_embeddings(dataset, qids, q, dids, d, ranking, backend=backend, per_query=per_query["dense"])
     by_dim = {full: metrics}
     for dim in sorted({int(x) for x in dims if 0 < int(x) < full}, reverse=True):
-        by_dim[dim] = evaluate_embeddings(dataset, qids, q, dids, d, ranking, dimensions=dim, backend=backend)
+        per_query[f"@{dim}"] = {}
+        by_dim[dim] = evaluate_embeddings(dataset, qids, q, dids, d, ranking, dimensions=dim, backend=backend,
+                                          per_query=per_query[f"@{dim}"])
     hybrid = None
     if bm25_index is not None and bm25_weight > 0:
-        hybrid = evaluate_hybrid(dataset, qids, q, dids, d, bm25_index, bm25_weight, ranking)
+        per_query["hybrid"] = {}
+        hybrid = evaluate_hybrid(dataset, qids, q, dids, d, bm25_index, bm25_weight, ranking,
+                                 per_query=per_query["hybrid"])
     sweep = {}
     if bm25_index is not None:  # nDCG@10 of the fusion at each weight: how the run picks the weight it deploys
         for w in sorted(set(weight_grid)):
@@ -76,7 +83,7 @@ def evaluate_encoder(
             sweep[float(w)] = fused["ndcg@10"]
     # A rate only when the corpus was really encoded (a cache read says nothing about the model's speed).
     rate = round(len(dids) / t_docs, 2) if not corpus_cached and t_docs > 0 and dids else None
-    return ModelResult(encoder.label, full, metrics, by_dim, seconds, rate, hybrid, sweep)
+    return ModelResult(encoder.label, full, metrics, by_dim, seconds, rate, hybrid, sweep, per_query)
 
 
 def evaluate_model(

@@ -15,6 +15,7 @@ from typing import Any
 from rich.table import Table
 
 from embedtune.artifacts import atomic_open, write_text
+from embedtune.retrieval import release
 
 HEADLINE = ("ndcg@10", "recall@10", "map@10")  # the bars of the plot
 NAMES = {"ndcg": "nDCG", "recall": "Recall", "precision": "Precision", "map": "MAP", "mrr": "MRR"}
@@ -60,6 +61,9 @@ def markdown_report(results: dict[str, Any]) -> str:
     models, cols = list(results["models"]), _columns(results)
     base = models[0]
     lines = ["# Retrieval evaluation", "", _header(results), ""]
+    if excluded := results.get("excluded_examples"):
+        lines += [f"{len(excluded)} queries were left out: they were shown to the query writer as examples "
+                  f"(`sdg.examples`): {', '.join(map(str, excluded[:20]))}.", ""]
     if results.get("warnings"):
         lines += [f"{len(results['warnings'])} qrels rows were skipped (see `warnings` in results.json).", ""]
     head = ["metric", *(_label(results, c) for c in cols)]
@@ -71,12 +75,17 @@ def markdown_report(results: dict[str, Any]) -> str:
         for other in models[1:]:
             row += list(_change(results[base][metric], results[other][metric]))
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", _verdict(results)] if len(models) > 1 or results.get("hybrid") else []
+    lines += _paired_md(results)
     lines += _matryoshka_md(results)
     lines += _timing_md(results)
     if results.get("endpoint"):
         lines += endpoint_markdown(results["endpoint"])
     return "\n".join(lines) + "\n"
+
+
+def _retrieval_key(column: str) -> str:
+    """A report column (``hybrid:base``) as the retrieval key of ``per_query`` (``base_hybrid``)."""
+    return f"{column.removeprefix(HYBRID)}_hybrid" if column.startswith(HYBRID) else column
 
 
 def _label(results: dict[str, Any], key: str) -> str:
@@ -91,18 +100,37 @@ def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.4f}"
 
 
-def _verdict(results: dict[str, Any]) -> str:
-    base, *others = results["models"]
-    parts = []
-    for other in others:
-        a, b = results[base]["ndcg@10"], results[other]["ndcg@10"]
-        word = "better" if b > a else "worse" if b < a else "unchanged"
-        parts.append(f"**{_label(results, other)}** nDCG@10 {b:.4f} vs {a:.4f}: {word} "
-                     f"({b - a:+.4f}, {_change(a, b)[1]}).")
-    if hybrid := results.get("hybrid"):
-        fused = ", ".join(f"{_label(results, m)} {hybrid[m]['ndcg@10']:.4f}" for m in results["models"] if m in hybrid)
-        parts.append(f"Fused with BM25 (z-scores, BM25 weight {hybrid['bm25_weight']}), nDCG@10: {fused}.")
-    return " ".join(parts)
+def _paired_md(results: dict[str, Any]) -> list[str]:
+    """Each retrieval's nDCG@10 against the base model, with its paired interval, and the release gate's
+    verdict (the function the deploy stage acts on)."""
+    paired = (results.get("paired") or {}).get("retrievals") or {}
+    lines = []
+    if paired:
+        conf = next(iter(paired.values())).get("confidence", 0.95)
+        lines += ["", f"## Against the base model (dense), paired over the same {results['n_queries']} queries",
+                  "", f"| retrieval | nDCG@10 | Δ vs base | {round(conf * 100)} % paired interval | p "
+                  "| beyond the noise |",
+                  "|---|---|---|---|---|---|"]
+        per = release.scores(results)
+        for key, d in paired.items():
+            label = release.Retrieval.parse(key).label
+            beyond = "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "no"
+            lines.append(f"| {label} | {release.mean(per[key]):.4f} | {d['mean']:+.4f} | "
+                         f"[{d['low']:+.4f}, {d['high']:+.4f}] | {d['p_value']:.3g} | {beyond} |")
+        if hybrid := results.get("hybrid"):
+            lines += ["", f"Fused with BM25: z-score fusion, BM25 weight {hybrid['bm25_weight']} (the weight the "
+                      "index deploys; chosen on the synthetic held-out queries when the run has them)."]
+    if release_ := results.get("release"):
+        lines += ["", f"**Release gate** (on {release_['queries']} {results.get('decided_on', 'queries')}): "
+                  f"{release_['line']}."]
+    if synthetic := results.get("synthetic"):
+        per = release.scores(synthetic)
+        cells = ", ".join(f"{release.Retrieval.parse(k).label} {release.mean(v):.4f}" for k, v in per.items()
+                          if "@" not in k)
+        lines += ["", f"Synthetic held-out queries ({synthetic['n_queries']}, {synthetic['n_docs']} chunks), "
+                  f"nDCG@10: {cells}. They show what the fine-tune learned of its own queries; the gate reads "
+                  "the real ones."]
+    return lines
 
 
 def _matryoshka_md(results: dict[str, Any]) -> list[str]:
@@ -173,13 +201,26 @@ def plot_report(results: dict[str, Any], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(12 if curve else 7, 4.5), squeeze=False)
     ax = axes[0][0]
     width = 0.8 / len(cols)
+    paired = (results.get("paired") or {}).get("retrievals") or {}
     for i, c in enumerate(cols):
         values = [_scores(results, c).get(m, 0.0) for m in HEADLINE]
-        bars = ax.bar([x + i * width for x in range(len(HEADLINE))], values, width, label=_label(results, c))
+        # nDCG@10's error bar: the paired 95 % interval of the difference to the base model, drawn around
+        # the bar (a bar whose interval clears the base model's value is beyond the noise).
+        d = paired.get(_retrieval_key(c))
+        err = [[0.0] * len(HEADLINE), [0.0] * len(HEADLINE)]
+        if d is not None:
+            err = [[d["mean"] - d["low"]] + [0.0] * (len(HEADLINE) - 1),
+                   [d["high"] - d["mean"]] + [0.0] * (len(HEADLINE) - 1)]
+        bars = ax.bar([x + i * width for x in range(len(HEADLINE))], values, width, label=_label(results, c),
+                      yerr=err if d is not None else None, capsize=3, error_kw={"elinewidth": 1})
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks([x + width * (len(cols) - 1) / 2 for x in range(len(HEADLINE))], [pretty(m) for m in HEADLINE])
     ax.set_ylim(0, 1.18)  # head room for the legend above the bars
-    ax.set_title(f"{results['dataset']}: {results['n_queries']} queries, {results['n_docs']} docs")
+    title = f"{results['dataset']}: {results['n_queries']} queries, {results['n_docs']} docs"
+    if release_ := results.get("release"):
+        title += f"\nrelease gate: deploy {release_['label']}" + (" (beyond the noise)" if release_["deployed"]
+                                                                   == release_["challenger"] else "")
+    ax.set_title(title, fontsize=9)
     ax.legend(loc="upper center", ncol=len(cols), fontsize=8, frameon=False)
     if curve:
         ax2 = axes[0][1]

@@ -1,8 +1,9 @@
 """The export stage: export the fine-tuned model (or the base model), then prove parity.
 
-Writes ``export/{model.onnx, model.int8.onnx, tokenizer/, embedtune.json, parity.json}``. Parity out of
-tolerance raises :class:`ParityError` and writes no manifest (``parity.json`` stays for inspection),
-unless ``export.allow_parity_failure`` is set.
+Writes ``export/{model.onnx, model.int8.onnx, tokenizer/, embedtune.json, parity.json}``. An fp32 graph out
+of tolerance raises :class:`ParityError` and writes no manifest (``parity.json`` stays for inspection),
+unless ``export.allow_parity_failure`` is set. An int8 graph that fails its gate only warns: it is never
+served by ``auto`` precision, so what is deployed is the fp32 graph.
 """
 
 from __future__ import annotations
@@ -102,12 +103,15 @@ def raise_unless_passed(report: dict[str, Any], allowed: bool, path: Path) -> No
     if report["passed"]:
         log.info("parity passed (fp32 min cosine %.6f)", report["fp32_vs_torch"]["min_cosine"])
         return
-    problems = []
     f = report["fp32_vs_torch"]
-    if not f["passed"]:
-        problems.append(f"fp32 ONNX vs PyTorch: min cosine {f['min_cosine']} < {f['threshold']}")
-    for section in _derived(report).values():
-        problems += (section.get("retrieval") or {}).get("failures", [])
+    derived = [p for section in _derived(report).values() for p in (section.get("retrieval") or {}).get("failures", [])]
+    if f["passed"]:
+        # Only a derived graph (int8) lost quality: it is kept on disk for inspection and never served by
+        # `auto` (serve, the index and the platform fall back to fp32), so the run goes on.
+        log.warning("export parity: int8 failed, so the fp32 graph is what gets deployed (details in %s):\n  %s",
+                    path, "\n  ".join(derived))
+        return
+    problems = [f"fp32 ONNX vs PyTorch: min cosine {f['min_cosine']} < {f['threshold']}", *derived]
     message = f"export parity failed (details in {path}):\n  " + "\n  ".join(problems)
     if not allowed:
         raise ParityError(message + "\n  set export.allow_parity_failure=true to keep the export anyway")

@@ -1,8 +1,11 @@
-"""A deployed index as its readers see it: ``index/index.json`` (where the collection is, which model
-filled it so a server can refuse to answer with a different one, how hybrid search fuses) and the
-searcher that `/v1/search`, `embedtune search` and `embedtune eval --index` share.
+"""A deployed index as its readers see it: ``deploy/index.json`` (where the collection is, which model
+filled it so a server can refuse to answer with a different one, how hybrid search fuses, which search mode
+the release gate chose) and the searcher that `/v1/search`, `embedtune search` and `embedtune eval --index`
+share.
 
-Written by the index stage (:mod:`embedtune.index`); read here, below every stage and the server.
+Written by the deploy stage (:mod:`embedtune.deploy`); read here, below every stage and the server. Paths
+inside a run (the model's folder, the Lite file) are stored relative to the run, so a run directory can be
+moved or read from any working directory.
 """
 
 from __future__ import annotations
@@ -40,25 +43,59 @@ class IndexInfo(BaseModel):
     candidates: int = 100
     lexical_candidates: int = 1000
     analyzer: dict[str, Any] = {}
+    mode: str = "hybrid"  # the search mode the release gate deployed: what a request gets by default
 
     def resolved_uri(self, index_dir: Path) -> str:
         if milvus.is_lite(self.uri) and not Path(self.uri).is_absolute():
             return str(index_dir / self.uri)
         return self.uri
 
+    def resolved_model_path(self, index_dir: Path) -> str:
+        """The model's folder: stored relative to the run directory (the index folder's parent)."""
+        path = Path(self.model_path)
+        return self.model_path if path.is_absolute() else str((index_dir.parent / path).resolve())
+
+
+INDEX_FOLDERS = ("deploy", "index")  # the deploy stage's folder; "index" for runs made before it existed
+
 
 def index_dir(run_or_index: str | Path) -> Path:
-    """A run directory's ``index/`` folder, or the folder itself when given one."""
+    """A run directory's ``deploy/`` folder, or the folder itself when given one."""
     path = Path(run_or_index)
-    return path if (path / INFO_FILE).is_file() else path / "index"
+    if (path / INFO_FILE).is_file():
+        return path
+    return next((path / f for f in INDEX_FOLDERS if (path / f / INFO_FILE).is_file()), path / INDEX_FOLDERS[0])
+
+
+def relative_to_run(path: str | Path, run_root: Path) -> str:
+    """``path`` relative to the run directory when it lies inside it (else absolute)."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(run_root.resolve()))
+    except ValueError:
+        return str(resolved)
 
 
 def read_info(run_or_index: str | Path) -> IndexInfo:
     folder = index_dir(run_or_index)
     path = folder / INFO_FILE
     if not path.is_file():
-        raise ArtifactError(f"{run_or_index} has no index ({path} is missing): run `embedtune index` first")
-    return IndexInfo.model_validate(read_json(path))
+        raise ArtifactError(f"{run_or_index} has no index ({path} is missing): run `embedtune deploy` first")
+    info = IndexInfo.model_validate(read_json(path))
+    return info.model_copy(update={"model_path": info.resolved_model_path(folder)})
+
+
+def deployed_model(run_root: str | Path):
+    """The model a run's deployment serves (what its release gate chose and its index holds), or None when
+    the run has not been deployed. `embedtune serve --model RUN` and the platform serve this, so what answers
+    /v1/embeddings is what filled the index."""
+    from embedtune.retrieval.encoders import ServedModel
+
+    root = Path(run_root)
+    if not any((root / f / INFO_FILE).is_file() for f in INDEX_FOLDERS):
+        return None
+    info = read_info(root)
+    return ServedModel(info.model_kind, info.model_path, info.model_precision, info.model_label)  # type: ignore[arg-type]
 
 
 def settings_of(info: IndexInfo) -> milvus.SearchSettings:

@@ -5,7 +5,7 @@ matches, and BM25 misses the paraphrases the model catches, so their fusion beat
 test claims (``bench/domain_adaptation.py``): MiniLM 0.645 nDCG@10, BM25 0.662, fused 0.71-0.72. This is
 the retrieval a user deploys next to a vector store with keyword search (Elasticsearch, OpenSearch,
 Qdrant, Weaviate all fuse the two), so the eval stage reports it for every model, prep uses the same fusion as
-its judge of hard negatives, and the index stage deploys it (:mod:`embedtune.index`).
+its judge of hard negatives, and the deploy stage serves it (:mod:`embedtune.deploy`).
 
 Fusion, per query: the BM25 scores are standardised (z-scores) and mapped onto that query's dense score
 distribution (dense mean + dense std x z), then mixed with the dense scores. The result stays in cosine

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from embedtune.retrieval.beir import BeirDataset
 
 METRIC_NAMES = ("ndcg", "recall", "precision", "map")
+# Kept per query for every retrieval (``eval/results.json`` ``per_query``): what paired tests run on.
+PER_QUERY = ("ndcg@10", "recall@10")
+
+PerQuery = dict[str, dict[str, float]]  # query id -> {metric: value}
 
 
 @dataclass(frozen=True)
@@ -58,22 +62,30 @@ def compute_metrics(
     run: dict[str, dict[str, float]],
     k_values: Sequence[int] = (1, 5, 10, 100),
     mrr_k: int = 10,
+    per_query: PerQuery | None = None,
 ) -> dict[str, float]:
     """Mean nDCG/Recall/Precision/MAP at each k, plus MRR@``mrr_k``, keyed like ``"ndcg@10"``.
 
     Averaged over the queries in ``qrels`` (a query with no retrieved documents scores 0), as BEIR does.
+    ``per_query``, when given, is filled with each query's :data:`PER_QUERY` values (those whose cutoff is
+    in ``k_values``).
     """
     ks = ",".join(map(str, k_values))
     measures = {f"ndcg_cut.{ks}", f"recall.{ks}", f"P.{ks}", f"map_cut.{ks}"}
     evaluator = pytrec_eval.RelevanceEvaluator(qrels, measures)
     # Queries absent from the run would be skipped by pytrec_eval; BEIR counts them as zeros.
-    per_query = evaluator.evaluate({q: run.get(q, {}) or {"__none__": 0.0} for q in qrels})
+    per_query_all = evaluator.evaluate({q: run.get(q, {}) or {"__none__": 0.0} for q in qrels})
     n = max(1, len(qrels))
     out: dict[str, float] = {}
     for k in k_values:
         for name, key in (("ndcg", "ndcg_cut"), ("recall", "recall"), ("precision", "P"), ("map", "map_cut")):
-            out[f"{name}@{k}"] = sum(v[f"{key}_{k}"] for v in per_query.values()) / n
+            out[f"{name}@{k}"] = sum(v[f"{key}_{k}"] for v in per_query_all.values()) / n
     out[f"mrr@{mrr_k}"] = sum(_mrr(qrels[q], run.get(q, {}), mrr_k) for q in qrels) / n
+    if per_query is not None:
+        trec = {"ndcg": "ndcg_cut", "recall": "recall"}
+        wanted = {m: f"{trec[name]}_{k}" for m in PER_QUERY for name, k in [m.split("@")] if int(k) in k_values}
+        for q in qrels:
+            per_query[q] = {m: float(per_query_all[q][key]) for m, key in wanted.items()}
     return out
 
 
@@ -95,12 +107,15 @@ def evaluate_embeddings(
     ranking: RankingSpec = DEFAULT_RANKING,
     dimensions: int | None = None,
     backend: str = "exact",
+    per_query: PerQuery | None = None,
 ) -> dict[str, float]:
-    """Metrics of already-computed, L2-normalised embeddings (truncated to ``dimensions`` if given)."""
+    """Metrics of already-computed, L2-normalised embeddings (truncated to ``dimensions`` if given);
+    ``per_query`` as in :func:`compute_metrics`."""
     if dimensions is not None:
         query_emb, doc_emb = truncate(query_emb, dimensions), truncate(doc_emb, dimensions)
     scores, idx = search(query_emb, doc_emb, top_k=ranking.depth, backend=backend)
-    return compute_metrics(dataset.qrels, ranking.to_run(query_ids, doc_ids, scores, idx), ranking.k_values)
+    return compute_metrics(dataset.qrels, ranking.to_run(query_ids, doc_ids, scores, idx), ranking.k_values,
+                           per_query=per_query)
 
 
 def truncate(emb: np.ndarray, dims: int) -> np.ndarray:

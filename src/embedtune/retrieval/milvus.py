@@ -127,7 +127,7 @@ def create_collection(client: Any, name: str, dim: int, analyzer: dict[str, Any]
     from pymilvus import DataType, Function, FunctionType
 
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False,
-                                  description="embedtune index: chunks, dense vectors, BM25")
+                                  description="embedtune deploy: chunks, dense vectors, BM25")
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
     schema.add_field("doc_id", DataType.VARCHAR, max_length=512)
     schema.add_field("title", DataType.VARCHAR, max_length=2048)

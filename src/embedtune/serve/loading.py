@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from embedtune.retrieval.deployment import deployed_model
 from embedtune.retrieval.encoders import export_folder, served_model
 from embedtune.retrieval.metadata import METADATA_FILE, matryoshka_dims
 from embedtune.serve.backends import Backend, BackendKind, OnnxBackend, OnnxPrecision, TorchBackend
@@ -19,7 +20,7 @@ class ModelEntry:
     name: str
     source: str
     load: Callable[[], Backend]
-    index: Path | None = None  # a run's index/ folder: /v1/search over it
+    index: Path | None = None  # a run's deploy/ (index) folder: /v1/search over it
 
 
 def split_model_arg(arg: str) -> tuple[str | None, str]:
@@ -43,7 +44,7 @@ def model_entry(arg: str, backend: BackendKind = "auto", precision: OnnxPrecisio
                 index: Path | None = None) -> ModelEntry:
     """Resolve a ``--model`` argument now (clear errors at start-up); load the weights later.
 
-    A run directory with an index (``embedtune index``) gets ``/v1/search`` over it; ``index`` names one
+    A run directory with an index (``embedtune deploy``) gets ``/v1/search`` over it; ``index`` names one
     explicitly (a run directory or its ``index/`` folder).
     """
     entry = _model_entry(arg, backend, precision)
@@ -59,7 +60,7 @@ def _index_folder(path: Path, quiet: bool = False) -> Path | None:
         return folder
     if quiet:
         return None
-    raise FileNotFoundError(f"--index {path}: no {INFO_FILE} there or in its index/ folder; run `embedtune index`")
+    raise FileNotFoundError(f"--index {path}: no {INFO_FILE} there or in its deploy/ folder; run `embedtune deploy`")
 
 
 def _model_entry(arg: str, backend: BackendKind, precision: OnnxPrecision) -> ModelEntry:
@@ -71,8 +72,10 @@ def _model_entry(arg: str, backend: BackendKind, precision: OnnxPrecision) -> Mo
                                 "or its export/ folder; run `embedtune export` first")
     if not path.is_dir():
         return ModelEntry(name, spec, lambda: load_torch(spec, None))
-    # The retrieval library decides which weights a folder deploys (the index stage embeds with the same).
-    served = served_model(path, prefer_onnx=backend != "torch", precision=precision)
+    # A deployed run serves what its release gate chose (the weights that filled its index); otherwise the
+    # retrieval library decides which weights a folder holds.
+    served = deployed_model(path) if backend == "auto" and precision == "auto" else None
+    served = served or served_model(path, prefer_onnx=backend != "torch", precision=precision)
     folder = Path(served.path)
     if served.kind == "onnx":
         return ModelEntry(name, str(folder), lambda: OnnxBackend(folder, served.precision))  # type: ignore[arg-type]

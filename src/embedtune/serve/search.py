@@ -109,7 +109,7 @@ def _searcher_of(served: Served) -> MilvusSearcher:
         raise APIError(503, f"search is unavailable for model `{served.entry.name}`: {served.search_error}",
                        code="index_unavailable")
     raise APIError(404, f"model `{served.entry.name}` has no index: serve a run directory that has one "
-                        "(`embedtune index -r RUN`) or pass --index", code="index_not_found", param="model")
+                        "(`embedtune deploy -r RUN`) or pass --index", code="index_not_found", param="model")
 
 
 def _model_mismatch(info, source: str, backend: Backend | None) -> str | None:
@@ -121,7 +121,7 @@ def _model_mismatch(info, source: str, backend: Backend | None) -> str | None:
     precision = backend.kind.removeprefix("onnx-") if kind == "onnx" else None
     if (kind, served_path) != (info.model_kind, index_path) or (kind == "onnx" and precision != info.model_precision):
         return (f"the index was built with {info.model_kind} {info.model_precision or ''} {index_path}, this "
-                f"server loaded {backend.kind} {served_path}: rerun `embedtune index` or serve the same model")
+                f"server loaded {backend.kind} {served_path}: rerun `embedtune deploy` or serve the same model")
     return None
 
 

@@ -1,9 +1,14 @@
 """Deployed equals evaluated: a run's Milvus index scored through the store, beside the same chunks scored
 in-process with eval's exact search and fusion.
 
-Hits are chunks; a BEIR qrel names a document, so a document scores as its best chunk (max-passage, the
-usual aggregation for chunked corpora). The in-process side reads the chunk vectors back from the store,
-so both sides rank exactly the same vectors: any difference is the store's search and fusion, nothing else.
+Hits are chunks. Qrels that name chunks (the run's own held-out queries) score the chunks; qrels that
+name documents (a user's BEIR set) score each document as its best chunk (max-passage, the usual
+aggregation for chunked corpora). The in-process side reads the chunk vectors back from the store, so both
+sides rank exactly the same vectors: any difference is the store's search and fusion, nothing else.
+
+The deploy stage also holds the store's figure against the eval stage's own (:func:`against_eval`, the
+recipe's tolerances: 0.03 at k < 5, 0.01 at k >= 5) when eval scored the same chunks; and a deployed
+search that finds nothing relevant never passes, whatever it is compared with.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class DeployedResult:
     fusion: str
     failures: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    level: str = "document"  # what the qrels name: "chunk" or "document"
 
     def to_json(self) -> dict[str, Any]:
         delta = {m: round(self.deployed[m]["ndcg@10"] - self.exact[m]["ndcg@10"], 5) for m in self.deployed
@@ -44,7 +50,7 @@ class DeployedResult:
         return {"deployed": self.deployed, "exact": self.exact, "delta_ndcg@10": delta, "chunks": self.chunks,
                 "queries": self.queries, "bm25_weight": self.bm25_weight, "fusion": self.fusion,
                 "tolerance": TOLERANCE, "failures": self.failures, "passed": not self.failures,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "qrels_level": self.level}
 
 
 def evaluate_index(searcher: MilvusSearcher, dataset: BeirDataset, k_values: Sequence[int] = (1, 5, 10, 100),
@@ -59,8 +65,10 @@ def evaluate_index(searcher: MilvusSearcher, dataset: BeirDataset, k_values: Seq
     vectors = np.asarray(searcher.embed(texts), dtype=np.float32)[:, : searcher.dimension]
     vectors /= np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
     seconds = {"embed_queries": time.perf_counter() - t0}
-    rows = searcher.all_chunks()
-    chunk_doc = [r["doc_id"] for r in rows]
+    rows = searcher.all_chunks(fields=("id", "doc_id", "text", "dense"))
+    level = qrels_level(dataset, rows)
+    # Chunk-level qrels: each chunk is its own "document" for scoring.
+    chunk_doc = [r["id"] if level == "chunk" else r["doc_id"] for r in rows]
     chunk_vec = np.asarray([r["dense"] for r in rows], dtype=np.float32)
     exact_runs = _exact_runs(modes, texts, vectors, rows, chunk_doc, chunk_vec, searcher.settings.bm25_weight,
                              chunk_k, stopwords)
@@ -72,7 +80,8 @@ def evaluate_index(searcher: MilvusSearcher, dataset: BeirDataset, k_values: Seq
             hits += searcher.search(texts[start:start + query_batch], mode=mode, top_k=chunk_k,  # type: ignore[arg-type]
                                     with_text=False, query_vectors=vectors[start:start + query_batch])
         seconds[f"search_{mode}"] = time.perf_counter() - t0
-        run = {q: best_per_document([(h.doc_id, h.score) for h in row]) for q, row in zip(qids, hits, strict=True)}
+        key = (lambda h: h.id) if level == "chunk" else (lambda h: h.doc_id)
+        run = {q: best_per_document([(key(h), h.score) for h in row]) for q, row in zip(qids, hits, strict=True)}
         deployed[mode] = compute_metrics(dataset.qrels, run, k_values)
         exact[mode] = compute_metrics(dataset.qrels, dict(zip(qids, exact_runs[mode], strict=True)), k_values)
         gap = abs(deployed[mode]["ndcg@10"] - exact[mode]["ndcg@10"])
@@ -81,8 +90,36 @@ def evaluate_index(searcher: MilvusSearcher, dataset: BeirDataset, k_values: Seq
         if gap > TOLERANCE.get(mode, 0.01) + 1e-9:
             failures.append(f"{mode}: deployed nDCG@10 {deployed[mode]['ndcg@10']:.4f} vs in-process "
                             f"{exact[mode]['ndcg@10']:.4f} (|Δ| {gap:.4f} > {TOLERANCE.get(mode, 0.01)})")
+        if qids and deployed[mode]["ndcg@10"] == 0 and deployed[mode].get("recall@100", 0) == 0:
+            failures.append(f"{mode}: the deployed search found no relevant {level} for any of {len(qids)} "
+                            "queries: the qrels name ids this index does not hold, or the index is broken")
     return DeployedResult(deployed, exact, len(rows), len(qids), searcher.settings.bm25_weight,
-                          searcher.settings.fusion, failures, {k: round(v, 2) for k, v in seconds.items()})
+                          searcher.settings.fusion, failures, {k: round(v, 2) for k, v in seconds.items()}, level)
+
+
+def qrels_level(dataset: BeirDataset, rows: Sequence[dict]) -> str:
+    """"chunk" when the qrels name chunks of the index, "document" when they name documents."""
+    judged = {d for rels in dataset.qrels.values() for d in rels}
+    chunk_ids = {r["id"] for r in rows}
+    if judged and judged <= chunk_ids:
+        return "chunk"
+    return "document"
+
+
+def against_eval(deployed: dict[str, float], expected: dict[str, float], tolerance_low_k: float,
+                 tolerance_high_k: float) -> list[str]:
+    """Metrics where the deployed search falls short of (or exceeds) eval's figure beyond the recipe's
+    tolerance (``tolerance_low_k`` at k < 5, ``tolerance_high_k`` at k >= 5)."""
+    out = []
+    for metric, value in expected.items():
+        if metric not in deployed or "@" not in metric:
+            continue
+        k = int(metric.split("@")[1])
+        tol = tolerance_low_k if k < 5 else tolerance_high_k
+        if abs(deployed[metric] - value) > tol + 1e-9:
+            out.append(f"{metric}: deployed {deployed[metric]:.4f} vs eval {value:.4f} "
+                       f"(|Δ| {abs(deployed[metric] - value):.4f} > {tol})")
+    return out
 
 
 def best_per_document(hits: Sequence[tuple[str, float]], keep: int = 100) -> dict[str, float]:

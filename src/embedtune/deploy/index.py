@@ -1,9 +1,10 @@
-"""The index stage: every corpus chunk, embedded by the model the run deploys, into a Milvus collection
-with BM25 on its text, behind an alias that is swapped only once the new collection is complete.
+"""Reindexing: every corpus chunk, embedded by the model the release gate chose, into a new Milvus
+collection with BM25 on its text; the alias that searches use is swapped to it only once it is complete
+(and checked, see :mod:`embedtune.deploy.stage`).
 
-Writes ``index/index.json`` (:class:`IndexInfo`: where the collection is, which model filled it, how hybrid
-search fuses), ``index/dense_stats.npz`` (the corpus's embedding mean and covariance, for exact z-score
-fusion) and, with the embedded default, the Milvus Lite data in ``index/milvus.db``.
+The deploy stage writes ``deploy/index.json`` (:class:`IndexInfo`: where the collection is, which model
+filled it, how hybrid search fuses), ``deploy/dense_stats.npz`` (the corpus's embedding mean and covariance,
+for exact z-score fusion) and, with the embedded default, the Milvus Lite data in ``deploy/milvus.db``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from embedtune.artifacts import Manifest, RunDir, config_hash, read_json, write_json
+from embedtune.artifacts import RunDir
 from embedtune.config import IndexConfig, Recipe
 from embedtune.console import log, progress
 from embedtune.retrieval import milvus
 from embedtune.retrieval.cache import encode_cached, run_embedding_cache
-from embedtune.retrieval.deployment import INFO_FILE, STATS_FILE, IndexInfo
-from embedtune.retrieval.encoders import ServedModel, served_model
+from embedtune.retrieval.deployment import STATS_FILE, IndexInfo
+from embedtune.retrieval.encoders import ServedModel
 from embedtune.schemas import Chunk, read_rows
 
 LITE_FILE = "milvus.db"
@@ -28,51 +29,26 @@ ENCODE_BLOCK = 1024  # chunks read and encoded at once (length-sorted inside): b
 INSERT_BATCH = 256  # rows per insert call, well under gRPC's message limit
 
 
-def run_index(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
-    """(Re)index ``corpus/chunks.jsonl`` with the run's served model; skipped when nothing changed."""
-    cfg = recipe.index
-    chunks_path = run.require("corpus", "chunks.jsonl")
-    model = served_model(run.root, _base_path(recipe))
-    weight = deployed_weight(recipe, run)
-    alias = collection_alias(cfg, run)
-    uri = store_uri(cfg, run)
-    inputs = [chunks_path] + ([Path(model.path)] if Path(model.path).exists() else [])
-    config = {"index": cfg.model_dump(mode="json", exclude={"timeout", "keep_previous"}), "alias": alias,
-              "uri": uri, "model": {"kind": model.kind, "path": model.path, "precision": model.precision},
-              "bm25_weight": weight, "language": recipe.corpus.language, "stopwords": recipe.eval.bm25_stopwords}
-    stage = run.stage("index", config, inputs=inputs)
-    client = milvus.connect(uri, _token(cfg), cfg.timeout)
-    try:
-        return _index(client, stage, cfg, recipe, model, chunks_path, alias, uri, weight, config, force)
-    finally:
-        milvus.release(client, uri)  # Lite: free the file for the server or `embedtune search`
-
-
-def _index(client, stage, cfg: IndexConfig, recipe: Recipe, model: ServedModel, chunks_path: Path, alias: str,
-           uri: str, weight: float, config: dict, force: bool) -> Manifest:
-    if (done := stage.up_to_date(force)) is not None:
-        if _still_served(client, done):
-            return done
-        stage.up_to_date(force=True)  # the store lost it: drop the stale manifest before rebuilding
-    collection = f"{alias}__{config_hash([config, stage.inputs])[:12]}"
-    info, seconds = build(client, collection, cfg, recipe, model, chunks_path, stage.dir, weight)
+def swap(client, alias: str, collection: str, keep_previous: int) -> str | None:
+    """Point ``alias`` at the complete ``collection``; drop this alias's older collections (keeping the one
+    it served before, for rollback, if asked). Returns that previous collection."""
     previous = milvus.point_alias(client, alias, collection)
-    _drop_old(client, alias, keep={collection, previous} if cfg.keep_previous else {collection})
-    # The embedded store is named relative to the index folder, so a run directory can be moved.
-    stored_uri = LITE_FILE if cfg.uri is None else uri
-    info = info.model_copy(update={"alias": alias, "uri": stored_uri, "token_env": cfg.token_env})
-    write_json(stage.dir / INFO_FILE, info.model_dump(mode="json"))
-    log.info("index: %d chunks in collection %s (alias %s) at %s, %.1f chunks/s", info.chunks, collection,
-             alias, uri, info.chunks / max(seconds, 1e-9))
-    return stage.finish(outputs=[stage.dir / INFO_FILE, stage.dir / STATS_FILE],
-                        counts={"chunks": info.chunks, "dimension": info.dimension, "collection": collection,
-                                "previous_collection": previous},
-                        metrics={"chunks_per_second": round(info.chunks / max(seconds, 1e-9), 2),
-                                 "bm25_weight": weight})
+    _drop_old(client, alias, keep={collection, previous} if keep_previous else {collection})
+    return previous
+
+
+def still_served(client, alias: str | None, collection: str | None, chunks: int | None) -> bool:
+    """An up-to-date manifest counts only if its collection is still behind the alias, whole."""
+    try:
+        return (milvus.resolve_alias(client, alias) == collection
+                and milvus.row_count(client, collection) == chunks)
+    except Exception:  # noqa: BLE001 - any doubt means rebuild
+        return False
 
 
 def build(client, collection: str, cfg: IndexConfig, recipe: Recipe, model: ServedModel, chunks_path: Path,
-          out_dir: Path, weight: float) -> tuple[IndexInfo, float]:
+          out_dir: Path, weight: float, dimensions: int | None = None,
+          mode: str = "hybrid") -> tuple[IndexInfo, float]:
     """Write a fresh collection (any half-built one of the same name is dropped first) and its statistics."""
     if client.has_collection(collection):
         client.drop_collection(collection)  # a build killed midway: never aliased, so never served
@@ -88,7 +64,7 @@ def build(client, collection: str, cfg: IndexConfig, recipe: Recipe, model: Serv
         for batch in _batches(read_rows(chunks_path, Chunk), ENCODE_BLOCK):
             passages = [passage_text(c) for c in batch]
             # Through the run's embedding cache, block by block: a killed build reruns without re-encoding.
-            vectors = _truncate(encode_cached(encoder, passages, "passage", cache, what="index"), cfg.dimensions)
+            vectors = _truncate(encode_cached(encoder, passages, "passage", cache, what="index"), dimensions)
             if stats is None:
                 dim = int(vectors.shape[1])
                 milvus.create_collection(client, collection, dim, analyzer)
@@ -111,26 +87,13 @@ def build(client, collection: str, cfg: IndexConfig, recipe: Recipe, model: Serv
                      model_kind=model.kind, model_path=model.path, model_precision=model.precision,
                      model_label=model.label, model_fingerprint=_fingerprint(encoder),
                      bm25=cfg.bm25, bm25_weight=weight, fusion=cfg.fusion, candidates=cfg.candidates,
-                     lexical_candidates=cfg.lexical_candidates, analyzer=analyzer)
+                     lexical_candidates=cfg.lexical_candidates, analyzer=analyzer, mode=mode if cfg.bm25 else "dense")
     return info, time.perf_counter() - t0
 
 
 def passage_text(chunk: Chunk) -> str:
     """What is embedded and BM25-indexed: the title and the text, joined as BEIR's dense retrievers do."""
     return f"{chunk.title} {chunk.text}".strip() if chunk.title else chunk.text
-
-
-def deployed_weight(recipe: Recipe, run: RunDir) -> float:
-    """``index.bm25_weight``, else the weight eval chose on the run's synthetic held-out queries, else
-    ``eval.hybrid_bm25_weight``."""
-    if recipe.index.bm25_weight is not None:
-        return recipe.index.bm25_weight
-    results = run.path("eval", "results.json")
-    if run.manifest("eval") is not None and results.is_file():
-        chosen = (read_json(results).get("hybrid_weight") or {}).get("chosen")
-        if chosen is not None:
-            return float(chosen)
-    return recipe.eval.hybrid_bm25_weight
 
 
 def collection_alias(cfg: IndexConfig, run: RunDir) -> str:
@@ -141,17 +104,7 @@ def collection_alias(cfg: IndexConfig, run: RunDir) -> str:
 
 
 def store_uri(cfg: IndexConfig, run: RunDir) -> str:
-    return cfg.uri or str(run.path("index", LITE_FILE))
-
-
-def _still_served(client, done: Manifest) -> bool:
-    """An up-to-date manifest counts only if its collection is still behind the alias, whole."""
-    collection, alias = done.counts.get("collection"), done.config.get("alias")
-    try:
-        return (milvus.resolve_alias(client, alias) == collection
-                and milvus.row_count(client, collection) == done.counts.get("chunks"))
-    except Exception:  # noqa: BLE001 - any doubt means rebuild
-        return False
+    return cfg.uri or str(run.path("deploy", LITE_FILE))
 
 
 def _drop_old(client, alias: str, keep: set[str | None]) -> None:
@@ -205,7 +158,7 @@ def _stopwords(recipe: Recipe) -> list[str] | None:
     return list(getattr(lists, attr))
 
 
-def _token(cfg: IndexConfig) -> str | None:
+def token(cfg: IndexConfig) -> str | None:
     if not cfg.token_env:
         return None
     token = os.environ.get(cfg.token_env)
@@ -219,7 +172,7 @@ def _fingerprint(encoder) -> str:
     return str(key.get("model", ""))
 
 
-def _base_path(recipe: Recipe) -> str:
+def base_path(recipe: Recipe) -> str:
     from embedtune.models import resolve
 
     return resolve(recipe.model).path

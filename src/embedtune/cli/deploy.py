@@ -1,4 +1,4 @@
-"""`embedtune index` (reindex the vector store) and `embedtune search` (query it from the terminal)."""
+"""`embedtune deploy` (release gate, reindex, check) and `embedtune search` (query the index from the terminal)."""
 
 from __future__ import annotations
 
@@ -19,24 +19,47 @@ from embedtune.cli._app import (
     report_stage,
     user_errors,
 )
-from embedtune.console import setup_logging
+from embedtune.console import console, setup_logging
 
 
 @app.command()
 @user_errors
+def deploy(
+    uri: Annotated[str | None, typer.Option(help="Milvus server URI (default: Milvus Lite in <run>/deploy)")] = None,
+    run_dir: RunDirOpt = None,
+    config: ConfigOpt = None,
+    override: OverrideOpt = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="deploy the challenger even if it does not win beyond the noise (and rerun)")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Release gate on eval's paired scores, then every corpus chunk embedded by the winner into Milvus (dense +
+    BM25), checked against eval, behind the alias."""
+    from embedtune.deploy import run_deploy
+    from embedtune.deploy.stage import read_decision
+
+    recipe = load(config, override, verbose, index__uri=uri, deploy__force=True if force else None)
+    run = open_run(recipe, run_dir)
+    report_stage("deploy", run_deploy(recipe, run, force=force))
+    if decision := read_decision(run):
+        console.print(f"[bold]deployed:[/] {decision['served']}")
+
+
+@app.command(hidden=True)
+@user_errors
 def index(
-    uri: Annotated[str | None, typer.Option(help="Milvus server URI (default: Milvus Lite in <run>/index)")] = None,
+    uri: Annotated[str | None, typer.Option(help="Milvus server URI")] = None,
     run_dir: RunDirOpt = None,
     config: ConfigOpt = None,
     override: OverrideOpt = None,
     force: ForceOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Embed every corpus chunk with the run's served model into Milvus (dense + BM25), then swap the alias."""
-    from embedtune.index import run_index
+    """The deploy stage's former name (kept for scripts): `embedtune deploy` without --force's challenger."""
+    from embedtune.deploy import run_deploy
 
     recipe = load(config, override, verbose, index__uri=uri)
-    report_stage("index", run_index(recipe, open_run(recipe, run_dir), force=force))
+    report_stage("deploy", run_deploy(recipe, open_run(recipe, run_dir), force=force))
 
 
 @app.command()
