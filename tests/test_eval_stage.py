@@ -300,3 +300,61 @@ def test_cli_error_keeps_a_long_path_and_its_line_number_on_one_line(tmp_path, t
     res = _cli("--dataset", root, "--model", tiny_bert_dir)
     assert res.exit_code == 1
     assert f"{root / 'queries.jsonl'}:2: missing field(s) text" in res.output
+
+
+# ------------------------------------------------------------------------------ real queries decide
+
+
+def _real_dataset(root, docs):
+    """The user's labelled queries: other words of each document than the synthetic set's."""
+    queries = [{"_id": f"real-{d['_id']}", "text": " ".join(d["text"].split()[4:8])} for d in docs]
+    return _write_beir(root, docs, queries, [(f"real-{d['_id']}", d["_id"], 1) for d in docs])
+
+
+def test_real_queries_are_scored_beside_the_synthetic_ones_and_decide(run_with_finetune, tiny_bert_dir,
+                                                                       topical_docs, tmp_path):
+    run = run_with_finetune
+    real = tmp_path / "real"
+    _real_dataset(real, topical_docs)
+    shown = " ".join(topical_docs[0]["text"].split()[4:8])  # a real query the user also gave as an example
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text(json.dumps({"query": shown.upper() + " !", "passage": topical_docs[0]["text"]}) + "\n")
+    recipe = Recipe.model_validate({"model": {"name": str(tiny_bert_dir)}, "sdg": {"examples": str(examples)},
+                                    "eval": {"dataset": str(real), "hybrid_weight_grid": [0.1, 0.6]}})
+    manifest = run_eval(recipe, run)
+    results = read_json(run.path("eval", "results.json"))
+    # The real set decides; the example query (matched whatever its case and punctuation) is left out.
+    assert results["decided_on"] == "your real queries"
+    assert results["excluded_examples"] == [f"real-{topical_docs[0]['_id']}"]
+    assert results["n_queries"] == len(topical_docs) - 1 == manifest.counts["queries"]
+    assert manifest.counts["excluded_examples"] == 1
+    # The synthetic held-out set is scored beside it and chose the BM25 weight the real set's rows use.
+    synthetic = results["synthetic"]
+    assert synthetic["n_queries"] == 24 and synthetic["per_query"]["ndcg@10"]["finetuned"]
+    assert results["hybrid"]["bm25_weight"] == synthetic["hybrid_weight"]["chosen"] in (0.1, 0.6)
+    # Per-query scores of every retrieval, aligned on the query ids, averaging to the reported means.
+    per = results["per_query"]
+    assert len(per["query_ids"]) == results["n_queries"] and f"real-{topical_docs[0]['_id']}" not in per["query_ids"]
+    for key, mean in (("base", results["base"]["ndcg@10"]), ("finetuned_hybrid",
+                                                               results["hybrid"]["finetuned"]["ndcg@10"]),
+                      ("bm25", results["bm25"]["ndcg@10"]), ("finetuned@16",
+                                                              results["matryoshka"]["finetuned"]["16"]["ndcg@10"])):
+        assert np.mean(per["ndcg@10"][key]) == pytest.approx(mean, abs=1e-5)
+    assert np.mean(per["recall@10"]["finetuned"]) == pytest.approx(results["finetuned"]["recall@10"], abs=1e-5)
+    # Paired intervals against the base model, and the release gate's line, in the results and the report.
+    d = results["paired"]["retrievals"]["finetuned"]
+    assert d["low"] <= d["mean"] <= d["high"] and d["n"] == results["n_queries"]
+    report = run.path("eval", "report.md").read_text()
+    assert "1 queries were left out" in report and "95 % paired interval" in report
+    assert f"**Release gate** (on {results['n_queries']} your real queries): {results['release']['line']}" in report
+    assert "Synthetic held-out queries (24" in report
+
+
+def test_without_a_heldout_set_only_the_real_queries_are_scored(tmp_path, tiny_bert_dir, topical_docs):
+    real = tmp_path / "real"
+    _real_dataset(real, topical_docs)
+    recipe = Recipe.model_validate({"model": {"name": str(tiny_bert_dir)}, "eval": {"dataset": str(real)}})
+    run_eval(recipe, RunDir(tmp_path / "run"))
+    results = read_json(tmp_path / "run" / "eval" / "results.json")
+    assert "synthetic" not in results and results["n_queries"] == len(topical_docs)
+    assert results["release"]["deployed"] in ("base", "base_hybrid")  # nothing else competed
