@@ -54,14 +54,23 @@ def main() -> None:
         counts = ", ".join(f"{k}={v}" for k, v in r.manifest.counts.items() if isinstance(v, int | float))
         print(f"| {r.name} | {r.seconds:.1f} | {r.manifest.peak_rss_mb or 0:.0f} | {counts} |")
     print(f"| **total** | **{total:.1f}** (goal {GOAL_SECONDS} on idle cores) | **{peak:.0f}** (goal {GOAL_MB}) | |")
-    ev = next((r.manifest for r in results if r.name == "eval"), None)
-    if ev is not None:
-        from embedtune.cli.pipeline import _read_results, retrieval_rows, verdict
+    evaluated = out / "run" / "eval" / "results.json"
+    if any(r.name == "eval" for r in results) and evaluated.is_file():
+        import json
 
-        rows = retrieval_rows(ev.metrics, _read_results(out / "run" / "eval" / "results.json"))
-        print("\n| retrieval | nDCG@10 |\n|---|---|")
-        print("\n".join(f"| {r.label} | {r.ndcg:.4f} |" for r in rows))
-        print("\n" + verdict(rows, int(ev.counts.get("queries", 0))).replace("[bold]", "").replace("[/]", ""))
+        from embedtune.retrieval.release import Retrieval, mean, scores
+
+        results_json = json.loads(evaluated.read_text())
+        paired = (results_json.get("paired") or {}).get("retrievals") or {}
+        print(f"\n{results_json['n_queries']} {results_json.get('decided_on', 'queries')}\n")
+        print("| retrieval | nDCG@10 | vs base [95 % paired interval] |\n|---|---|---|")
+        for key, values in scores(results_json).items():
+            d = paired.get(key)
+            interval = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else ""
+            print(f"| {Retrieval.parse(key).label} | {mean(values):.4f} | {interval} |")
+        decision = out / "run" / "deploy" / "decision.json"
+        line = json.loads(decision.read_text())["served"] if decision.is_file() else results_json["release"]["line"]
+        print(f"\ndeployed: {line}")
     print(f"\nrun directory: {out / 'run'}")
 
 

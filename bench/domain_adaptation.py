@@ -13,6 +13,10 @@ The multilingual check of issue 11 is the same benchmark on German:
 ``--ablation NAME:KEY=VALUE[,KEY=VALUE]`` reruns prep -> finetune -> eval with those overrides on the same
 synthetic queries (the corpus and sdg stages are copied, not redone), and adds a row per variant.
 
+``-o sdg.examples=../shared/data/scifact/examples.jsonl`` writes every query in the style of SciFact's own
+claims (8 taken from its *train* split, never the test claims): Promptagator's few-shot setting. The table
+gives each retrieval's paired 95 % interval against the base model and the release gate's verdict.
+
     PYTHONPATH=src .venv/bin/python bench/domain_adaptation.py [--max-chunks 1000] [--run-dir DIR]
         [-o section.key=value ...] [--ablation dense-teacher:prep.teacher=dense ...]
 
@@ -134,6 +138,11 @@ def run_variant(name: str, args: argparse.Namespace, scifact: Path, xquad: Path,
         if m != "bm25_weight":
             row["scifact"][f"{m}_hybrid"] = {k: fused[k] for k in METRICS}
     row["hybrid_bm25_weight"] = (evaluated.get("hybrid") or {}).get("bm25_weight")
+    # The paired 95 % intervals against the base model, the release gate's verdict, the examples left out.
+    row["paired"] = (evaluated.get("paired") or {}).get("retrievals") or {}
+    row["release"] = evaluated.get("release")
+    row["excluded_examples"] = evaluated.get("excluded_examples") or []
+    row["examples"] = (row["counts"].get("sdg") or {}).get("examples_used", 0)
     if xquad:
         row["xquad"] = xquad_check(recipe, run_dir, xquad, args.cache)
     return row
@@ -180,7 +189,13 @@ def render(rows: list[dict], args: argparse.Namespace, seconds: float) -> str:
     lines.append("")
     for key in ("finetuned", "finetuned_hybrid"):
         if key in sci:
-            lines.append(f"- {labels[key]}: nDCG@10 {_vs_base(sci[key], sci['base'], args)}")
+            d = main.get("paired", {}).get(key)
+            interval = f", paired 95 % interval [{d['low']:+.4f}, {d['high']:+.4f}]" if d else ""
+            lines.append(f"- {labels[key]}: nDCG@10 {_vs_base(sci[key], sci['base'], args)}{interval}")
+    if main.get("release"):
+        lines.append(f"- release gate: {main['release']['line']}")
+    lines.append(f"- sdg examples shown to the query writer: {main.get('examples', 0)}; real queries left out "
+                 f"as examples: {len(main.get('excluded_examples') or [])}")
     lines += ["", "| stage | seconds | counts |", "|---|---|---|"]
     for stage, secs in main["seconds"].items():
         counts = {k: v for k, v in main["counts"][stage].items() if isinstance(v, int | float)}
@@ -200,7 +215,7 @@ def render(rows: list[dict], args: argparse.Namespace, seconds: float) -> str:
         for r in rows:
             ft = r["scifact"].get("finetuned", {}).get("ndcg@10")
             fused = r["scifact"].get("finetuned_hybrid", {}).get("ndcg@10")
-            base = r["scifact"]["base"]["ndcg@10"]
+            base = r["scifact"]["base"]["ndcg@10"]  # the same claims for every variant: a paired comparison
             extra = [o for o in r["overrides"] if o not in args.override]
             lines.append(f"| {r['name']} | {', '.join(extra) or 'defaults'} | "
                          f"{ft:.4f} | {100 * (ft - base):+.2f} pt | {fused or float('nan'):.4f} |"
