@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from embedtune.pipeline import stage_info
+from embedtune.platform.client import PlatformAPIError
 from test_platform_jobs import Service, pid_alive, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -101,7 +102,16 @@ def test_customize_deploy_and_query_through_gateway(platform_e2e, tiny_bert_dir)
     stage_ndcg = model["metrics"]["finetuned"]["ndcg@10"]
     assert 0 <= stage_ndcg <= 1
 
-    dep = pc.create_deployment("tiny-ft", name="ft-dep")
+    # The job's release gate: a fine-tune that did not beat the base model beyond the noise is not deployed
+    # unless asked for by name (force); one that did is deployed as it is.
+    release = model["metrics"]["release"]
+    assert release["challenger"] in ("finetuned", "finetuned_hybrid") and release["query_set"]
+    if release["model"] != "finetuned":
+        with pytest.raises(PlatformAPIError) as gated:
+            pc.create_deployment("tiny-ft", name="ft-dep")
+        assert gated.value.status == 409 and gated.value.error["code"] == "release_gate"
+        assert release["line"] in gated.value.error["message"]
+    dep = pc.create_deployment("tiny-ft", name="ft-dep", force=release["model"] != "finetuned")
     assert dep["status"] == "pending"
     dep = pc.wait_deployment("ft-dep", timeout=300)
     assert dep["status"] == "ready", dep["error"]

@@ -176,8 +176,10 @@ class PlatformClient:
 
     # -------------------------------------------------------------------------------------- deployments
 
-    def create_deployment(self, model: str, name: str | None = None) -> dict:
-        return self.request("POST", self._ws("deployments"), json={"model": model, "name": name})
+    def create_deployment(self, model: str, name: str | None = None, force: bool = False) -> dict:
+        """``force``: deploy a fine-tune that its release gate did not pass."""
+        body = {"model": model, "name": name} | ({"force": True} if force else {})
+        return self.request("POST", self._ws("deployments"), json=body)
 
     def get_deployment(self, name: str) -> dict:
         return self.request("GET", self._ws("deployments", name))

@@ -126,6 +126,8 @@ class DeploymentCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "default", "name": "dep"}]})
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
     model: str = Field(description="a registered model of the workspace")
+    force: bool = Field(False, description="deploy a fine-tuned model that its job's release gate did not pass "
+                                           "(it did not beat the base model beyond the noise)")
 
 
 class DeploymentOut(Out):

@@ -279,7 +279,10 @@ def register_output_model(job: db.Job, run: RunDir, result: dict, sessions: sess
         raise RuntimeError(f"the finetune stage finished without a model folder at {folder}")
     metrics = {}
     if "eval" in result:
-        metrics = {"base": result["eval"].get("base"), "finetuned": result["eval"].get("finetuned")}
+        metrics = {"base": result["eval"].get("base"), "finetuned": result["eval"].get("finetuned"),
+                   # The release gate's verdict on this fine-tune: a deployment of it must name force=true
+                   # when the gate kept the base model (what the deploy stage would have done).
+                   "release": result["eval"].get("release")}
     artifacts = {"model": str(folder)}
     for name in (f.file for f in MODEL_FORMATS.values()):
         if run.path("export", name).is_file():

@@ -43,6 +43,7 @@ class Served:
     error: str | None = None
     searcher: MilvusSearcher | None = None  # /v1/search, when the entry has an index
     search_error: str | None = None
+    search_mode: str = "hybrid"  # the mode the release gate deployed: a request that names none gets it
 
 
 class ServerState:

@@ -34,7 +34,8 @@ class SearchRequest(BaseModel):
     model: StrictStr | None = Field(None, description="served model id; optional when one model is served")
     query: StrictStr = Field(..., min_length=1, max_length=20_000)
     top_k: StrictInt = Field(10, ge=1, le=MAX_TOP_K)
-    mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+    mode: Literal["hybrid", "dense", "bm25"] | None = Field(
+        None, description="default: the mode the run's release gate deployed (hybrid unless dense alone won)")
     dimensions: StrictInt | None = Field(None, ge=1)
 
 
@@ -69,6 +70,7 @@ def attach_index(served: Served, index: Path) -> None:
             log.error("model %s: /v1/search disabled: %s", served.entry.name, mismatch)
             return
         served.searcher = searcher_for(index, embed=_no_text_embedding)
+        served.search_mode = info.mode
         log.info("model %s: /v1/search over collection %s (%d chunks, %s fusion, BM25 weight %s)",
                  served.entry.name, info.alias, info.chunks, info.fusion, info.bm25_weight)
     except Exception as exc:  # noqa: BLE001 - reported by /v1/search as 503
@@ -87,7 +89,8 @@ def add_search_route(app: FastAPI, state: ServerState) -> None:
         ids = await run_in_threadpool(backend.tokenize, [request.query], "query", "END")
         vectors = await batcher.submit(ids)
         try:
-            hits = await run_in_threadpool(searcher.search, [request.query], request.mode, request.top_k,
+            mode = request.mode or served.search_mode
+            hits = await run_in_threadpool(searcher.search, [request.query], mode, request.top_k,
                                            request.dimensions, True, vectors)
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_dimensions", param="dimensions") from None
@@ -98,7 +101,7 @@ def add_search_route(app: FastAPI, state: ServerState) -> None:
         n_tokens = sum(len(x) for x in ids)
         data = [SearchHit(rank=i, id=h.id, doc_id=h.doc_id, title=h.title, text=h.text, score=h.score)
                 for i, h in enumerate(hits[0], 1)]
-        return SearchResponse(data=data, model=served.entry.name, mode=request.mode,
+        return SearchResponse(data=data, model=served.entry.name, mode=mode,
                               usage={"prompt_tokens": n_tokens, "total_tokens": n_tokens})
 
 

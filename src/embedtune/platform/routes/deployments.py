@@ -17,6 +17,10 @@ router = APIRouter(prefix="/v2/workspaces/{workspace}/deployments", tags=["deplo
 @router.post("", response_model=DeploymentOut, status_code=201)
 def create_deployment(workspace: WS, body: DeploymentCreate, who: Who, p: P, s: S) -> db.Deployment:
     model = find_model(s, who, workspace, body.model)
+    release = (model.metrics or {}).get("release") or {}
+    if release.get("challenger") and release.get("model") != "finetuned" and not body.force:
+        raise PlatformError(409, f"model '{model.name}' did not pass its release gate: {release.get('line')}; "
+                            "send force=true to deploy it anyway", param="force", code="release_gate")
     name = body.name or f"{model.name}-{db.new_id('d').split('-')[1][:6]}"
     old = s.scalar(select(db.Deployment).where(db.Deployment.workspace == workspace, db.Deployment.name == name))
     if old is not None and old.status != "deleted":
