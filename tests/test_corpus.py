@@ -65,7 +65,10 @@ def test_run_corpus_writes_chunks_manifest_and_counts(mixed_folder, tmp_path):
     manifest = run_corpus(recipe, run)
     rows = list(read_jsonl(run.path("corpus", "chunks.jsonl")))
     c = manifest.counts
-    assert c["dropped_duplicates"] == 1 and c["dropped_empty"] == 1 and c["skipped_files"] == 1
+    assert c["dropped_duplicates"] == 1 and c["dropped_empty"] == 1 and c["skipped_files"] == 2
+    assert c["skipped_by_reason"] == {"unsupported extension": 1, "unreadable": 1}
+    skipped = {r["path"]: r["reason"] for r in read_jsonl(run.path("corpus", "skipped.jsonl"))}
+    assert skipped == {"image.png": "unsupported extension", "bad.txt": "unreadable"}
     assert c["documents"] == 6 and c["chunks"] == len(rows)
     assert set(rows[0]) >= {"_id", "doc_id", "title", "text", "source", "start", "end"}
     long_chunks = [r for r in rows if r["doc_id"] == "long.txt"]

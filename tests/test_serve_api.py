@@ -290,3 +290,31 @@ def test_metrics_count_requests_and_batches_at_both_paths(server):
         assert "embedtune_request_seconds_bucket" in text
         assert 'embedtune_batch_size_count{model="tiny"}' in text
         assert 'embedtune_queue_depth{model="tiny"}' in text
+
+
+# ----------------------------------------------------------------------------------- tools around it
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded"])
+def test_json_body_without_a_json_content_type_is_accepted(server, reference, content_type):
+    """`curl -d '{...}'` (form type) and clients that send no Content-Type get their JSON read."""
+    headers = {"Authorization": f"Bearer {KEY}", **({"Content-Type": content_type} if content_type else {})}
+    body = b'{"model": "tiny", "input": ["stars"], "encoding_format": "float"}'
+    response = httpx.post(f"{server.url}/v1/embeddings", content=body, headers=headers, timeout=30)
+    assert response.request.headers.get("content-type") == content_type
+    assert np.allclose(vectors(response), encode_passages(reference, ["stars"]), atol=1e-5)
+
+
+def test_a_declared_non_json_content_type_is_still_refused(server):
+    response = httpx.post(f"{server.url}/v1/embeddings", content=b'{"model": "tiny", "input": "x"}', timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"})
+    assert_openai_error(response, 422)
+
+
+def test_docs_page_is_served_unless_turned_off(server):
+    page = httpx.get(f"{server.url}/docs", timeout=30)
+    assert page.status_code == 200 and "swagger" in page.text.lower() and "/openapi.json" in page.text
+    from fastapi.testclient import TestClient
+
+    off = TestClient(create_app([ModelEntry("tiny", "", lambda: None)], CONFIG, docs=False))
+    assert off.get("/docs").status_code == 404 and off.get("/openapi.json").status_code == 200

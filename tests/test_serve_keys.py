@@ -27,8 +27,8 @@ def started(monkeypatch):
     """What `embedtune serve` would have started (the real uvicorn run is replaced)."""
     calls: dict = {}
 
-    def fake_run_server(entries, cfg, key, log_level):
-        calls.update(cfg=cfg, key=key)
+    def fake_run_server(entries, cfg, key, log_level, docs=True):
+        calls.update(cfg=cfg, key=key, docs=docs)
 
     monkeypatch.setattr(embedtune.serve, "run_server", fake_run_server)
     return calls

@@ -47,6 +47,9 @@ class CorpusConfig(StrictModel):
     )
     overlap_sentences: int = Field(0, ge=0, description="sentences repeated at the start of the next chunk")
     min_chars: int = Field(20, ge=0, description="documents shorter than this are dropped")
+    min_chunk_chars: int = Field(
+        50, ge=0, le=100_000, description="a chunk shorter than this (a heading or a line left at a document's "
+        "end) is merged into its neighbour in the same document when the two fit chunk_tokens; 0 keeps every chunk")
     language: str = Field("en", description="sentence splitter language (ISO 639-1), e.g. en, de, zh, ar, hi")
     max_documents: int | None = Field(None, gt=0)
 

@@ -26,6 +26,7 @@ class Chunk(Row):
     source: str = ""
     start: int = 0
     end: int = 0
+    section: str = ""  # heading path where the chunk starts ("Guide > Install"); Markdown documents only
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 

@@ -69,8 +69,15 @@ def load(config: Path | None, overrides: list[str] | None, verbose: bool = False
     return load_recipe(config, items)
 
 
-def open_run(recipe: Recipe, run_dir: Path | None) -> RunDir:
-    run = RunDir(run_dir or Path("runs") / recipe.name)
+def open_run(recipe: Recipe, run_dir: Path | None, *, create: bool = False) -> RunDir:
+    """The run directory, with the resolved recipe written into it. Only the commands that start a run
+    (``run``, ``corpus``) ``create`` it: for any later stage a missing folder is a typo, and going on would
+    export (or index) the base model into a new, empty run."""
+    root = run_dir or Path("runs") / recipe.name
+    if not create and not root.is_dir():
+        raise FileNotFoundError(f"run directory {root} does not exist; start a run with `embedtune run --corpus "
+                                f"PATH -r {root}` (or `embedtune corpus PATH -r {root}`), or pass -r an existing one")
+    run = RunDir(root)
     run.root.mkdir(parents=True, exist_ok=True)
     write_text(run.root / "recipe.yaml", dump_recipe(recipe))
     return run

@@ -35,4 +35,4 @@ def corpus(
 ) -> None:
     """Load, clean, de-duplicate and chunk documents into corpus/chunks.jsonl."""
     recipe = load(config, override, verbose, corpus__path=path, model__name=model)
-    report_stage("corpus", run_corpus(recipe, open_run(recipe, run_dir), force=force))
+    report_stage("corpus", run_corpus(recipe, open_run(recipe, run_dir, create=True), force=force))

@@ -42,7 +42,7 @@ def run(
     recipe = load(config, override, verbose, corpus__path=corpus, model__name=model)
     if recipe.corpus.path is None:
         raise ValueError("no documents given: pass --corpus PATH or set corpus.path in the recipe")
-    run_obj = open_run(recipe, run_dir)
+    run_obj = open_run(recipe, run_dir, create=True)
     results = run_pipeline(recipe, run_obj.root, to=to, force=force,
                            on_stage=lambda s: console.rule(f"[bold]{s}"))
     _summary(results, run_obj.root)

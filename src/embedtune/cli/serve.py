@@ -38,6 +38,8 @@ def serve(
     max_queue: Annotated[int | None, typer.Option(help="requests waiting before 429")] = None,
     max_request_tokens: Annotated[int | None, typer.Option(
         help="tokens one request may hold after tokenisation (413 above) \\[serve.max_request_tokens]")] = None,
+    docs: Annotated[bool, typer.Option(
+        "--docs/--no-docs", help="serve the interactive API page at /docs (FastAPI's Swagger UI)")] = True,
     index: Annotated[Path | None, typer.Option(
         help="serve /v1/search over this run's index (default: a served run directory's own index)")] = None,
     config: ConfigOpt = None,
@@ -72,5 +74,6 @@ def serve(
         console.print(f"API key {'created in' if created else 'read from'} {key_file} (0600); clients send "
                       f"'Authorization: Bearer $(cat {key_file})' (openai: api_key=that value)")
     auth = "Bearer key required" if key else "NO API KEY: --insecure-no-auth"
-    console.print(f"serving on http://{cfg.host}:{cfg.port}/v1/embeddings ({auth})")
-    run_server(entries, cfg, key, log_level="debug" if verbose else "info")
+    page = f", API page http://{cfg.host}:{cfg.port}/docs" if docs else ""
+    console.print(f"serving on http://{cfg.host}:{cfg.port}/v1/embeddings ({auth}{page})")
+    run_server(entries, cfg, key, log_level="debug" if verbose else "info", docs=docs)

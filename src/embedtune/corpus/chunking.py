@@ -161,3 +161,29 @@ def _pack(sentences: list[Span], max_tokens: int, overlap: int) -> Iterator[list
         size += sent.tokens
     if current:
         yield current
+
+
+def merge_fragments(text: str, spans: list[tuple[int, int]], tokenizer: PreTrainedTokenizerBase,
+                    max_tokens: int, min_chars: int) -> list[tuple[int, int]]:
+    """``spans`` with every chunk shorter than ``min_chars`` merged into a neighbour when the two together
+    still have at most ``max_tokens`` tokens (counted as the text they are): a lone heading or a line left
+    at a document's end carries too little to be retrieved on its own. The previous chunk is tried first
+    (a fragment usually ends what came before), then the next; a fragment that fits neither stays."""
+    out = list(spans)
+    i = 0
+    while i < len(out) and len(out) > 1 and min_chars > 0:
+        start, end = out[i]
+        if end - start >= min_chars:
+            i += 1
+            continue
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(out):
+                a, b = min(start, out[j][0]), max(end, out[j][1])
+                if _count(tokenizer, [text[a:b]])[0] <= max_tokens:
+                    out[min(i, j)] = (a, b)
+                    del out[max(i, j)]
+                    i = min(i, j)  # look at the merged chunk again
+                    break
+        else:
+            i += 1
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 from embedtune.artifacts import Manifest, RunDir, write_jsonl
 from embedtune.config import Recipe
 from embedtune.console import log, track
-from embedtune.corpus.chunking import chunk_text
+from embedtune.corpus.chunking import chunk_text, merge_fragments
 from embedtune.corpus.clean import normalize
 from embedtune.corpus.loaders import Document, LoadStats, iter_documents
 from embedtune.schemas import Chunk
@@ -31,20 +32,24 @@ def run_corpus(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     docs, counts = _clean_and_dedup(iter_documents(source, stats), cfg.min_chars, cfg.max_documents)
     if not docs:
         raise ValueError(f"no usable documents in {source} ({stats.files} files read, "
-                         f"{len(stats.skipped_files)} skipped, {counts['dropped_empty']} empty)")
+                         f"{len(stats.not_read)} not read, {counts['dropped_empty']} empty)")
     from embedtune.models import load_model, max_tokens
 
     model = load_model(recipe.model)
     budget = cfg.chunk_tokens or chunk_budget(model.tokenizer, max_tokens(model), model.prompts)
+    merged: list[int] = []
     chunks = chunk_documents(track(docs, "chunking", total=len(docs)), model.tokenizer, budget,
-                             cfg.language, cfg.overlap_sentences)
+                             cfg.language, cfg.overlap_sentences, cfg.min_chunk_chars, merged)
     out = stage.dir / "chunks.jsonl"
     n_chunks = write_jsonl(out, chunks)
-    counts.update(files=stats.files, skipped_files=len(stats.skipped_files), documents=len(docs),
-                  chunks=n_chunks, chunk_tokens=budget)
-    if stats.skipped_files:
-        write_jsonl(stage.dir / "skipped.jsonl", ({"reason": r} for r in stats.skipped_files))
-    return stage.finish(outputs=[out], counts=counts)
+    # Every file under the corpus path that did not become documents is counted, by reason, and listed.
+    counts.update(files=stats.files, skipped_files=len(stats.not_read), skipped_by_reason=stats.by_reason(),
+                  documents=len(docs), chunks=n_chunks, merged_fragments=sum(merged), chunk_tokens=budget)
+    outputs = [out]
+    if stats.not_read:
+        outputs.append(stage.dir / "skipped.jsonl")
+        write_jsonl(outputs[-1], ({"path": p, "reason": r, "detail": d} for p, r, d in stats.not_read))
+    return stage.finish(outputs=outputs, counts=counts)
 
 
 def chunk_budget(tokenizer, model_max: int, prompts: dict[str, str] | None) -> int:
@@ -74,7 +79,9 @@ def _clean_and_dedup(docs: Iterator[Document], min_chars: int,
             raise ValueError(f"duplicate document id {doc.id!r} (source {doc.source})")
         seen.add(digest)
         ids.add(doc.id)
-        kept.append(Document(doc.id, text, normalize(doc.title), doc.source))
+        # Section offsets hold when the loader's text was normalised already (Markdown's is).
+        kept.append(Document(doc.id, text, normalize(doc.title), doc.source,
+                             doc.sections if text == doc.text else []))
         if limit and len(kept) >= limit:
             break
     if counts["dropped_empty"] or counts["dropped_duplicates"]:
@@ -83,10 +90,20 @@ def _clean_and_dedup(docs: Iterator[Document], min_chars: int,
     return kept, counts
 
 
-def chunk_documents(docs, tokenizer, max_tokens: int, language: str = "en",
-                    overlap_sentences: int = 0) -> Iterator[Chunk]:
+def chunk_documents(docs, tokenizer, max_tokens: int, language: str = "en", overlap_sentences: int = 0,
+                    min_chunk_chars: int = 0, merged: list[int] | None = None) -> Iterator[Chunk]:
+    """Chunks of every document; fragments under ``min_chunk_chars`` merged (their count appended to
+    ``merged``, per document); each chunk names the heading path it starts in. A document with sections
+    (Markdown) is chunked section by section, so that a heading starts a chunk instead of ending one."""
     for doc in docs:
-        spans = chunk_text(doc.text, tokenizer, max_tokens, language, overlap_sentences)
-        for i, (start, end) in enumerate(spans):
+        bounds = [offset for offset, _ in doc.sections if 0 < offset < len(doc.text)]
+        spans = [(a + s, a + e) for a, b in zip([0, *bounds], [*bounds, len(doc.text)], strict=True)
+                 for s, e in chunk_text(doc.text[a:b], tokenizer, max_tokens, language, overlap_sentences)]
+        kept = merge_fragments(doc.text, spans, tokenizer, max_tokens, min_chunk_chars)
+        if merged is not None:
+            merged.append(len(spans) - len(kept))
+        offsets = [offset for offset, _ in doc.sections]
+        for i, (start, end) in enumerate(kept):
+            at = bisect.bisect_right(offsets, start) - 1
             yield Chunk(_id=f"{doc.id}#{i}", doc_id=doc.id, title=doc.title, text=doc.text[start:end],
-                        source=doc.source, start=start, end=end)
+                        source=doc.source, start=start, end=end, section=doc.sections[at][1] if at >= 0 else "")

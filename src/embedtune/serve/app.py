@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -46,6 +46,10 @@ class Served:
     search_mode: str = "hybrid"  # the mode the release gate deployed: a request that names none gets it
 
 
+class ModelLoadError(ValueError):
+    """A served model could not be loaded (the command line's server then exits non-zero)."""
+
+
 class ServerState:
     def __init__(self, entries: Sequence[ModelEntry], config: ServeConfig, metrics: Metrics):
         names = [e.name for e in entries]
@@ -53,6 +57,13 @@ class ServerState:
             raise ValueError(f"serve needs at least one model and unique model names, got {names}")
         self.models = {e.name: Served(e) for e in entries}
         self.config, self.metrics = config, metrics
+        # Called when a model fails to load; the CLI's runner stops the server then. Unset (tests, a host that
+        # reports through /v1/health/ready), the server keeps answering 503 for that model.
+        self.on_load_failure: Callable[[], None] | None = None
+
+    def load_failure(self) -> ModelLoadError | None:
+        failed = [f"model {n} ({s.entry.source}) failed to load: {s.error}" for n, s in self.models.items() if s.error]
+        return ModelLoadError("; ".join(failed)) if failed else None
 
     @property
     def ready(self) -> bool:
@@ -66,6 +77,9 @@ class ServerState:
             except Exception as exc:  # noqa: BLE001 - reported through /v1/health/ready and 503s
                 served.error = f"{type(exc).__name__}: {exc}"
                 log.error("model %s (%s) failed to load: %s", name, served.entry.source, served.error)
+                if self.on_load_failure is not None:
+                    self.on_load_failure()
+                    return
                 continue
             batcher = Batcher(backend.embed_tokens, backend.dimension, self.config.max_batch_tokens,
                               self.config.max_queue, self.metrics.batch_stats(name))
@@ -98,7 +112,9 @@ class ServerState:
 
 
 def create_app(entries: Sequence[ModelEntry], config: ServeConfig | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, docs: bool = True) -> FastAPI:
+    """The server's app; ``docs`` serves FastAPI's interactive API page at ``/docs`` (the spec itself,
+    ``/openapi.json``, is always served: clients and fuzzers read it)."""
     config = config or ServeConfig()
     metrics = Metrics()
     state = ServerState(entries, config, metrics)
@@ -114,7 +130,8 @@ def create_app(entries: Sequence[ModelEntry], config: ServeConfig | None = None,
                 await loading
             await state.stop()
 
-    app = FastAPI(title="embedtune embeddings", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="embedtune embeddings", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url=None)
     app.state.serve = state
     install_handlers(app)
     _add_routes(app, state, config, metrics)

@@ -21,6 +21,8 @@ Send = Callable[[Message], Awaitable[None]]
 ENDPOINTS = ("/v1/embeddings", "/v1/search", "/v1/models", "/v1/health/live", "/v1/health/ready", "/metrics",
              "/v1/metrics", "/health")
 PROTECTED = ("/v1/embeddings", "/v1/search", "/v1/models")  # health and metrics stay open for probes and scrapers
+JSON_ROUTES = ("/v1/embeddings", "/v1/search")
+FORM_TYPE = b"application/x-www-form-urlencoded"  # what `curl -d` declares when no -H is given
 
 
 def endpoint_label(path: str) -> str:
@@ -64,6 +66,8 @@ class Guard:
                              "request_too_large")
                 return
             receive = _replay(body, receive)
+            if scope["path"].startswith(JSON_ROUTES):
+                scope = _as_json(scope)
         await self.app(scope, receive, send)
 
     def _authorised(self, scope: Scope) -> bool:
@@ -92,6 +96,17 @@ class Guard:
                 continue
             chunks.append(chunk)
         return None if too_big else b"".join(chunks)
+
+
+def _as_json(scope: Scope) -> Scope:
+    """The request as JSON when it came without a Content-Type or with curl -d's form type: these routes take
+    JSON only, and OpenAI-compatible clients and examples often leave the header out (FastAPI would answer
+    422 "Input should be a valid dictionary"). Any other declared type is left for FastAPI to refuse."""
+    headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+    declared = dict(scope.get("headers") or []).get(b"content-type", b"").split(b";")[0].strip().lower()
+    if declared not in (b"", FORM_TYPE):
+        return scope
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

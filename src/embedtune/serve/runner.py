@@ -17,10 +17,17 @@ from embedtune.serve.loading import ModelEntry
 
 
 def run_server(entries: Sequence[ModelEntry], config: ServeConfig, api_key: str | None = None,
-               log_level: str = "info") -> None:
-    app = create_app(entries, config, api_key)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, access_log=False,
-                timeout_graceful_shutdown=10)
+               log_level: str = "info", docs: bool = True) -> None:
+    """Serve in the foreground until interrupted. A model that fails to load stops the server and raises
+    :class:`ModelLoadError` (the command exits non-zero) rather than leave a server that only answers 503."""
+    app = create_app(entries, config, api_key, docs=docs)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                                           access_log=False, timeout_graceful_shutdown=10))
+    state = app.state.serve
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if (failure := state.load_failure()) is not None:
+        raise failure
 
 
 @dataclass

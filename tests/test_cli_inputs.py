@@ -1,0 +1,24 @@
+"""Wrong inputs fail on the command line: a run directory that does not exist is a typo, not a new run."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from embedtune.cli import app
+
+
+@pytest.mark.parametrize("command", ["sdg", "prep", "finetune", "eval", "export", "index"])
+def test_a_stage_command_on_a_missing_run_dir_is_an_error(tmp_path, command):
+    missing = tmp_path / "runs" / "nope"
+    result = CliRunner().invoke(app, [command, "-r", str(missing)])
+    assert result.exit_code == 1, result.output
+    assert f"run directory {missing} does not exist" in " ".join(result.output.split())
+    assert not missing.exists()  # nothing was started (export used to write the base model there)
+
+
+def test_a_stage_command_on_an_existing_run_dir_goes_on(tmp_path):
+    (tmp_path / "r").mkdir()
+    result = CliRunner().invoke(app, ["prep", "-r", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "does not exist" not in result.output  # on to the stage: no corpus there
+    assert "corpus" in result.output
