@@ -12,13 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from embedtune.pipeline import stage_info
 from test_platform_jobs import Service, pid_alive, wait_for
-
-pytestmark = pytest.mark.skipif(
-    not all(stage_info(s).available for s in ("finetune", "eval")),
-    reason="the finetune and eval stages are not in this checkout yet",
-)
 
 TOPICS = {
     "astronomy": "stars planets galaxies telescopes orbit comets nebula gravity light years",
