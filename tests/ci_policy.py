@@ -20,8 +20,17 @@ CI_ALLOWED_SKIPS = (
 )
 
 
+_IN_CI = pytest.StashKey[bool]()
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def pytest_configure(config) -> None:  # noqa: ANN001
+    # Read once, when the run starts: a test that changes CI in its own environment (monkeypatch) does not
+    # change what its report is held to.
+    config.stash[_IN_CI] = in_ci()
 
 
 def skip_reason(report) -> str:  # noqa: ANN001
@@ -40,7 +49,7 @@ def pytest_runtest_makereport(item, call):  # noqa: ANN001, ANN201
     """In CI, a test skipped for a reason off the allow-list is reported as failed, where it happened."""
     outcome = yield
     report = outcome.get_result()
-    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+    if item.config.stash.get(_IN_CI, False) and report.skipped and not hasattr(report, "wasxfail"):
         reason = skip_reason(report)
         if not allowed_in_ci(reason):
             report.outcome = "failed"
@@ -66,7 +75,7 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if reporter is not None:
             reporter.write_line("no tests were collected: treated as a failure (exit code 1)", red=True)
-    if in_ci() and (skipped := _skips_not_allowed(session)):
+    if session.config.stash.get(_IN_CI, False) and (skipped := _skips_not_allowed(session)):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if reporter is not None:
             reporter.write_line(f"CI=true and {len(skipped)} skipped at collection, off CI_ALLOWED_SKIPS "
