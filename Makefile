@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lock demo test test-all lint bench clean
+.PHONY: install lock demo test test-all test-count lint bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q --durations=20 --timeout=1800 $(PYTEST_ARGS)
+
+# How many tests there are and how many are slow, as pytest collects them now (the README quotes no count).
+test-count: install
+	@$(BIN)/python -m pytest --collect-only -q -m slow -p no:cacheprovider | tail -n 1 | \
+		sed -nE 's#^([0-9]+)/([0-9]+) tests? collected.*#\2 tests, \1 of them slow#p'
 
 lint: install
 	$(BIN)/ruff check src tests bench

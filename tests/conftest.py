@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ci_policy import pytest_configure, pytest_runtest_makereport, pytest_sessionfinish  # noqa: F401 (hooks: no quiet skips in CI)
 from pg_fixture import db_url, module_db_url, postgres_server, postgres_url  # noqa: F401 (PostgreSQL fixtures)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,13 +116,3 @@ def make_documents(n_per_topic: int = 4, seed: int = 0) -> list[dict[str, str]]:
 @pytest.fixture
 def topical_docs() -> list[dict[str, str]]:
     return make_documents()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    """No test collected (exit code 5: a wrong path, a marker filter that matches nothing, a conftest that
-    hides everything) is a failure, not a quiet success-looking run: CI must never pass on zero tests."""
-    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line("no tests were collected: treated as a failure (exit code 1)", red=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -72,7 +73,13 @@ def test_manifest_records_hashes_counts_and_time(tmp_path):
     _run_stage(run, src, {"k": 1})
     data = json.loads(run.path("demo", "manifest.json").read_text())
     assert set(data) >= {"stage", "version", "config", "inputs", "outputs", "counts", "seconds"}
-    assert data["inputs"][str(src)] and data["config"] == {"k": 1} and data["seconds"] >= 0
+    # The hashes are the files' SHA-256 (computed here with hashlib, not the code under test).
+    out = run.path("demo", "out.jsonl")
+    assert data["inputs"] == {str(src): hashlib.sha256(b"abc").hexdigest()}
+    assert data["outputs"] == {str(out): hashlib.sha256(out.read_bytes()).hexdigest()}
+    assert out.read_bytes() == b'{"n": 3}\n'
+    assert data["stage"] == "demo" and data["config"] == {"k": 1} and data["counts"] == {"rows": 1}
+    assert 0 <= data["seconds"] < 60
 
 
 def _dead_pid() -> int:

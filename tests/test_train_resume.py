@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from _train_helpers import make_run, synthetic_examples, tiny_recipe
 from embedtune.artifacts import read_json, read_jsonl
@@ -188,3 +189,73 @@ def test_a_run_stopped_after_its_last_step_finishes_from_the_checkpoint_without_
     assert again.metrics["resumed_from_step"] == 2
     after = SentenceTransformer(str(run.root / "finetune" / "model"), device="cpu").encode(texts)
     assert abs(before - after).max() < 1e-6
+
+
+# ------------------------------------------------------------------------------ resume continues the run
+
+
+class Killed(Exception):
+    """Stands in for a kill -9 in the middle of training (after a checkpoint, before the next one)."""
+
+
+def _count_steps(monkeypatch, kill_at: int | None = None) -> list[int]:  # noqa: ANN001
+    """Count optimizer steps the trainer computes (its ``training_step`` calls); with ``kill_at``, raise
+    :class:`Killed` as step ``kill_at`` starts, the checkpoints written before it left in place."""
+    from sentence_transformers import SentenceTransformerTrainer
+
+    real = SentenceTransformerTrainer.training_step
+    calls: list[int] = []
+
+    def training_step(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(self.state.global_step + 1)
+        if kill_at is not None and len(calls) == kill_at:
+            raise Killed
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SentenceTransformerTrainer, "training_step", training_step)
+    return calls
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {str(p.relative_to(folder)): load_file(p) for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def test_a_run_killed_after_a_checkpoint_continues_from_it_to_the_uninterrupted_weights(
+        tmp_path, tiny_bert_dir, monkeypatch):
+    """Killed at step 5 of 6 (checkpoint-4 written, in the second epoch), the rerun trains steps 5 and 6 only and
+    ends with the weights of a run that was never interrupted, bit for bit: it continued from the checkpoint's
+    weights, optimizer moments, scheduler, data position and RNG state. A rerun that starts over would train six
+    steps (and a resume that dropped the optimizer state or the RNG would end elsewhere)."""
+    rows = synthetic_examples(48)
+    # 48 rows, batch 16 -> 3 steps per epoch, 2 epochs -> 6 steps; a checkpoint every 2 steps; fp32 (bf16
+    # autocast is deterministic too, but fp32 keeps the comparison independent of the CPU).
+    recipe = tiny_recipe(tiny_bert_dir, epochs=2, checkpoint_steps=2, validation_fraction=0.0,
+                         save_total_limit=None, global_batch_size=16, cpu_bf16=False)
+    with monkeypatch.context() as m:
+        steps = _count_steps(m)
+        reference = run_finetune(recipe, make_run(tmp_path / "uninterrupted", rows))
+    assert reference.counts["steps"] == 6 and steps == [1, 2, 3, 4, 5, 6]
+
+    run = make_run(tmp_path / "killed", rows)
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        _count_steps(m, kill_at=5)
+        run_finetune(recipe, run)
+    assert run.manifest("finetune") is None
+    assert sorted(p.name for p in run.path("finetune", "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-2", "checkpoint-4"]
+
+    with monkeypatch.context() as m:
+        steps = _count_steps(m)
+        resumed = run_finetune(recipe, run)
+    assert steps == [5, 6]  # continued: the four steps before the kill were not trained again
+    assert resumed.metrics["resumed_from_step"] == 4 and resumed.counts["steps"] == 6
+    expected, got = _weights(tmp_path / "uninterrupted" / "finetune" / "model"), _weights(run.path("finetune", "model"))
+    assert expected and list(got) == list(expected)
+    for name, tensors in expected.items():
+        assert list(got[name]) == list(tensors)
+        for key, value in tensors.items():
+            assert torch.equal(got[name][key], value), f"{name}:{key} differs from the uninterrupted run"
+    # and the run did move: the final weights are not the untrained model's
+    assert any(not torch.equal(v, _weights(tiny_bert_dir)[n][k]) for n, t in expected.items() for k, v in t.items())

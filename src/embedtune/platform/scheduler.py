@@ -234,7 +234,9 @@ class Scheduler:
             if s.get_bind().dialect.name == "postgresql":
                 # Row locks: rows another replica is claiming right now are skipped, not waited for.
                 ids = s.scalars(pending.with_for_update(skip_locked=True)).all()
-                claimed = list(ids) if ids and s.execute(claim.where(db.Job.id.in_(ids))).rowcount else []
+                # RETURNING names the rows this UPDATE changed: only those are ours (a rowcount > 0 would
+                # claim every selected row whenever any of them was still pending).
+                claimed = list(s.scalars(claim.where(db.Job.id.in_(ids)).returning(db.Job.id)).all()) if ids else []
                 s.commit()
             else:
                 # SQLite has no row locks: each claim is a conditional UPDATE; a row another process took
