@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from embedtune.platform import db
+from embedtune.platform import db, quotas
 from embedtune.platform.auth import audit
 from embedtune.platform.errors import PlatformError
 from embedtune.platform.routes.common import ERRORS, WS, P, S, Who, find_deployment, find_model
@@ -17,6 +17,7 @@ router = APIRouter(prefix="/v2/workspaces/{workspace}/deployments", tags=["deplo
 @router.post("", response_model=DeploymentOut, status_code=201)
 def create_deployment(workspace: WS, body: DeploymentCreate, who: Who, p: P, s: S) -> db.Deployment:
     model = find_model(s, who, workspace, body.model)
+    quotas.check_deployments(s, p.settings, workspace)
     name = body.name or f"{model.name}-{db.new_id('d').split('-')[1][:6]}"
     old = s.scalar(select(db.Deployment).where(db.Deployment.workspace == workspace, db.Deployment.name == name))
     if old is not None and old.status != "deleted":
