@@ -18,7 +18,9 @@ from embedtune.artifacts import check_path_name
 
 
 class RecipeError(ValueError):
-    """A recipe that cannot be used: unknown keys, bad values, unreadable YAML."""
+    """A recipe that cannot be used: unknown keys, bad values, unreadable YAML. ``key``: the first bad key."""
+
+    key: str | None = None
 
 
 class StrictModel(BaseModel):
@@ -397,7 +399,9 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_explain(exc)) from None
+        err = RecipeError(_explain(exc))
+        err.key = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
+        raise err from None
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

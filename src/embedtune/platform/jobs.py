@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Discriminator, Field, Tag, model_validator
 
 from embedtune.config import PathName, RecipeError, validate_recipe
 from embedtune.pipeline import STAGE_NAMES, stage_info
@@ -101,6 +101,14 @@ class DatasetRef(Strict):
         return self.training or (f"{self.namespace}/{self.name}" if self.namespace else str(self.name))
 
 
+# A name, or an object: the body's shape picks the branch, so an error is reported for that one only
+# (``dataset.object.namespace``), not as "not a string" first.
+DatasetField = Annotated[
+    Annotated[str, Tag("name")] | Annotated[DatasetRef, Tag("object")],
+    Discriminator(lambda v: "name" if isinstance(v, str) else "object"),
+]
+
+
 class OutputParams(Strict):
     name: str | None = None
 
@@ -110,7 +118,7 @@ class CustomizationJobCreate(Strict):
     description: str = ""
     model: str | None = Field(None, description="registered model name (default: 'default')")
     config: str | None = Field(None, description="older Customizer: the model config name")
-    dataset: str | DatasetRef
+    dataset: DatasetField
     stages: list[str] | None = Field(
         None, description="consecutive pipeline stages; default: corpus..eval for documents, finetune for "
                           "a prepared training set (plus eval when a validation dataset is given)")
@@ -257,7 +265,8 @@ def build_recipe(spec: CustomizationJobCreate, *, job_id: str, model_path: str, 
     try:
         return validate_recipe(data).model_dump(mode="json")
     except RecipeError as exc:
-        raise PlatformError(422, str(exc), param="recipe", code="invalid_recipe") from None
+        param = f"recipe.{exc.key}" if exc.key else "recipe"
+        raise PlatformError(422, str(exc), param=param, code="invalid_recipe") from None
 
 
 def hyperparameters_of(recipe: dict[str, Any]) -> dict[str, Any]:
