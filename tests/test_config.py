@@ -61,6 +61,11 @@ def test_inf_and_nan_are_refused_with_the_key_named(override, key):
     ("sdg.llm.concurrency=100000", "sdg.llm.concurrency"),
     ("serve.max_request_bytes=1099511627776", "serve.max_request_bytes"),
     ("serve.max_request_tokens=0", "serve.max_request_tokens"),
+    ("finetune.weight_decay=1e308", "finetune.weight_decay"),  # issue 28 item 9
+    ("finetune.temperature=1e-300", "finetune.temperature"),
+    ("eval.top_k=1e11", "eval.top_k"),
+    ("eval.k_values=[1, 100000000000]", "eval.k_values.1"),
+    ("prep.hard_negatives_to_mine=10000000", "prep.hard_negatives_to_mine"),
 ])
 def test_absurd_values_are_refused_with_the_key_named(override, key):
     with pytest.raises(RecipeError, match=rf"'{key}': Input should be"):

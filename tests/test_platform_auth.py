@@ -140,6 +140,60 @@ def test_another_workspaces_key_sees_nothing_of_it(platform):
             assert [w["name"] for w in resp.json()["data"]] == ["team-a"]
 
 
+ITEM_PARAMS = ("{job_id}", "{name}", "{model}", "{deployment}")
+
+
+def seed_items(platform, workspace: str, suffix: str) -> dict[str, str]:  # noqa: ANN001
+    """One of each item in ``workspace`` (dataset, model, customization and evaluation job, deployment)."""
+    from embedtune.platform import db as tables
+
+    client, admin = platform["client"], platform["admin"]
+    ids = {"dataset": f"docs-{suffix}", "model": f"m-{suffix}", "customization": f"cust-{suffix}",
+           "evaluation": f"eval-{suffix}", "deployment": f"d-{suffix}"}
+    assert upload_docs(client, admin, workspace, ids["dataset"]).status_code == 201
+    with platform["app"].state.platform.sessions() as s:
+        s.add(tables.Model(workspace=workspace, name=ids["model"], kind="base", path="default"))
+        for kind in ("customization", "evaluation"):
+            s.add(tables.Job(id=ids[kind], workspace=workspace, kind=kind, status="completed", spec={}, recipe={},
+                             stages=["eval"], run_dir="/nonexistent"))
+        s.add(tables.Deployment(workspace=workspace, name=ids["deployment"], model=ids["model"],
+                                model_path="default", status="ready", url="http://127.0.0.1:9", served_model="m"))
+        s.commit()
+    return ids
+
+
+def item_path(template: str, workspace: str, ids: dict[str, str]) -> str:
+    job = ids["evaluation"] if "/evaluation/" in template else ids["customization"]
+    name = ids["deployment"] if "/deployments/" in template else (
+        ids["model"] if "/models/" in template else ids["dataset"])
+    return (template.replace("{workspace}", workspace).replace("{job_id}", job).replace("{name}", name)
+            .replace("{model}", ids["model"]).replace("{deployment}", ids["deployment"])
+            .replace("{path}", "v1/models"))
+
+
+def test_items_of_another_workspace_are_not_reached_through_ones_own(platform):
+    """Every per-item route, with team-a's key on team-a's path naming team-b's items: 404 (each lookup checks
+    the item's workspace). Both workspaces hold items, and team-a's own answer: the 404s are not vacuous."""
+    client, key_a = platform["client"], platform["a"]
+    platform["app"].state.platform.scheduler.shutdown()  # the seeded rows stay as written
+    platform["app"].state.platform.scheduler = None
+    mine, theirs = seed_items(platform, "team-a", "a"), seed_items(platform, "team-b", "b")
+    per_item = [(t, m) for t, methods in operations(platform["app"]) for m in sorted(methods)
+                if "{workspace}" in t and any(p in t for p in ITEM_PARAMS)]
+    assert len(per_item) >= 12
+    safe = [(t, m) for t, m in per_item if m == "GET"]  # reads: the item must be found in its own workspace
+    for template, method in safe:
+        own = client.request(method, item_path(template, "team-a", mine), headers=bearer(key_a))
+        assert own.status_code != 404, (template, own.text)
+    for template, method in per_item:
+        resp = call(client, method, item_path(template, "team-a", theirs), bearer(key_a))
+        assert_shaped(resp, 404)
+    # and nothing of team-b was changed by the attempts
+    for template, method in safe:
+        resp = client.request(method, item_path(template, "team-b", theirs), headers=bearer(platform["b"]))
+        assert resp.status_code != 404, (template, resp.text)
+
+
 def test_admin_key_reaches_every_route_without_5xx(platform):
     client, admin = platform["client"], platform["admin"]
     for method, path, _ in every_route(platform["app"]):

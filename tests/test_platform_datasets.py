@@ -194,6 +194,8 @@ def test_workspaces_models_and_validation_errors(api, tmp_path):
     assert names == ["default"]  # every workspace can start from the shipped model
     folder = tmp_path / "my-model"
     folder.mkdir()
+    (folder / "config.json").write_text("{}")  # a model folder: its config and weights (issue 28 item 5)
+    (folder / "model.safetensors").write_bytes(b"\0" * 8)
     assert api.post("/v2/workspaces/team-a/models", json={"name": "mine", "path": str(folder)}).json()["kind"] == "base"
     err = assert_error(api.post("/v2/workspaces/team-a/models", json={"name": "x", "path": str(tmp_path / "no")}),
                        422, "cannot be registered")

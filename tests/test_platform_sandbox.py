@@ -133,30 +133,29 @@ def test_the_exfiltration_attack_leaks_nothing(api, attacker):
     assert attacker.seen == []
 
 
-def test_recipe_paths_are_allowed_only_in_the_jobs_own_workspace(tmp_path):
+def test_recipe_names_no_server_path_even_inside_the_jobs_own_workspace(tmp_path):
+    """A tenant never names a server path: a folder of its own dataset is referred to by the dataset's name,
+    which the platform resolves (issue 28; the earlier rule accepted paths under the workspace's folders)."""
     settings = PlatformSettings(data_dir=tmp_path).prepare()
-    mine, theirs = settings.data_dir / "datasets" / "dataset-mine", settings.data_dir / "datasets" / "dataset-x"
+    mine = settings.data_dir / "datasets" / "dataset-mine"
+    asked = []
 
-    def owned(path: Path) -> bool:  # the route asks the database; here one folder belongs to the job's workspace
-        return path == mine or mine in path.parents
+    def resolve(ref: str, param: str, formats: list[str]) -> str:  # the route asks the database
+        asked.append((ref, param, formats))
+        return str(mine)
 
-    def check(recipe: dict) -> None:
-        final = {"sdg": {"generator": "local", "llm": {"base_url": "http://localhost:8000/v1",
-                                                       "api_key_env": "OPENAI_API_KEY"}}}
-        check_recipe(recipe, final, settings, owned)
-
-    check({"eval": {"queries": str(mine / "beir")}})  # its own dataset folder: fine
-    for path in (theirs, settings.data_dir / "platform.db", mine / ".." / "dataset-x", Path("/etc")):
+    assert check_recipe({"eval": {"queries": "mine"}}, settings, resolve) == {"eval.queries": str(mine)}
+    assert asked == [("mine", "recipe.eval.queries", ["beir"])]
+    for recipe, param in (({"eval": {"queries": str(mine)}}, "recipe.eval.queries"),
+                          ({"eval": {"cache_dir": str(mine)}}, "recipe.eval.cache_dir"),
+                          ({"sdg": {"local": {"model_path": str(mine)}}}, "recipe.sdg.local.model_path"),
+                          ({"index": {"uri": "http://attacker.example:19530"}}, "recipe.index.uri"),
+                          ({"index": {"token_env": "AWS_SECRET_ACCESS_KEY"}}, "recipe.index.token_env"),
+                          ({"sdg": {"plugins": {"x": {"path": "/etc"}}}}, "recipe.sdg.plugins")):
         with pytest.raises(PlatformError) as err:
-            check({"eval": {"queries": str(path)}})
-        assert err.value.param == "recipe.eval.queries"
-    for key, value in (("uri", "http://attacker.example:19530"), ("token_env", "AWS_SECRET_ACCESS_KEY")):
-        with pytest.raises(PlatformError) as err:  # an outbound store or a secret's name: the operator's call
-            check({"index": {key: value}})
-        assert err.value.param == f"recipe.index.{key}"
-    os.symlink(theirs, settings.data_dir / "datasets" / "dataset-mine-link")
-    with pytest.raises(PlatformError):  # a symlink is judged by where it leads
-        check({"eval": {"cache_dir": str(settings.data_dir / "datasets" / "dataset-mine-link")}})
+            check_recipe(recipe, settings, resolve)
+        assert err.value.param == param
+    assert len(asked) == 1
 
 
 def test_worker_environment_is_minimal(tmp_path, monkeypatch):

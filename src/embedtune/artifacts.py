@@ -38,6 +38,22 @@ class ArtifactError(ValueError):
 # ------------------------------------------------------------------------------------------ atomic I/O
 
 
+_PATH_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
+
+
+def check_path_name(name: str, what: str = "name") -> str:
+    """``name`` if it is safe to join into a path as one component: ``[A-Za-z0-9_.-]+``, not ``.`` or ``..``.
+
+    Checked where a name is joined (defence in depth: the recipe checks it too), so an absolute path, a
+    ``../`` or a separator can never make the join leave its folder.
+    """
+    if not isinstance(name, str) or not _PATH_NAME.fullmatch(name) or name in (".", ".."):
+        shown = name[:80] if isinstance(name, str) else type(name).__name__
+        raise ValueError(f"{what} {shown!r} is not a plain name: use letters, digits, '_', '.', '-' "
+                         "(no path separators, not '.' or '..')")
+    return name
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success fsync and rename it over ``path``."""

@@ -49,6 +49,9 @@ def platform_cmd(
         help="an sdg.llm.base_url jobs may use (repeatable)")] = None,
     allow_secret: Annotated[list[str] | None, typer.Option(
         help="an environment variable jobs may name as sdg.llm.api_key_env; passed to workers (repeatable)")] = None,
+    quota_deployments: Annotated[int, typer.Option(help="deployments pending or ready per workspace")] = 4,
+    quota_jobs: Annotated[int, typer.Option(help="jobs queued or running per workspace")] = 8,
+    quota_gb: Annotated[float, typer.Option(help="GiB of datasets and job folders per workspace")] = 20.0,
 ) -> None:
     """Run the platform service: one process a team shares; jobs run in worker processes (see SECURITY.md)."""
     if ctx.invoked_subcommand is not None:
@@ -63,7 +66,8 @@ def platform_cmd(
                                 stale_after_seconds=stale_after, max_upload_bytes=max_upload_mb << 20,
                                 auth=not no_auth, allow_path_registration=allow_path_registration,
                                 path_roots=path_root or [], allowed_llm_base_urls=allow_llm_url or [],
-                                allowed_secret_env=allow_secret or [])
+                                allowed_secret_env=allow_secret or [], quota_deployments=quota_deployments,
+                                quota_jobs=quota_jobs, quota_bytes=int(quota_gb * (1 << 30)))
     serve(settings, host=host, port=port)
 
 

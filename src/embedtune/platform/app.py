@@ -72,8 +72,10 @@ class RequestGuard:
         await self.limited(scope, receive, send, self.body_limit(scope["method"], path))
 
     async def authenticate(self, scope: Scope) -> auth.Principal | None:
-        raw = dict(scope["headers"]).get(b"authorization")
-        token = auth.bearer_token(raw.decode("latin-1") if raw else None)
+        given = [v for k, v in scope["headers"] if k == b"authorization"]
+        if len(given) != 1:
+            return None  # two keys in one request: neither is taken (a proxy's and the caller's could differ)
+        token = auth.bearer_token(given[0].decode("latin-1"))
         if not token or len(token) > 512:
             return None
 

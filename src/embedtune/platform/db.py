@@ -7,7 +7,9 @@ through :func:`transition`, a compare-and-set UPDATE, so exactly one side wins.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +31,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 log = logging.getLogger("embedtune.platform")
@@ -174,6 +176,7 @@ def make_engine(url: str, migrate: bool = True) -> Engine:
     if migrate and not _in_memory(url):
         upgrade(url)
     if url.startswith("sqlite"):
+        _create_private(url)
         # Several processes (service, workers) write: WAL lets readers proceed, busy_timeout waits out locks.
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -191,6 +194,17 @@ def make_engine(url: str, migrate: bool = True) -> Engine:
     if migrate and _in_memory(url):
         _upgrade_engine(engine, "head")
     return engine
+
+
+def _create_private(url: str) -> None:
+    """Create a new SQLite file 0600 before SQLite does (it would use the umask, typically 0644): the file
+    holds every workspace's records and the key hashes. SQLite gives its -wal/-shm files the same mode."""
+    if _in_memory(url):
+        return
+    database = make_url(url).database
+    if database and not os.path.exists(database):
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _in_memory(url: str) -> bool:
@@ -281,6 +295,20 @@ def transition(session: Session, job_id: str, from_status: str | tuple[str, ...]
     stmt = update(Job).where(Job.id == job_id, Job.status.in_(allowed)).values(**values)
     if attempt is not None:
         stmt = stmt.where(Job.attempts == attempt)
+    changed = session.execute(stmt).rowcount == 1
+    session.commit()
+    return changed
+
+
+LIVE_DEPLOYMENT = ("pending", "ready")
+
+
+def update_deployment(session: Session, dep_id: str, from_status: tuple[str, ...], **values: Any) -> bool:
+    """Compare-and-set for a deployment: the health check's verdict applies only while the deployment is
+    still in ``from_status``, so a DELETE that committed meanwhile is never undone (no deleted deployment
+    comes back as ``failed``)."""
+    values.setdefault("updated_at", utcnow())
+    stmt = update(Deployment).where(Deployment.id == dep_id, Deployment.status.in_(from_status)).values(**values)
     changed = session.execute(stmt).rowcount == 1
     session.commit()
     return changed

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from sqlalchemy import select
@@ -125,30 +126,33 @@ class DeploymentManager:
 
     def check(self, startup: bool = False) -> None:
         with self.sessions() as s:
-            deps = s.scalars(select(db.Deployment).where(db.Deployment.status.in_(("pending", "ready")))).all()
-            for dep in deps:
-                self._check_one(dep)
-            s.commit()
+            deps = s.scalars(select(db.Deployment).where(db.Deployment.status.in_(db.LIVE_DEPLOYMENT))).all()
+        for dep in deps:
+            values = self._check_one(dep)
+            if values:
+                # Written only if the deployment is still what we looked at: a DELETE in between wins.
+                with self.sessions() as s:
+                    db.update_deployment(s, dep.id, (dep.status,), **values)
 
-    def _check_one(self, dep: db.Deployment) -> None:
+    def _check_one(self, dep: db.Deployment) -> dict[str, Any] | None:
+        """The deployment's new status (and details), or None when nothing changed."""
         if (why := self._exited(dep)) is not None:
-            dep.status, dep.error = "failed", f"{why}; log tail:\n{tail(self.log_path(dep.id))}"
-            return
+            return {"status": "failed", "error": f"{why}; log tail:\n{tail(self.log_path(dep.id))}"}
         if dep.status == "ready":
-            return  # a live ready process is not polled every tick; the gateway reports its errors
+            return None  # a live ready process is not polled every tick; the gateway reports its errors
         try:
             ready = httpx.get(f"{dep.url}/v1/health/ready", timeout=2).status_code == 200
         except httpx.HTTPError:
             ready = False
         if ready:
-            dep.status, dep.served_model = "ready", self._served_model(dep)
             log.info("deployment %s ready at %s", dep.name, dep.url)
-        else:
-            waited = (db.utcnow() - dep.created_at).total_seconds()
-            if waited > self.settings.deployment_ready_timeout:
-                self.stop(dep)
-                dep.status = "failed"
-                dep.error = f"not ready after {waited:.0f} s; log tail:\n{tail(self.log_path(dep.id))}"
+            return {"status": "ready", "served_model": self._served_model(dep)}
+        waited = (db.utcnow() - dep.created_at).total_seconds()
+        if waited > self.settings.deployment_ready_timeout:
+            self.stop(dep)
+            return {"status": "failed",
+                    "error": f"not ready after {waited:.0f} s; log tail:\n{tail(self.log_path(dep.id))}"}
+        return None
 
     def _served_model(self, dep: db.Deployment) -> str | None:
         with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):

@@ -11,19 +11,20 @@ name}, ``hyperparameters`` {finetuning_type, epochs, batch_size, learning_rate, 
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, Discriminator, Field, Tag, model_validator
 
-from embedtune.config import RecipeError, validate_recipe
+from embedtune.config import PathName, RecipeError, validate_recipe
 from embedtune.pipeline import STAGE_NAMES, stage_info
 from embedtune.platform.errors import PlatformError
+from embedtune.platform.schemas import RequestModel
 
 DEFAULT_LAST_STAGE = "eval"  # export is opt-in: it needs time and the serving path can use torch
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class Strict(RequestModel):
+    """Job request sections: unknown fields refused, every text storable (see :class:`RequestModel`)."""
 
 
 class LoraParams(Strict):
@@ -100,6 +101,14 @@ class DatasetRef(Strict):
         return self.training or (f"{self.namespace}/{self.name}" if self.namespace else str(self.name))
 
 
+# A name, or an object: the body's shape picks the branch, so an error is reported for that one only
+# (``dataset.object.namespace``), not as "not a string" first.
+DatasetField = Annotated[
+    Annotated[str, Tag("name")] | Annotated[DatasetRef, Tag("object")],
+    Discriminator(lambda v: "name" if isinstance(v, str) else "object"),
+]
+
+
 class OutputParams(Strict):
     name: str | None = None
 
@@ -109,7 +118,7 @@ class CustomizationJobCreate(Strict):
     description: str = ""
     model: str | None = Field(None, description="registered model name (default: 'default')")
     config: str | None = Field(None, description="older Customizer: the model config name")
-    dataset: str | DatasetRef
+    dataset: DatasetField
     stages: list[str] | None = Field(
         None, description="consecutive pipeline stages; default: corpus..eval for documents, finetune for "
                           "a prepared training set (plus eval when a validation dataset is given)")
@@ -144,10 +153,11 @@ class EvaluationJobCreate(Strict):
     model: str | None = Field(None, description="registered model name")
     deployment: str | None = Field(None, description="or a deployment: scores what is actually served")
     dataset: str = Field(description="a BEIR dataset of the workspace")
-    split: str = "test"
-    k_values: list[int] = Field(default_factory=lambda: [1, 5, 10, 100])
-    top_k: int = Field(100, ge=1)
-    batch_size: int = Field(32, ge=1)
+    split: PathName = Field("test", description="qrels/<split>.tsv: a file name, no path")
+    k_values: list[Annotated[int, Field(ge=1, le=10_000)]] = Field(default_factory=lambda: [1, 5, 10, 100],
+                                                                  max_length=32)
+    top_k: int = Field(100, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=65_536)
 
     @model_validator(mode="after")
     def _one_target(self) -> EvaluationJobCreate:
@@ -164,8 +174,12 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
         return
     node = data
     *parents, leaf = dotted.split(".")
-    for p in parents:
+    for i, p in enumerate(parents):
         node = node.setdefault(p, {})
+        if not isinstance(node, dict):  # the request's recipe gave a value where a section belongs
+            where = ".".join(parents[: i + 1])
+            raise PlatformError(422, f"recipe.{where} must be an object (a section of keys), not "
+                                     f"{type(node).__name__}", param=f"recipe.{where}", code="invalid_value")
     node[leaf] = value
 
 
@@ -235,9 +249,13 @@ def choose_stages(requested: list[str] | None, dataset_format: str, has_validati
 
 
 def build_recipe(spec: CustomizationJobCreate, *, job_id: str, model_path: str, dataset_format: str,
-                 dataset_path: str, validation_path: str | None) -> dict[str, Any]:
-    """The full, validated recipe (as a JSON dict) the worker runs."""
+                 dataset_path: str, validation_path: str | None,
+                 resolved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The full, validated recipe (as a JSON dict) the worker runs; ``resolved`` holds the server paths the
+    platform found for the recipe's dataset references (see :func:`embedtune.platform.sandbox.check_recipe`)."""
     data = recipe_overrides(spec)
+    for key, value in (resolved or {}).items():
+        _set(data, key, value)
     data["name"] = job_id
     _set(data, "model.name", model_path)
     if dataset_format in ("corpus", "beir"):
@@ -247,7 +265,8 @@ def build_recipe(spec: CustomizationJobCreate, *, job_id: str, model_path: str, 
     try:
         return validate_recipe(data).model_dump(mode="json")
     except RecipeError as exc:
-        raise PlatformError(422, str(exc), param="recipe", code="invalid_recipe") from None
+        param = f"recipe.{exc.key}" if exc.key else "recipe"
+        raise PlatformError(422, str(exc), param=param, code="invalid_recipe") from None
 
 
 def hyperparameters_of(recipe: dict[str, Any]) -> dict[str, Any]:

@@ -2,31 +2,27 @@
 
 - Registration of server paths is off unless the operator turns it on, and then only under the configured
   roots (symlinks resolved first). A refused path and a missing path get the same answer.
-- A job's ``recipe`` may not name a server path outside the caller's own workspace folders, an LLM endpoint
-  the operator did not allow, an environment variable the operator did not list as a secret for jobs, or an
-  SDG generator plug-in the operator did not allow. Paths the platform sets itself (the model folder, the
-  corpus, the validation set) come from the request's references, never from ``recipe``.
+- A job's ``recipe`` is checked against an **allow-list** that lives in the recipe schema itself
+  (:mod:`embedtune.config`: each field's ``tenant`` declaration). A field that declares nothing is refused,
+  so a recipe key added later is closed to tenants until someone opens it on purpose. A tenant never names a
+  server path: a field that needs one either is set by the platform from the request's references, or takes
+  the *name* of a dataset of the job's workspace, which the platform resolves to its folder.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from embedtune.config import TENANT, Recipe
 from embedtune.platform.errors import PlatformError
 from embedtune.platform.settings import PlatformSettings
-
-# recipe keys the platform fills from the request's references (the user names a dataset/model instead)
-PLATFORM_SET = {"model.name": "model", "corpus.path": "dataset", "eval.dataset": "dataset.validation"}
-# recipe keys that name a server path: allowed only inside the job's own workspace's folders
-PATH_KEYS = ("eval.queries", "eval.cache_dir", "sdg.local.model_path")
-# recipe sections platform jobs never use (the serving settings belong to deployments)
-FORBIDDEN_SECTIONS = ("serve",)
-# recipe keys that name an outbound store or an environment variable: a job's index is Milvus Lite in its own
-# run folder; pointing it at a server (and a token variable) is the operator's deployment decision
-OPERATOR_KEYS = ("index.uri", "index.token_env")
 
 
 def is_under(path: Path, root: Path) -> bool:
@@ -64,56 +60,121 @@ def _get(data: dict[str, Any], dotted: str) -> tuple[bool, Any]:
     return True, node
 
 
+def field_policy(info: FieldInfo) -> dict[str, Any]:
+    """A field's tenant declaration; ``closed`` (and ``declared: False``) when it declares nothing."""
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    if TENANT not in extra:
+        return {TENANT: "closed", "declared": False}
+    return {**extra, "declared": True}
+
+
+def section_of(info: FieldInfo) -> type[BaseModel] | None:
+    """The section model a field holds, to walk into; None for a setting, or a section declared closed whole."""
+    ann = info.annotation
+    if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        return None
+    return None if field_policy(info)["declared"] and field_policy(info)[TENANT] == "closed" else ann
+
+
+def leaves(model: type[BaseModel] = Recipe, prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """(dotted key, field) of every setting of the schema; sections are walked, not listed."""
+    for name, info in model.model_fields.items():
+        sub = section_of(info)
+        if sub is not None:
+            yield from leaves(sub, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", info
+
+
 def refuse(param: str, message: str, code: str = "not_allowed") -> PlatformError:
     return PlatformError(422, message, param=f"recipe.{param}", code=code)
 
 
-def check_recipe(user: dict[str, Any], final: dict[str, Any], settings: PlatformSettings,
-                 owned: Callable[[Path], bool]) -> None:
-    """Refuse a recipe that reaches outside the job's sandbox.
+# The operator's lists an ``allowed`` field may name: (PlatformSettings attribute, how values compare, message).
+ALLOW_LISTS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "allowed_sdg_generators": (str, "this SDG generator is not enabled on this service (enabled: {listed})"),
+    "allowed_llm_base_urls": (lambda u: normalise_url(str(u)),
+                              "this LLM endpoint is not on the service's allow-list (the operator sets "
+                              "--allow-llm-url)"),
+    "allowed_secret_env": (str, "this secret is not one the service passes to jobs (the operator sets "
+                                "--allow-secret)"),
+}
 
-    ``user`` is what the request's ``recipe`` set, ``final`` the validated recipe the worker would run,
-    ``owned(path)`` whether a resolved path lies in a folder of the job's own workspace.
+DATASET_REF = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,127}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,255}")
+# Resolves a dataset reference of the job's workspace: (reference, param, accepted formats) -> its folder.
+DatasetResolver = Callable[[str, str, list[str]], str]
+
+
+def check_recipe(user: Any, settings: PlatformSettings, resolve_dataset: DatasetResolver,
+                 schema: type[BaseModel] = Recipe) -> dict[str, Any]:
+    """Refuse any key of the request's ``recipe`` a tenant may not set; return the values the platform
+    resolved for it (``{dotted key: server path}`` of dataset references).
+
+    Unknown keys are left to the recipe's validation, which names them with the closest valid key.
     """
-    for section in FORBIDDEN_SECTIONS:
-        if section in user:
-            raise refuse(section, f"the '{section}' section cannot be set on a platform job")
-    for key, field in PLATFORM_SET.items():
-        if _get(user, key)[0]:
-            raise refuse(key, f"{key} is set by the platform; name a registered {field.split('.')[0]} in "
-                              f"'{field}' instead", code="platform_managed")
-    for key in OPERATOR_KEYS:
-        given, value = _get(user, key)
-        if given and value is not None:
-            raise refuse(key, f"{key} cannot be set on a platform job: its index stays in the job's own folder")
-    for key in PATH_KEYS:
-        given, value = _get(user, key)
-        if given and value is not None:
-            path = real_path(str(value))
-            inside = path is not None and is_under(path, settings.data_dir) and owned(path)
-            if not inside:
-                raise refuse(key, f"{key} must name a folder of this workspace's datasets or jobs",
-                             code="path_not_allowed")
-    _check_generator(user, final, settings)
+    resolved: dict[str, Any] = {}
+    _walk(user, schema, "", settings, resolve_dataset, resolved)
+    return resolved
+
+
+def _walk(node: Any, model: type[BaseModel], prefix: str, settings: PlatformSettings,
+          resolve_dataset: DatasetResolver, resolved: dict[str, Any]) -> None:
+    if not isinstance(node, dict):
+        where = prefix.rstrip(".")
+        raise PlatformError(422, f"recipe{'.' + where if where else ''} must be an object (a section of keys), "
+                                 f"not {type(node).__name__}", param=f"recipe{'.' + where if where else ''}",
+                            code="invalid_value")
+    for key, value in node.items():
+        info = model.model_fields.get(key) if isinstance(key, str) else None
+        if info is None:
+            continue
+        dotted, policy, sub = f"{prefix}{key}", field_policy(info), section_of(info)
+        if sub is not None:
+            _walk(value, sub, f"{dotted}.", settings, resolve_dataset, resolved)
+            continue
+        kind = policy[TENANT]
+        if kind == "value":
+            continue  # type and range: the recipe's validation
+        if kind == "allowed":
+            _check_allowed(dotted, value, policy, settings)
+        elif kind == "dataset":
+            if value is not None:
+                if not isinstance(value, str) or not DATASET_REF.fullmatch(value):
+                    raise refuse(dotted, f"{dotted} takes the name of a dataset of this workspace",
+                                 code="invalid_value")
+                resolved[dotted] = resolve_dataset(value, f"recipe.{dotted}", list(policy.get("formats") or []))
+        elif kind == "platform":
+            raise refuse(dotted, f"{dotted} is set by the platform; give '{policy.get('via')}' in the request "
+                                 "instead", code="platform_managed")
+        else:  # closed, declared or not, and any kind this module does not know
+            raise refuse(dotted, f"{dotted} cannot be set on a platform job: it is not on the recipe's allow-list "
+                                 "for tenants (it names a server path, an outbound address, an environment "
+                                 "variable or an operator setting)")
+
+
+def _check_allowed(dotted: str, value: Any, policy: dict[str, Any], settings: PlatformSettings) -> None:
+    setting = str(policy.get("setting"))
+    listed = getattr(settings, setting, None)
+    if setting not in ALLOW_LISTS or not isinstance(listed, list):
+        raise refuse(dotted, f"{dotted} cannot be set on a platform job")
+    norm, message = ALLOW_LISTS[setting]
+    if norm(value) not in {norm(v) for v in listed}:
+        raise refuse(dotted, message.format(listed=", ".join(map(str, listed)) or "none"))
+
+
+def check_final(final: dict[str, Any], settings: PlatformSettings, schema: type[BaseModel] = Recipe) -> None:
+    """The job's own values of ``allowed`` fields (defaults included) wherever their ``used_when`` holds:
+    a default the job will use is held to the same list as a value the user set."""
+    for dotted, info in leaves(schema):
+        policy = field_policy(info)
+        if policy[TENANT] != "allowed":
+            continue
+        conditions = policy.get("used_when") or {}
+        if all(_get(final, key)[1] == want for key, want in conditions.items()):
+            given, value = _get(final, dotted)
+            if given:
+                _check_allowed(dotted, value, policy, settings)
 
 
 def normalise_url(url: str) -> str:
     return url.strip().rstrip("/")
-
-
-def _check_generator(user: dict[str, Any], final: dict[str, Any], settings: PlatformSettings) -> None:
-    sdg = final.get("sdg", {})
-    generator = sdg.get("generator")
-    if generator not in settings.allowed_sdg_generators:
-        raise refuse("sdg.generator", "this SDG generator is not enabled on this service (enabled: "
-                                      f"{', '.join(settings.allowed_sdg_generators) or 'none'})")
-    llm = sdg.get("llm", {})
-    allowed_urls = {normalise_url(u) for u in settings.allowed_llm_base_urls}
-    url_given = _get(user, "sdg.llm.base_url")[0]
-    if (url_given or generator == "llm") and normalise_url(str(llm.get("base_url", ""))) not in allowed_urls:
-        raise refuse("sdg.llm.base_url", "this LLM endpoint is not on the service's allow-list "
-                                         "(the operator sets --allow-llm-url)")
-    env_given = _get(user, "sdg.llm.api_key_env")[0]
-    if (env_given or generator == "llm") and llm.get("api_key_env") not in settings.allowed_secret_env:
-        raise refuse("sdg.llm.api_key_env", "this secret is not one the service passes to jobs "
-                                            "(the operator sets --allow-secret)")

@@ -5,9 +5,47 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 T = TypeVar("T")
+
+
+def unencodable_at(value: Any, where: str) -> str | None:
+    """Where in ``value`` (a request field: text, or lists and objects of it) a string cannot be stored as
+    UTF-8, i.e. holds a lone surrogate escape such as ``"\\ud800"``; None when every string can."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, dict):
+        items = [(k, k, where) for k in value] + [(v, k, f"{where}.{k}") for k, v in value.items()]
+        for item, key, at in items:
+            bad = unencodable_at(item, at if item is not key else f"{where} (a key)")
+            if bad:
+                return bad
+        return None
+    if isinstance(value, list | tuple):
+        return next((bad for i, v in enumerate(value) if (bad := unencodable_at(v, f"{where}.{i}"))), None)
+    return None
+
+
+class RequestModel(BaseModel):
+    """A request body: unknown fields refused, and every text in every field storable (valid Unicode).
+
+    JSON may escape a lone UTF-16 surrogate (``"a\\ud800b"``); Python accepts it, the database cannot
+    store it. Checked for all fields at once, so a text field added later is covered too."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any, info: Any) -> Any:
+        bad = unencodable_at(value, info.field_name)
+        if bad:
+            raise ValueError(f"{bad} holds a lone UTF-16 surrogate escape; send valid Unicode text")
+        return value
 
 
 class Out(BaseModel):
@@ -23,7 +61,7 @@ class ListOf(BaseModel, Generic[T]):
     data: list[T]
 
 
-class WorkspaceCreate(BaseModel):
+class WorkspaceCreate(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "team-a"}]})
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     description: str = ""
@@ -35,7 +73,7 @@ class WorkspaceOut(Out):
     created_at: datetime
 
 
-class DatasetRegister(BaseModel):
+class DatasetRegister(RequestModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
     format: Literal["corpus", "beir", "training"]
@@ -56,7 +94,7 @@ class DatasetOut(Out):
     created_at: datetime
 
 
-class ModelRegister(BaseModel):
+class ModelRegister(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "base", "path": "default"}]})
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
     path: str = Field(description="a sentence-transformers/transformers folder, or a built-in spec")
@@ -122,7 +160,7 @@ class JobLogsOut(BaseModel):
     truncated: bool
 
 
-class DeploymentCreate(BaseModel):
+class DeploymentCreate(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "default", "name": "dep"}]})
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
     model: str = Field(description="a registered model of the workspace")

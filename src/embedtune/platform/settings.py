@@ -39,6 +39,11 @@ class PlatformSettings(BaseModel):
         default_factory=list, description="environment variables a job may name as sdg.llm.api_key_env; "
                                           "only these reach a worker's environment")
     allowed_sdg_generators: list[str] = Field(default_factory=lambda: ["local", "llm"])
+    # --- quotas per workspace (SECURITY.md): sized for one machine a team shares; 429 above them
+    quota_deployments: int = Field(
+        4, ge=0, description="deployments pending or ready at once (each a serving process, ~0.6 GB of RAM)")
+    quota_jobs: int = Field(8, ge=0, description="customization + evaluation jobs queued or running at once")
+    quota_bytes: int = Field(20 << 30, ge=0, description="bytes of datasets and job folders a workspace stores")
     deployment_host: str = "127.0.0.1"
     deployment_ready_timeout: float = Field(300.0, gt=0)
 

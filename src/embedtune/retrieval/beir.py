@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedtune.artifacts import ArtifactError, decode_utf8, read_jsonl_lines
+from embedtune.artifacts import ArtifactError, check_path_name, decode_utf8, read_jsonl_lines
 
 
 @dataclass
@@ -37,6 +37,7 @@ def load_beir(folder: str | Path, split: str = "test", queries_folder: str | Pat
     silently keeps the last of two records with one id). Qrels that point to documents or queries that do
     not exist are reported in ``warnings`` and left out (BEIR silently ignores them).
     """
+    check_path_name(split, "BEIR split")  # joined below: '/x' or '../x' would leave the qrels folder
     folder = Path(folder)
     qfolder = Path(queries_folder) if queries_folder else folder
     for f in (folder / "corpus.jsonl", qfolder / "queries.jsonl", folder / "qrels" / f"{split}.tsv"):

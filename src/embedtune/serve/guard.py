@@ -73,8 +73,10 @@ class Guard:
     def _authorised(self, scope: Scope) -> bool:
         # Compared as bytes: a header may carry any octet (a non-ASCII token is simply a wrong key), and
         # compare_digest refuses non-ASCII str.
-        headers = dict(scope.get("headers") or [])
-        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        given = [v for k, v in scope.get("headers") or [] if k == b"authorization"]
+        if len(given) != 1:
+            return False  # none, or two keys in one request: neither is taken
+        scheme, _, token = given[0].partition(b" ")
         return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self._key)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:

@@ -18,7 +18,7 @@ from embedtune.platform.jobs import hyperparameters_of
 from embedtune.platform.schemas import JobOut, WorkerOut
 from embedtune.platform.state import Platform
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429)}
 # Declares the scheme in the OpenAPI spec (and /docs' "Authorize" button); the check itself is done by
 # :class:`embedtune.platform.app.AuthMiddleware` before the body is read, and :func:`principal` reads its result.
 bearer = HTTPBearer(auto_error=False, description="an API key: `embedtune platform keys create`")

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from embedtune.platform import datasets as ds
-from embedtune.platform import db
+from embedtune.platform import db, quotas
 from embedtune.platform.auth import Principal, audit
 from embedtune.platform.errors import PlatformError
 from embedtune.platform.routes.common import ERRORS, WS, P, S, Who, find_dataset, list_named
@@ -58,6 +58,7 @@ def upload_dataset(
 ) -> db.Dataset:
     _check_new_dataset(s, workspace, name)
     settings = p.settings
+    quotas.check_bytes(s, settings, workspace)
     if len(files) > settings.max_upload_files:
         raise PlatformError(413, f"more than {settings.max_upload_files:,} files in one upload", param="files",
                             code="too_large")
@@ -77,14 +78,18 @@ def upload_dataset(
                 archive.unlink()
             else:
                 target = content / rel
-                if target.exists():
-                    raise PlatformError(400, "two uploaded files have the same name", param="files",
-                                        code="duplicate_file")
+                # 'x' then 'x/a.txt' (or the reverse): a name cannot be a file and a folder at once
+                clash = target.exists() or any((content / p).is_file() for p in rel.parents)
+                if clash:
+                    raise PlatformError(400, f"uploaded file '{ds.shown(filename)}' clashes with another "
+                                             "uploaded file of the same name (or a file where its folder "
+                                             "would be)", param="files", code="duplicate_file")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 budget -= ds.copy_limited(upload.file, target, budget, "the upload")
         root = ds.single_root(content)
         path, stats = ds.validate(format, root, staging, name, settings.max_archive_members)
         size = ds.folder_size(staging, settings.max_archive_members)
+        quotas.check_bytes(s, settings, workspace, adding=size)
         os.rename(staging, final)
     row = db.Dataset(id=dataset_id, workspace=workspace, name=name, format=format, source="upload",
                      path=str(final / path.relative_to(staging)), description=description, size_bytes=size,
@@ -104,6 +109,7 @@ def register_dataset(workspace: WS, body: DatasetRegister, who: Who, p: P, s: S)
     with ds.staging_dir(p.settings.data_dir / "datasets") as staging:
         path, stats = ds.validate(body.format, src, staging, body.name, limit)
         if body.format == "training":  # the normalised copy lives with the platform
+            quotas.check_bytes(s, p.settings, workspace, adding=ds.folder_size(staging, limit))
             os.rename(staging, own)
             path = own / path.relative_to(staging)
     row = db.Dataset(id=dataset_id, workspace=workspace, name=body.name, format=body.format, source="path",

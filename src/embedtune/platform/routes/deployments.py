@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from embedtune.platform import db
+from embedtune.platform import db, quotas
 from embedtune.platform.auth import audit
 from embedtune.platform.errors import PlatformError
 from embedtune.platform.routes.common import ERRORS, WS, P, S, Who, find_deployment, find_model
@@ -21,6 +21,7 @@ def create_deployment(workspace: WS, body: DeploymentCreate, who: Who, p: P, s: 
     if release.get("challenger") and release.get("model") != "finetuned" and not body.force:
         raise PlatformError(409, f"model '{model.name}' did not pass its release gate: {release.get('line')}; "
                             "send force=true to deploy it anyway", param="force", code="release_gate")
+    quotas.check_deployments(s, p.settings, workspace)
     name = body.name or f"{model.name}-{db.new_id('d').split('-')[1][:6]}"
     old = s.scalar(select(db.Deployment).where(db.Deployment.workspace == workspace, db.Deployment.name == name))
     if old is not None and old.status != "deleted":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from embedtune.platform import db
+from embedtune.platform import db, quotas
 from embedtune.platform.auth import audit
 from embedtune.platform.errors import PlatformError
 from embedtune.platform.jobs import EvaluationJobCreate
@@ -28,6 +28,7 @@ router = APIRouter(prefix="/v2/workspaces/{workspace}/evaluation/jobs", tags=["e
 
 @router.post("", response_model=JobOut, status_code=201)
 def create_evaluation_job(workspace: WS, body: EvaluationJobCreate, who: Who, p: P, s: S) -> JobOut:
+    quotas.check_jobs(s, p.settings, workspace)
     data = find_dataset(s, who, workspace, body.dataset)
     if data.format != "beir":
         raise PlatformError(422, f"dataset '{data.name}' is '{data.format}', an evaluation needs BEIR",

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from embedtune.platform import db
+from embedtune.platform import db, quotas
 from embedtune.platform.auth import Principal, audit
 from embedtune.platform.errors import PlatformError
 from embedtune.platform.jobs import CustomizationJobCreate, build_recipe, choose_stages
@@ -28,7 +26,7 @@ from embedtune.platform.routes.common import (
     job_out,
     visible_workspace,
 )
-from embedtune.platform.sandbox import check_recipe
+from embedtune.platform.sandbox import DatasetResolver, check_final, check_recipe
 from embedtune.platform.scheduler import job_log_path
 from embedtune.platform.schemas import JobLogsOut, JobOut, JobStatusOut, ListOf
 from embedtune.platform.state import DEFAULT_WORKSPACE, Platform
@@ -37,24 +35,23 @@ router = APIRouter(tags=["customization"], responses=ERRORS)
 LOG_LIMIT = 1 << 20
 
 
-def owned_by(s: Session, data_dir: Path, workspace: str) -> Callable[[Path], bool]:
-    """Whether a resolved path lies in a dataset or job folder of ``workspace``."""
-    tables = {"datasets": db.Dataset, "jobs": db.Job}
+def dataset_resolver(s: Session, who: Principal, workspace: str) -> DatasetResolver:
+    """A recipe's dataset reference -> the folder of that dataset (404 when the caller may not see it)."""
 
-    def owned(path: Path) -> bool:
-        try:
-            kind, item = path.relative_to(data_dir).parts[:2]
-        except ValueError:
-            return False
-        table = tables.get(kind)
-        row = s.get(table, item) if table is not None else None
-        return row is not None and row.workspace == workspace
+    def resolve(ref: str, param: str, formats: list[str]) -> str:
+        row = find_dataset(s, who, workspace, ref, param=param)
+        if formats and row.format not in formats:
+            raise PlatformError(422, f"dataset '{row.name}' is '{row.format}'; {param} needs "
+                                     f"{' or '.join(formats)}", param=param, code="invalid_value")
+        return row.path
 
-    return owned
+    return resolve
 
 
 def create_customization(workspace: str, body: CustomizationJobCreate, who: Principal, p: Platform,
                          s: Session) -> db.Job:
+    quotas.check_jobs(s, p.settings, workspace)
+    quotas.check_bytes(s, p.settings, workspace)  # a job writes its outputs into the workspace's share
     base = find_model(s, who, workspace, body.base_model)
     train = find_dataset(s, who, workspace, body.training_dataset)
     val = find_dataset(s, who, workspace, body.validation_dataset) if body.validation_dataset else None
@@ -70,9 +67,10 @@ def create_customization(workspace: str, body: CustomizationJobCreate, who: Prin
         if taken:
             raise PlatformError(409, f"model '{output}' already exists in workspace '{workspace}'",
                                 param="output.name", code="already_exists")
+    resolved = check_recipe(body.recipe, p.settings, dataset_resolver(s, who, workspace))
     recipe = build_recipe(body, job_id=job_id, model_path=base.path, dataset_format=train.format,
-                          dataset_path=train.path, validation_path=val.path if val else None)
-    check_recipe(body.recipe, recipe, p.settings, owned_by(s, p.settings.data_dir, workspace))
+                          dataset_path=train.path, validation_path=val.path if val else None, resolved=resolved)
+    check_final(recipe, p.settings)
     spec = body.model_dump(mode="json", exclude_none=True)
     spec.update(_base_model=base.name, _training_dataset=train.name, _training_path=train.path,
                 _validation_dataset=val.name if val else None, _output_model=output)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter
 from fastapi.responses import Response
 from sqlalchemy import select
 
+from embedtune.platform import datasets as ds
 from embedtune.platform import db
 from embedtune.platform.auth import audit
 from embedtune.platform.errors import PlatformError
@@ -26,6 +29,15 @@ def get_model(workspace: WS, name: str, who: Who, s: S) -> db.Model:
     return find_model(s, who, workspace, name, param="name")
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def holds_model_files(folder: Path) -> bool:
+    """A transformers/sentence-transformers folder: its config and its weights, not just any files."""
+    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
 def _model_path(p: P, raw: str) -> str:
     """A built-in spec as is; a server folder only through operator-enabled registration, under its roots."""
     from embedtune.models import BUILTINS, ModelNotFoundError, _load_optional_builtins, resolve
@@ -34,6 +46,10 @@ def _model_path(p: P, raw: str) -> str:
     if raw in BUILTINS:
         return raw
     folder = registrable_path(p.settings, raw)
+    ds.refuse_links(folder, p.settings.max_archive_members)  # as a registered dataset: no way out of the roots
+    if folder.is_dir() and not holds_model_files(folder):
+        raise PlatformError(422, "the folder holds no model: expected config.json with the weights "
+                                 f"({', '.join(WEIGHT_FILES)})", param="path", code="invalid_value")
     try:
         spec = resolve(str(folder))
     except ModelNotFoundError:
