@@ -22,3 +22,27 @@ def test_a_stage_command_on_an_existing_run_dir_goes_on(tmp_path):
     result = CliRunner().invoke(app, ["prep", "-r", str(tmp_path / "r")])
     assert result.exit_code == 1 and "does not exist" not in result.output  # on to the stage: no corpus there
     assert "corpus" in result.output
+
+
+def test_version_and_shell_completion():
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"embedtune {version('embedtune')}"
+    shown = CliRunner().invoke(app, ["--show-completion", "bash"], prog_name="embedtune")
+    assert shown.exit_code == 0 and "complete" in shown.output and "_EMBEDTUNE_COMPLETE" in shown.output
+
+
+def test_config_show_describes_each_key_and_stays_the_same_yaml():
+    import yaml
+
+    from embedtune.config import dump_recipe, load_recipe
+
+    result = CliRunner().invoke(app, ["config", "show", "-o", "corpus.min_chars=7"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.output) == yaml.safe_load(dump_recipe(load_recipe(None, ["corpus.min_chars=7"])))
+    lines = result.output.splitlines()
+    at = lines.index("  min_chars: 7")
+    assert lines[at - 1] == "  # documents shorter than this are dropped"
+    bare = CliRunner().invoke(app, ["config", "show", "--no-comments"])
+    assert bare.exit_code == 0 and "#" not in bare.output.replace("'#'", "")

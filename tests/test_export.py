@@ -270,3 +270,25 @@ def test_serving_precision_is_int8_on_a_cpu_fp32_on_a_gpu_and_a_missing_file_is_
     assert pick_precision(tmp_path, on_gpu=True, precision="int8") == "int8"
     with pytest.raises(FileNotFoundError, match="model.fp16.onnx"):
         pick_precision(tmp_path, on_gpu=True, precision="fp16")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_export_folder_loads_the_way_optimum_loads_it(bert_export, precision):
+    """What ORTModelForFeatureExtraction.from_pretrained(folder) does: AutoConfig and AutoTokenizer on the
+    folder itself, a session on the model file, fed only the inputs the session lists (the tokenizer's)."""
+    import onnxruntime as ort
+    from transformers import AutoConfig, AutoTokenizer
+
+    from embedtune.retrieval.onnx import OnnxEncoder
+
+    assert AutoConfig.from_pretrained(str(bert_export)).model_type == "bert"
+    tokenizer = AutoTokenizer.from_pretrained(str(bert_export))
+    name = "model.onnx" if precision == "fp32" else "model.int8.onnx"
+    session = ort.InferenceSession(str(bert_export / name), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert names == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [i.name for i in session.get_overridable_initializers()] == ["dimensions"]
+    batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="np")
+    out = session.run(None, {n: batch[n].astype(np.int64) for n in names})[0]
+    ours = OnnxEncoder(bert_export, precision).encode(TEXTS)
+    assert out.shape == (len(TEXTS), 32) and np.allclose(out, ours, atol=1e-5)

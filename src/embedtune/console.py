@@ -10,6 +10,8 @@ start, at most every :data:`PLAIN_INTERVAL` seconds and at the end::
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,7 +41,10 @@ PLAIN_INTERVAL = 10.0
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Rich log lines on a terminal; elsewhere plain, unwrapped lines (a log file, CI, a worker's log)."""
+    """Rich log lines on a terminal; elsewhere plain, unwrapped lines (a log file, CI, a worker's log), and
+    no library progress bars there: our own plain lines report progress instead."""
+    if not console.is_terminal:
+        quiet_library_bars()
     if not log.handlers:
         if console.is_terminal:
             log.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False))
@@ -49,6 +54,25 @@ def setup_logging(verbose: bool = False) -> None:
             log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+
+
+# Hugging Face libraries draw tqdm bars (model loading, dataset maps, downloads); in a log file each is a run
+# of `\r`-separated redraws. Their own switches turn them off; a user's explicit setting wins.
+_BAR_SWITCHES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
+def quiet_library_bars() -> None:
+    """Turn off the progress bars of huggingface_hub, transformers and datasets (before or after import)."""
+    for name, value in _BAR_SWITCHES.items():
+        os.environ.setdefault(name, value)
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        import transformers.utils.logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1" and "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 class PlainLogProgress(Progress):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -13,14 +15,35 @@ from embedtune.artifacts import ArtifactError, RunDir, write_text
 from embedtune.config import Recipe, RecipeError, dump_recipe, load_recipe
 from embedtune.console import console, setup_logging
 from embedtune.models import ModelNotFoundError
+from embedtune.pipeline import STAGES
 
 app = typer.Typer(
     name="embedtune",
     help="Turn domain documents into a retrieval embedding model that knows the domain.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("embedtune")
+        except PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
+            found = "unknown (not installed)"
+        typer.echo(f"embedtune {found}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="print the installed version and exit")] = False,
+) -> None:
+    """Turn domain documents into a retrieval embedding model that knows the domain."""
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="recipe YAML file", exists=False)]
 OverrideOpt = Annotated[
@@ -44,6 +67,9 @@ def user_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            _print_interrupted()
+            raise typer.Exit(INTERRUPTED) from None
         except RecipeError as exc:
             _print_error(exc)
             raise typer.Exit(2) from None
@@ -52,6 +78,24 @@ def user_errors(func: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+_opened: list[RunDir] = []  # the run directory the command works in, for the interrupt message
+
+
+def _print_interrupted() -> None:
+    """What Ctrl-C left behind and how to go on: finished stages are kept and a rerun skips them."""
+    command = shlex.join(["embedtune", *sys.argv[1:]])
+    console.print("[yellow]interrupted[/]: ", end="")
+    if not _opened:
+        console.print(f"nothing was written. Rerun: {command}", soft_wrap=True, markup=False, highlight=False)
+        return
+    run = _opened[-1]
+    done = [info.name for info in STAGES if (run.root / info.name / "manifest.json").is_file()]
+    kept = f"finished stages kept in {run.root}: {', '.join(done)}" if done else f"no stage finished in {run.root}"
+    console.print(f"{kept}. Resume with the same command, which skips finished stages (sdg reuses its cached "
+                  f"answers, finetune its last checkpoint): {command}", soft_wrap=True, markup=False, highlight=False)
 
 
 def _print_error(exc: BaseException) -> None:
@@ -79,6 +123,7 @@ def open_run(recipe: Recipe, run_dir: Path | None, *, create: bool = False) -> R
                                 f"PATH -r {root}` (or `embedtune corpus PATH -r {root}`), or pass -r an existing one")
     run = RunDir(root)
     run.root.mkdir(parents=True, exist_ok=True)
+    _opened.append(run)
     write_text(run.root / "recipe.yaml", dump_recipe(recipe))
     return run
 

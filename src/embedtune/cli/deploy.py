@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -70,6 +73,9 @@ def search(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, max=1000)] = 5,
     mode: Annotated[str, typer.Option(help="hybrid | dense | bm25")] = "hybrid",
     snippet: Annotated[int, typer.Option(help="characters of text shown per hit")] = 160,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="print one JSON object per query (query, mode, hits with rank, id, doc_id, title, text, "
+                       "source, score; full texts) instead of tables")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Search a run's index: top-k chunks with id, title, score and a snippet."""
@@ -80,8 +86,14 @@ def search(
 
     setup_logging(verbose)
     searcher = open_searcher(run_dir)
+    results = searcher.search(query, mode=mode, top_k=top_k)  # type: ignore[arg-type]
+    if as_json:  # for scripts and jq: JSON Lines on stdout, nothing else there
+        for text, hits in zip(query, results, strict=True):
+            rows = [{"rank": rank, **dataclasses.asdict(hit)} for rank, hit in enumerate(hits, 1)]
+            sys.stdout.write(json.dumps({"query": text, "mode": mode, "hits": rows}, ensure_ascii=False) + "\n")
+        return
     out = Console()  # results are the command's output: stdout (logs and progress stay on stderr)
-    for text, hits in zip(query, searcher.search(query, mode=mode, top_k=top_k), strict=True):  # type: ignore[arg-type]
+    for text, hits in zip(query, results, strict=True):
         table = Table(title=f"{mode}: {text}", title_justify="left")
         for col in ("#", "id", "title", "score", "text"):
             table.add_column(col, overflow="fold", justify="right" if col in ("#", "score") else "left")

@@ -206,8 +206,23 @@ def trace_to_onnx(model: SentenceTransformer, spec: GraphSpec, path: Path, opset
         torch.onnx.export(graph, tuple(args), str(path), dynamo=False, opset_version=opset,
                           input_names=spec.inputs, output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
                           external_data=_needs_external_data(model))
+    _default_dimensions(path, spec.dimension)
     onnx.checker.check_model(str(path))  # by path: works past the 2 GB protobuf limit too
     return path
+
+
+def _default_dimensions(path: Path, dimension: int) -> None:
+    """Give the ``dimensions`` input a default, the full width: an initializer of the same name, which a
+    fed value overrides (ONNX IR >= 4). Loaders that feed only the tokenizer's outputs then run the graph:
+    onnxruntime lists ``dimensions`` under ``get_overridable_initializers()``, not ``get_inputs()``, which is
+    what Optimum's ORTModelForFeatureExtraction feeds. The serving side keeps sending it explicitly."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)  # weights in a side file stay there
+    model.graph.initializer.append(numpy_helper.from_array(np.array([dimension], dtype=np.int64), "dimensions"))
+    onnx.save(model, str(path))
 
 
 def _needs_external_data(model: torch.nn.Module) -> bool:

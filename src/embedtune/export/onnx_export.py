@@ -6,6 +6,10 @@ Folder contract (the serving side codes against it)::
     model.int8.onnx     dynamic int8 (CPU); this and the other derived files (fp16, fp8 plan where a GPU
                         exists) are listed in :mod:`embedtune.export.formats` / :mod:`embedtune.retrieval.formats`
     tokenizer/          AutoTokenizer.from_pretrained(folder / "tokenizer")
+    config.json, tokenizer files   the backbone's config and the tokenizer again at the top, for Hugging Face
+                        loaders: ``AutoConfig``/``AutoTokenizer.from_pretrained(folder)``, Optimum's
+                        ``ORTModelForFeatureExtraction.from_pretrained(folder)`` (``dimensions`` defaults
+                        to the full width, so feeding the tokenizer's outputs alone works)
     embedtune.json      dimension, matryoshka_dims, max_seq_length, prompts, inputs, output, opset, pooling, source
 """
 
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from embedtune.config import ExportConfig
 from embedtune.console import log
 from embedtune.export.formats import BuildContext, build_formats
-from embedtune.export.graph import OUTPUT_NAME, describe, trace_to_onnx
+from embedtune.export.graph import OUTPUT_NAME, backbone, describe, trace_to_onnx
 from embedtune.retrieval.formats import MODEL_FORMATS, model_file
 from embedtune.retrieval.metadata import write_metadata
 
@@ -67,6 +71,7 @@ def export_onnx(model_or_path: SentenceTransformer | str | Path, out_dir: str | 
         fp32 = trace_to_onnx(model, spec, model_file(staging, "fp32"), cfg.opset)
         formats = build_formats(BuildContext(fp32, staging, cfg, model))
         model.tokenizer.save_pretrained(str(staging / "tokenizer"))
+        _loader_files(model, staging)
         metadata = _metadata(model, spec, cfg.opset, matryoshka_dims, source)
         write_metadata(staging, metadata)
         files = _move_into(staging, out_dir)
@@ -74,6 +79,14 @@ def export_onnx(model_or_path: SentenceTransformer | str | Path, out_dir: str | 
         shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s to %s", source, out_dir)
     return ExportResult(out_dir, metadata, files, formats)
+
+
+def _loader_files(model: Any, folder: Path) -> None:
+    """What Hugging Face loaders look for at a model folder's top: ``config.json`` (the backbone's
+    transformers config: ``AutoConfig`` and Optimum's ``ORTModel*.from_pretrained`` read it) and the tokenizer
+    files (``AutoTokenizer.from_pretrained(folder)``). ``tokenizer/`` stays for the serving contract."""
+    backbone(model).config.to_json_file(str(folder / "config.json"))
+    model.tokenizer.save_pretrained(str(folder))
 
 
 def _as_model(model_or_path: SentenceTransformer | str | Path, source: str | None) -> tuple[Any, str]:

@@ -309,8 +309,9 @@ def _encode(fn: Callable[..., np.ndarray], model, texts: list[str], batch_size: 
             description: str) -> np.ndarray:
     """Encode in slices under a progress bar; ``max_length`` caps the model's length for this pass only."""
     with _max_length(model, max_length):
-        step = batch_size * 8
+        step = batch_size * 4  # progress in texts, a few batches at a time
         parts = [fn(model, texts[s:s + step], batch_size=batch_size)
-                 for s in track(range(0, len(texts), step), description, total=-(-len(texts) // step))]
+                 for s in track(range(0, len(texts), step), description, total=len(texts), unit="texts",
+                                weight=lambda s: min(step, len(texts) - s))]
     dim = model.get_embedding_dimension() or 0
     return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)

@@ -62,7 +62,7 @@ class LocalEncoder:
     fingerprint: str | None = None  # identity of the weights; None disables caching
     label: str = "model"
     batch_size: int = 64
-    block_size: int = 1024
+    block_size: int = 256  # texts per progress step: a few batches, so a slow CPU still moves every few s
     calls: int = field(default=0, init=False)  # how many times the model actually encoded (tests, logs)
 
     def prompt(self, kind: Kind) -> str:
@@ -213,7 +213,7 @@ class OnnxModelEncoder:
     precision: Literal["fp32", "int8", "fp16"] = "int8"
     label: str = "onnx"
     batch_size: int = 32
-    block_size: int = 1024
+    block_size: int = 128  # texts per progress step (see LocalEncoder)
 
     def __post_init__(self) -> None:
         from embedtune.retrieval.onnx import OnnxEncoder

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from embedtune.artifacts import Manifest, RunDir, config_hash
+from embedtune.artifacts import Manifest, RunDir, config_hash, write_text
 from embedtune.config import FinetuneConfig, Recipe
 from embedtune.console import log
-from embedtune.models import load_model
+from embedtune.models import load_model, resolve
 from embedtune.retrieval.metadata import write_metadata
+from embedtune.train.card import base_facts, model_card
 from embedtune.train.data import TrainingData, load_examples, prepare, to_dataset
 from embedtune.train.distributed import init_distributed
 from embedtune.train.lora import add_lora, merge_lora
@@ -40,6 +41,7 @@ from embedtune.train.trainer import (
     clean_checkpoints,
     column_prompts,
     last_checkpoint,
+    quiet_trainer,
     training_arguments,
 )
 
@@ -153,6 +155,7 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
                 **_memory_plan(memory, plan),
             },
             metric,
+            (base_facts(resolve(recipe.model).path, recipe.model.name), config),
         )
     dist.barrier()
     return manifest if manifest is not None else run.manifest(STAGE)  # type: ignore[return-value]
@@ -168,6 +171,9 @@ def _memory_plan(memory: MemoryBudget | None, plan: BatchPlan) -> dict[str, int 
 
 
 def _check_recipe(cfg: FinetuneConfig) -> None:
+    if cfg.report_to == "tensorboard" and not _tensorboard_installed():
+        raise ValueError("finetune.report_to=tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or set finetune.report_to=none)")
     if not cfg.in_batch_negatives:
         raise ValueError(
             "finetune.in_batch_negatives=false is not supported: sentence-transformers' ranking "
@@ -229,7 +235,20 @@ def _trainer(
         evaluator=evaluator,
         callbacks=[throughput],
     )
+    quiet_trainer(trainer, throughput)
+    if cfg.report_to == "tensorboard":
+        from transformers.integrations import TensorBoardCallback
+
+        board = TensorBoardCallback()
+        board.logging_dir = str(checkpoints.parent / "tensorboard")  # beside the model, not in checkpoints/
+        trainer.add_callback(board)
     return trainer, throughput
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def _finish(
@@ -243,10 +262,10 @@ def _finish(
     n_examples: int,
     metrics: dict[str, Any],
     metric: str | None,
+    card: tuple[dict[str, Any], dict[str, Any]],
 ) -> Manifest:
     if cfg.finetuning_type == "lora_merged":
         merge_lora(model)
-    out = _save_model(model, stage.dir / "model", dims)
     history = trainer.state.log_history
     state = trainer.state
     metrics |= {
@@ -269,8 +288,10 @@ def _finish(
         "filled_negatives": data.filled_negatives,
         "loss": plan.loss,
     }
+    base, config = card
+    text = model_card(base, config, counts, metrics, stage.dir.parent.name)
     outputs = [
-        out,
+        _save_model(model, stage.dir / "model", dims, text),
         write_log(history, stage.dir / "train_log.jsonl"),
         plot_curves(history, metric, stage.dir / "loss_curve.png"),
         write_summary(counts, metrics, stage.dir / "summary.md"),
@@ -285,15 +306,19 @@ def _finish(
     return stage.finish(outputs=outputs, counts=counts, metrics=metrics)
 
 
-def _save_model(model, target: Path, matryoshka_dims: list[int] | None) -> Path:
+def _save_model(model, target: Path, matryoshka_dims: list[int] | None, card: str | None = None) -> Path:
     """Write the model beside ``target`` and rename it into place (never a half-written model).
 
-    ``embedtune.json`` declares the trained Matryoshka sizes, so the server accepts exactly those.
+    ``embedtune.json`` declares the trained Matryoshka sizes, so the server accepts exactly those; ``card``
+    replaces sentence-transformers' automatic README.md (written before the rename: the folder's content
+    hash, which caches key on, is final once it is in place).
     """
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(str(tmp))
     write_metadata(tmp, {"matryoshka_dims": matryoshka_dims})
+    if card is not None:
+        write_text(tmp / "README.md", card)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

@@ -108,7 +108,7 @@ def training_arguments(
         data_seed=cfg.seed,
         report_to="none",
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=True,  # StepProgress reports instead (a bar on a terminal, plain lines in a log)
     )
 
 
@@ -136,14 +136,60 @@ class Throughput(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if logs is not None and "loss" in logs and self.seconds:
             logs["examples_per_second"] = round(self.examples_per_second, 2)
-            if state.is_world_process_zero:
-                log.info(
+            if state.is_world_process_zero:  # StepProgress shows loss and rate; this is the per-step record
+                log.debug(
                     "step %d/%d  loss %.4f  %.1f examples/s",
                     state.global_step,
                     state.max_steps,
                     float(logs["loss"]),
                     self.examples_per_second,
                 )
+
+
+class StepProgress(TrainerCallback):
+    """Optimizer steps on embedtune's progress display: a rich bar on a terminal, else one plain line about
+    every 10 s (steps done/total, rate, elapsed, ETA, the last logged loss and examples/s). It replaces
+    transformers' tqdm bar (``\r`` redraws in a log file) and the printed log dicts (see :func:`quiet_trainer`)."""
+
+    def __init__(self, throughput: Throughput | None = None):
+        self.throughput = throughput
+        self._bar: Any = None
+        self._task: Any = None
+        self._first = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        if not state.is_world_process_zero:
+            return
+        from embedtune.console import progress
+
+        self._first = state.global_step  # a resumed run counts the steps it still has to do
+        label = f"training (resumed at step {self._first})" if self._first else "training"
+        self._bar = progress()
+        self._bar.start()
+        self._task = self._bar.add_task(label, total=max(state.max_steps - self._first, 0), unit="steps")
+
+    def on_step_end(self, args, state, control, **kw):
+        if self._bar is not None:
+            self._bar.update(self._task, completed=state.global_step - self._first)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self._bar is not None and logs and "loss" in logs:
+            rate = f", {self.throughput.examples_per_second:.1f} examples/s" if self.throughput else ""
+            self._bar.update(self._task, description=f"training (loss {float(logs['loss']):.4f}{rate})")
+
+    def on_train_end(self, args, state, control, **kw):
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def quiet_trainer(trainer: Any, throughput: Throughput | None = None) -> None:
+    """Swap transformers' progress reporting (tqdm bar, or print() of every log dict) for StepProgress."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(StepProgress(throughput))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
