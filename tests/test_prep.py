@@ -476,3 +476,12 @@ def test_scifact_subset_with_the_shipped_model(tmp_path, shared_data):
         assert not {p.split("#")[0] for p in ex.pos_ids + ex.neg_ids} & test_docs
         assert all(s < 0.95 * min(ex.pos_scores) + 1e-6 for s in ex.neg_scores)
     assert manifest.counts["test_queries"] == len(split["test_queries"]) > 0
+
+
+def test_the_scores_are_named_after_the_teacher_that_made_them():
+    from embedtune.prep.teacher import score_label
+
+    assert score_label("hybrid", 0.5, "en").startswith("hybrid teacher score") and "0.5" in score_label(
+        "hybrid", 0.5, "en")
+    assert score_label("dense", 0.5, "en") == score_label("hybrid", 0.0, "en") == "base-model cosine"
+    assert score_label("hybrid", 0.5, "zh") == "base-model cosine"  # BM25 cannot split unspaced scripts

@@ -60,7 +60,7 @@ def _fmt(stat: str, value: float | None) -> str:
     return str(int(value)) if stat == "count" else f"{value:.3f}"
 
 
-def plot(examples: list[TrainExample], path: Path) -> Path | None:
+def plot(examples: list[TrainExample], path: Path, label: str = "base-model cosine") -> Path | None:
     """Histogram of positive vs negative scores (PNG); None when there is nothing to plot."""
     pos = [s for e in examples for s in e.pos_scores]
     neg = [s for e in examples for s in e.neg_scores]
@@ -75,7 +75,7 @@ def plot(examples: list[TrainExample], path: Path) -> Path | None:
     bins = np.linspace(min(pos + neg), max(pos + neg), 40)
     ax.hist(pos, bins=bins, alpha=0.6, label=f"positives ({len(pos)})")
     ax.hist(neg, bins=bins, alpha=0.6, label=f"negatives ({len(neg)})")
-    ax.set_xlabel("base-model score")
+    ax.set_xlabel(label)
     ax.set_ylabel("count")
     ax.legend()
     fig.tight_layout()

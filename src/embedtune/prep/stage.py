@@ -24,6 +24,7 @@ from embedtune.prep.formats import write_automodel, write_beir, write_inline
 from embedtune.prep.mining import build_examples
 from embedtune.prep.report import audit, plot, score_report, stats_table, write_markdown
 from embedtune.prep.split import Split, load_queries, split_by_document
+from embedtune.prep.teacher import score_label
 from embedtune.retrieval.cache import run_embedding_cache
 from embedtune.schemas import Chunk, TrainExample
 
@@ -54,13 +55,14 @@ def run_prep(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
                          f"({counts}); set prep.fill_missing=random, or lower prep.negatives_used "
                          "or the margin")
     counts = {**split.counts, **counts, "train_examples": len(examples)}
-    outputs, metrics = write_outputs(stage.dir, examples, split, chunks, counts, cfg.seed)
-    console.print(stats_table(metrics["scores"]))
+    label = score_label(cfg.teacher, cfg.bm25_weight, recipe.corpus.language)
+    outputs, metrics = write_outputs(stage.dir, examples, split, chunks, counts, cfg.seed, label)
+    console.print(stats_table(metrics["scores"], title=f"prep: {label}"))
     return stage.finish(outputs=outputs, counts=counts, metrics=metrics)
 
 
 def write_outputs(out: Path, examples: list[TrainExample], split: Split, chunks: list[Chunk],
-                  counts: dict, seed: int) -> tuple[list[Path], dict]:
+                  counts: dict, seed: int, label: str = "base-model cosine") -> tuple[list[Path], dict]:
     """Training files (both formats), the split, BEIR eval files, the report; returns paths and metrics."""
     outputs = [out / "train.jsonl", out / "split.json"]
     write_inline(outputs[0], examples)
@@ -71,7 +73,7 @@ def write_outputs(out: Path, examples: list[TrainExample], split: Split, chunks:
     outputs += write_beir(out / "eval", chunks, split.test)
     metrics = {"scores": score_report(examples)}
     outputs.append(write_markdown(out / "report.md", metrics["scores"], counts))
-    if (png := plot(examples, out / "scores.png")) is not None:
+    if (png := plot(examples, out / "scores.png", label)) is not None:
         outputs.append(png)
     return outputs, metrics
 

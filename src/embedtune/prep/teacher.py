@@ -54,3 +54,10 @@ def make_teacher(kind: str, queries: Sequence[str], passages: Sequence[str], bm2
                     "model alone", language)
         return None
     return HybridTeacher(queries, passages, bm25_weight, language)
+
+
+def score_label(kind: str, bm25_weight: float, language: str) -> str:
+    """What prep's scores are, as its report and plot name them (the teacher that judged the negatives)."""
+    if kind == "dense" or bm25_weight == 0 or language in UNSPACED_LANGUAGES:
+        return "base-model cosine"
+    return f"hybrid teacher score (base-model cosine fused with BM25, weight {bm25_weight})"
