@@ -37,6 +37,7 @@ SENSITIVE = re.compile(r"path|dir|url|uri|env|file|model|examples|host|port|coll
 PLAIN_ON_PURPOSE = {
     "sdg.llm.model": "the model name sent to the operator-allowed LLM endpoint; nothing is loaded here",
     "sdg.llm.judge_model": "same, for the judge",
+    "finetune.report_to": "a choice (none | tensorboard); the logs go inside the job's own run folder",
 }
 
 

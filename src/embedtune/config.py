@@ -268,7 +268,7 @@ class FinetuneConfig(StrictModel):
         "CPU. None: on where the CPU multiplies bf16 natively (AVX512-BF16 or AMX; MiniLM steps 1.6-1.7x faster), "
         "off elsewhere, where bf16 is emulated and slower than fp32. GPUs use bf16 wherever CUDA supports it"
     )
-    report_to: Literal["none", "tensorboard"] = Field(
+    report_to: Tunable[Literal["none", "tensorboard"]] = Field(
         "none", description="tensorboard: training loss, learning rate and validation metrics written to "
         "<run>/finetune/tensorboard/ (`tensorboard --logdir` it); needs the tensorboard package")
     lora: LoraConfig = Field(default_factory=LoraConfig)
