@@ -116,8 +116,8 @@ def test_every_recipe_field_declares_what_a_tenant_may_do_with_it():
             assert key in PLAIN_ON_PURPOSE, f"{key} looks like a path/URL/model/env name but is open as a value"
     open_ = sorted(k for k, i in keys.items() if field_policy(i)[TENANT] != "value")
     assert open_ == sorted(["name", "model.name", "corpus.path", "sdg.generator", "sdg.llm.base_url",
-                            "sdg.llm.api_key_env", "sdg.local.model_path", "sdg.plugins", "sdg.examples", "eval.dataset",
-                            "eval.queries", "eval.cache_dir", "index.uri", "index.token_env", "serve"])
+                            "sdg.llm.api_key_env", "sdg.local.model_path", "sdg.plugins", "sdg.examples",
+                            "eval.dataset", "eval.queries", "eval.cache_dir", "index.uri", "index.token_env", "serve"])
 
 
 def test_every_setting_that_is_not_a_plain_value_is_refused_by_name():

@@ -39,6 +39,7 @@ from embedtune.train.trainer import (
     Throughput,
     build_evaluator,
     clean_checkpoints,
+    close_progress,
     column_prompts,
     last_checkpoint,
     quiet_trainer,
@@ -129,7 +130,10 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
         log.info("%s already holds all %d steps: finishing from it without training",
                  Path(resume_from).name, plan.total_steps)
     else:
-        trainer.train(resume_from_checkpoint=resume_from)
+        try:
+            trainer.train(resume_from_checkpoint=resume_from)
+        finally:  # a failed or interrupted training gets no on_train_end: its progress heartbeat must stop too
+            close_progress(trainer)
         # Mixed precision wraps the model's forward in bf16 autocast; what follows (LoRA merge, saving, any
         # scoring of the in-memory model) runs the plain fp32 forward, as the saved model will.
         trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)

@@ -178,9 +178,19 @@ class StepProgress(TrainerCallback):
             self._bar.update(self._task, description=f"training (loss {float(logs['loss']):.4f}{rate})")
 
     def on_train_end(self, args, state, control, **kw):
+        self.close()
+
+    def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def close_progress(trainer: Any) -> None:
+    """Stop the trainer's StepProgress display (after an exception, transformers calls no on_train_end)."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, StepProgress):
+            callback.close()
 
 
 def quiet_trainer(trainer: Any, throughput: Throughput | None = None) -> None:
