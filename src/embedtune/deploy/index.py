@@ -48,11 +48,11 @@ def still_served(client, alias: str | None, collection: str | None, chunks: int 
 
 def build(client, collection: str, cfg: IndexConfig, recipe: Recipe, model: ServedModel, chunks_path: Path,
           out_dir: Path, weight: float, dimensions: int | None = None,
-          mode: str = "hybrid") -> tuple[IndexInfo, float]:
+          mode: str = "hybrid", encoder=None) -> tuple[IndexInfo, float]:
     """Write a fresh collection (any half-built one of the same name is dropped first) and its statistics."""
     if client.has_collection(collection):
         client.drop_collection(collection)  # a build killed midway: never aliased, so never served
-    encoder = model.load(recipe.model, cfg.batch_size)
+    encoder = encoder or model.load(recipe.model, cfg.batch_size)  # the deploy stage passes the one it checks with
     cache = run_embedding_cache(out_dir.parent)
     n_total = sum(1 for _ in read_rows(chunks_path, Chunk))
     analyzer = milvus.analyzer_params(_stopwords(recipe))

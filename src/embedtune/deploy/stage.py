@@ -66,9 +66,10 @@ def run_deploy(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
             stage.up_to_date(force=True)  # the store lost it: drop the stale manifest before rebuilding
         collection = f"{alias}__{config_hash([config, stage.inputs])[:12]}"
         mode = decision.retrieval.mode
+        encoder = model.load(recipe.model, cfg.batch_size)  # loaded once: it fills the index and checks it
         info, seconds = reindex.build(client, collection, cfg, recipe, model, chunks_path, stage.dir, weight,
-                                      dims, "dense" if mode == "dense" else "hybrid")
-        check = _check(client, collection, info, recipe, run, results, decision, model) if (
+                                      dims, "dense" if mode == "dense" else "hybrid", encoder)
+        check = _check(client, collection, info, recipe, run, results, decision, encoder) if (
             recipe.deploy.check and results is not None) else {"skipped": "no eval results" if results is None
                                                                 else "deploy.check is off"}
         write_json(stage.dir / CHECK_FILE, check)
@@ -152,11 +153,10 @@ def _eval_results(run: RunDir) -> dict[str, Any] | None:
 
 
 def _check(client, collection: str, info: Any, recipe: Recipe, run: RunDir, results: dict[str, Any],
-           decision: Decision, model: ServedModel) -> dict[str, Any]:
+           decision: Decision, encoder: Any) -> dict[str, Any]:
     """The deciding query set through the new collection: vs the same vectors in-process (the store's own
     search and fusion), and vs eval's figure for the deployed retrieval when eval scored these chunks."""
     dataset = deciding_dataset(recipe, run, results)
-    encoder = model.load(recipe.model, recipe.index.batch_size)
     stats_path = run.path("deploy", STATS_FILE)
     searcher = milvus.MilvusSearcher(client, collection, lambda texts: encoder.encode(texts, "query"),
                                      info.dimension, settings_of(info),

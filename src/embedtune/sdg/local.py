@@ -107,6 +107,7 @@ class LocalGenerator(Generator):
         self.share_prompt_cache = True
         self._prefix: tuple[list[int], object] | None = None  # few-shot prefix ids and key/value cache
         self._prompt_prefix: str | None = None
+        self._stops: list[int] | None = None
 
     def prompt_prefix(self) -> str:
         """The few-shot prefix, built once (it needs the tokenizer to fit its budget)."""
@@ -122,13 +123,16 @@ class LocalGenerator(Generator):
         (SciFact's claims are), at the first token that ends a sentence. A claim-style prompt otherwise
         runs on into the passage's next sentences until ``max_new_tokens``: twice the decode time, and text
         the filters then drop as copied."""
+        if self._stops is not None:  # computed once: the sentence-end scan reads the whole vocabulary
+            return self._stops
         stop = [tok.eos_token_id, *tok.encode("\n", add_special_tokens=False)[-1:]]
         self.prompt_prefix()
         used = self.examples_used if self.examples else []
         if used and sum(map(_one_sentence, (e.query for e in used))) >= 0.75 * len(used):
             stop += [i for t, i in tok.get_vocab().items()
                      if tok.convert_tokens_to_string([t]).strip() in {".", "?", "!"}]
-        return sorted(set(stop))
+        self._stops = sorted(set(stop))
+        return self._stops
 
     def prompt(self, chunk: Chunk, tok) -> str:
         return self.prompt_prefix() + self._passage(chunk, tok) + QUERY
@@ -335,7 +339,7 @@ class LocalGenerator(Generator):
         return tok.decode(ids)
 
     def close(self) -> None:
-        self._model = self._tokenizer = self._prefix = None
+        self._model = self._tokenizer = self._prefix = self._stops = None
 
 
 # Projections whose input comes straight out of an RMSNorm, where activations are well scaled. The inputs of
