@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import ray  # noqa: F401 - required (the platform extra, in requirements.lock): missing, this module fails
@@ -24,6 +25,12 @@ def test_ray_executor_runs_and_loses_jobs_honestly(tmp_path, tiny_bert_dir):
         assert done["status"] == "completed", done["error"]
         assert done["worker"]["executor"] == "ray" and done["worker"]["pid"] != svc.proc.pid
         assert "=== stage corpus" in pc.job_logs(job["id"])
+
+        # Idle for longer than the server's thread pool keeps an idle thread (10 s): Ray's GCS and raylet die
+        # with the thread that started them (PR_SET_PDEATHSIG), so Ray must not be started on a pool thread.
+        time.sleep(12)
+        assert svc.proc.poll() is None, "the service died while idle"
+        pc.get_job(job["id"])
 
         doomed = pc.create_customization_job(model="tiny", dataset="docs", stages=["corpus"])
         pid = wait_running_with_pid(pc, doomed["id"])["worker"]["pid"]

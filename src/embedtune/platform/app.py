@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from embedtune import __version__
 from embedtune.platform import auth
 from embedtune.platform.errors import ErrorBody, ErrorDetail, install_handlers
+from embedtune.platform.executors import make_executor
 from embedtune.platform.routes import (
     admin,
     datasets,
@@ -133,7 +134,11 @@ def create_app(settings: PlatformSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # noqa: ANN202
-        await run_in_threadpool(state.start)  # recovers orphaned jobs before the first request
+        # The executor is made here, on the thread that lives as long as the service: ray.init() starts Ray's
+        # GCS and raylet with PR_SET_PDEATHSIG, which fires when the creating *thread* exits, and a thread-pool
+        # thread is retired after 10 idle seconds (that killed Ray mid-job and the service with it).
+        executor = make_executor(state.settings)
+        await run_in_threadpool(state.start, executor)  # recovers orphaned jobs before the first request
         yield
         await state.stop()
 
