@@ -37,7 +37,7 @@ def texts(n_queries: int, n_passages: int) -> tuple[list[str], list[str]]:
     if (SHARED / "corpus.jsonl").is_file():
         data = load_beir(SHARED)
         return list(data.queries.values())[:n_queries], data.passages(list(data.corpus)[:n_passages])
-    from embedtune.export.parity import probe_passages
+    from embedtune.convert.parity import probe_passages
 
     rng = random.Random(0)
     words = " ".join(probe_passages()).split()
@@ -163,7 +163,7 @@ VARIANTS = {"conservative": (False, False), "attention": (True, False), "all": (
 
 def build_variant(folder: Path, name: str, reduce_range: bool | None, fuse: tuple[int, int]) -> Path:
     """A sibling folder sharing the export's tokenizer and metadata, with its own ``model.int8.onnx``."""
-    from embedtune.export.quantize import quantize_int8
+    from embedtune.convert.quantize import quantize_int8
     from embedtune.retrieval.onnx import MODEL_FILES
 
     out = folder.parent / f"{folder.name}-{name}{'-rr' if reduce_range else ''}"
@@ -201,8 +201,8 @@ def main() -> None:
     import torch
 
     from embedtune.config import ExportConfig
+    from embedtune.convert.graph import backbone
     from embedtune.export import OnnxEncoder, export_onnx
-    from embedtune.export.graph import backbone
     from embedtune.models import load_model
     from embedtune.retrieval.onnx import MODEL_FILES
 

@@ -56,7 +56,6 @@ def scifact(data: Path, out: Path, fusions: list[str], latency_queries: int) -> 
     from embedtune.retrieval.beir import load_beir
     from embedtune.retrieval.deployed import evaluate_index
     from embedtune.retrieval.deployment import open_searcher
-    from embedtune.retrieval.milvus import SearchSettings
 
     setup_logging()
     run = RunDir(out / "scifact-run")
@@ -70,7 +69,7 @@ def scifact(data: Path, out: Path, fusions: list[str], latency_queries: int) -> 
     results: dict = {"build": build, "fusions": {}}
     for fusion in fusions:
         s = searcher.settings
-        searcher.settings = SearchSettings(s.bm25_weight, fusion, s.candidates, s.lexical_candidates)  # type: ignore[arg-type]
+        searcher.settings = s.model_copy(update={"fusion": fusion})
         modes = ("dense", "bm25", "hybrid") if fusion == fusions[0] else ("hybrid",)
         res = evaluate_index(searcher, dataset, modes=modes).to_json()
         results["fusions"][fusion] = res
@@ -80,7 +79,7 @@ def scifact(data: Path, out: Path, fusions: list[str], latency_queries: int) -> 
     texts = list(dataset.queries.values())[:latency_queries]
     results["latency"] = {}
     for mode in ("dense", "bm25", "hybrid"):
-        searcher.settings = SearchSettings(searcher.settings.bm25_weight, fusions[0])  # type: ignore[arg-type]
+        searcher.settings = searcher.settings.model_copy(update={"fusion": fusions[0]})
         results["latency"][mode] = latency(lambda q, m=mode: searcher.search([q], mode=m, top_k=10), texts)
         print(f"latency {mode} (incl. query encoding): {results['latency'][mode]}", flush=True)
     results["peak_rss_mb"] = round(peak_rss_mb(), 1)

@@ -136,7 +136,7 @@ def variants(gguf: Path, finetuned: Path, seq: int) -> dict[str, object]:
     from sentence_transformers import SentenceTransformer, models
 
     from embedtune.config import ModelConfig
-    from embedtune.export.graph import is_causal
+    from embedtune.convert.graph import is_causal
     from embedtune.models import load_model, resolve
 
     def causal():
@@ -162,7 +162,7 @@ def variants(gguf: Path, finetuned: Path, seq: int) -> dict[str, object]:
 
 
 def scifact_subset(extra: int, claims: int | None):
-    from embedtune.evaluate.beir import BeirDataset, load_beir
+    from embedtune.retrieval.beir import BeirDataset, load_beir
 
     full = load_beir(SHARED / "scifact")
     kept_claims = sorted(full.qrels, key=lambda q: (len(q), q))[:claims] if claims else list(full.qrels)

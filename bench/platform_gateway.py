@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from embedtune.client import PlatformClient
+from embedtune.platform.client import PlatformClient
 
 TEXTS = [f"sentence number {i} about sails, tides and harbours" for i in range(8)]
 

@@ -33,8 +33,8 @@ from pathlib import Path
 import httpx
 from sqlalchemy import create_engine, func, select
 
-from embedtune.client import PlatformClient
 from embedtune.platform import db
+from embedtune.platform.client import PlatformClient
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 WS = "/v2/workspaces/default/customization/jobs"

@@ -39,7 +39,7 @@ def main() -> None:
 
     import torch
 
-    from embedtune.export.cached import cached_int8_encoder
+    from embedtune.convert.cached import cached_int8_encoder
     from embedtune.models import encode_passages, encode_queries, load_model
     from embedtune.retrieval import load_beir
     from embedtune.sdg.filters import check_roundtrip, near_duplicates, roundtrip_ranks

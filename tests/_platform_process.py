@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 from sqlalchemy import create_engine, select
 
-from embedtune.client import PlatformClient
 from embedtune.platform import db
+from embedtune.platform.client import PlatformClient
 from pg_fixture import free_port
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from embedtune.config import ExportConfig
+from embedtune.convert.quantize import sensitive_matmuls
 from embedtune.export import OnnxEncoder, export_onnx
-from embedtune.export.quantize import sensitive_matmuls
 
 TEXTS = [
     "x",
@@ -125,7 +125,7 @@ def test_int8_fuses_and_quantises_every_weighted_matmul_of_an_encoder_by_default
 
 
 def test_int8_keeps_the_ffn_down_projections_fp32_when_asked(bert_export, tmp_path):
-    from embedtune.export.quantize import quantize_int8
+    from embedtune.convert.quantize import quantize_int8
 
     kept = sensitive_matmuls(bert_export / "model.onnx")
     assert len(kept) == 2  # one FFN down-projection per layer of the 2-layer model
@@ -196,7 +196,7 @@ def test_a_new_format_is_one_registry_entry(tiny_bert_dir, tmp_path, monkeypatch
     """A format added to the two tables (file contract + builder) is built, listed and cleaned up when dropped."""
     import shutil
 
-    from embedtune.export import formats
+    from embedtune.convert import formats
     from embedtune.retrieval import formats as files
 
     def build_copy(ctx: formats.BuildContext) -> dict:
@@ -215,7 +215,7 @@ def test_a_new_format_is_one_registry_entry(tiny_bert_dir, tmp_path, monkeypatch
 
 
 def test_every_export_format_has_a_file_row():
-    from embedtune.export.formats import FORMATS
+    from embedtune.convert.formats import FORMATS
     from embedtune.retrieval.formats import MODEL_FORMATS
 
     assert set(FORMATS) <= set(MODEL_FORMATS) and "fp32" in MODEL_FORMATS

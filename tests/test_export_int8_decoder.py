@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from embedtune.export.quantize import DECODER_FP32_LAYER_FRACTION, sensitive_matmuls
+from embedtune.convert.quantize import DECODER_FP32_LAYER_FRACTION, sensitive_matmuls
 
 
 def decoder_graph(layers: int, hidden: int = 8, inner: int = 16) -> onnx.ModelProto:

@@ -12,8 +12,8 @@ import pytest
 
 from embedtune.artifacts import RunDir, write_jsonl, write_text
 from embedtune.config import Recipe
+from embedtune.convert import parity as parity_mod
 from embedtune.export import ParityError, run_export
-from embedtune.export import parity as parity_mod
 
 
 def _recipe(model_dir: Path, **export: object) -> Recipe:
@@ -222,7 +222,7 @@ class _RankingEncoder:
     (set(), set(), True),
 ])
 def test_the_retrieval_gate_fails_a_loss_beyond_tolerance_not_a_gain(tmp_path, fp32_lost, int8_lost, passed):
-    from embedtune.export.parity import retrieval_vs_fp32
+    from embedtune.convert.parity import retrieval_vs_fp32
 
     n = 20
     write_jsonl(tmp_path / "corpus.jsonl", [{"_id": f"d{i}", "text": f"doc {i}"} for i in range(n)])
@@ -261,7 +261,7 @@ def test_a_damaged_int8_graph_is_never_deployed(tiny_bert_dir, tmp_path, topical
     """The int8 graph is built, then one layer's weights are scrambled: its retrieval on the eval set falls
     beyond the tolerance. The stage keeps it on disk for inspection, says which metrics failed, and the
     `auto` precision that serve, the deploy stage and the platform use falls back to fp32."""
-    from embedtune.export import formats
+    from embedtune.convert import formats
     from embedtune.retrieval.encoders import served_model
 
     real = formats.FORMATS["int8"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from embedtune.client import PlatformAPIError, PlatformClient
+from embedtune.platform.client import PlatformAPIError, PlatformClient
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

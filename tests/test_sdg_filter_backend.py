@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from embedtune.config import load_recipe
-from embedtune.export import onnx_export
+from embedtune.convert import onnx_export
 from embedtune.schemas import Chunk
 from embedtune.sdg import Candidate, Generator
 from embedtune.sdg.filters import QueryFilter
@@ -131,7 +131,7 @@ def test_prep_mines_with_the_int8_chunk_embeddings_sdg_left_in_the_run_cache(tmp
 def test_the_shipped_default_models_cached_export_passes_its_probe_check(export_calls, caplog):
     """The filters' int8 export of all-MiniLM-L6-v2 reproduces torch (the serving int8, with attention and FFN
     down-projections quantised, measured 0.977 on the probe texts and fell back to torch on SciFact)."""
-    from embedtune.export.cached import cached_int8_encoder
+    from embedtune.convert.cached import cached_int8_encoder
     from embedtune.models import encode_passages, load_model
 
     caplog.set_level(logging.WARNING, logger="embedtune")

@@ -71,6 +71,17 @@ Dimension = Annotated[int, Field(gt=0, le=1_048_576)]
 # torch overflow on, a timeout of centuries, a batch no machine holds), before any stage runs.
 SEED_MAX = 2**32 - 1  # numpy's and transformers.set_seed's range
 
+# Hybrid search: how dense and BM25 scores are fused. One home for eval, the deployed index
+# (retrieval.milvus.SearchSettings, stored in deploy/index.json) and serve.
+Fusion = Literal["zscore", "rrf", "weighted"]
+# 0.2 is where the fusion peaked on the synthetic held-out queries of the SciFact run, for the base and the
+# fine-tuned model alike (no real query involved; bench/domain_adaptation.py).
+DEFAULT_BM25_WEIGHT = 0.2
+# The ONNX files the server runs: auto = int8 on a CPU when exported, fp32 on a GPU.
+ServePrecision = Literal["auto", "int8", "fp32"]
+DEFAULT_CANDIDATES = 100  # dense hits fetched per query for fusion
+DEFAULT_LEXICAL_CANDIDATES = 1000  # BM25 hits per query: the z-score spread estimate wants most nonzero ones
+
 
 class ModelConfig(StrictModel):
     """Which embedding model to start from (see :mod:`embedtune.models`)."""
@@ -281,10 +292,8 @@ class EvalConfig(StrictModel):
     ignore_identical_ids: Tunable[bool] = Field(False, description="drop hits whose id equals the query id (BEIR)")
     bm25: Tunable[bool] = Field(True, description="add BM25 (bm25s) as the lexical reference row")
     bm25_stopwords: Tunable[str | None] = Field("en", description="bm25s stopword list; None for other languages")
-    # 0.2 is where the fusion peaked on the synthetic held-out queries of the SciFact run, for the base and
-    # the fine-tuned model alike (no real query involved; bench/domain_adaptation.py).
     hybrid_bm25_weight: Tunable[float] = Field(
-        0.2, ge=0, lt=1,
+        DEFAULT_BM25_WEIGHT, ge=0, lt=1,
         description="also score each model fused with BM25 (z-scores, this weight on BM25); 0 turns it off",
     )
     hybrid_weight_grid: Tunable[list[Annotated[float, Field(ge=0, lt=1)]]] = Field(
@@ -352,12 +361,13 @@ class IndexConfig(StrictModel):
     bm25_weight: Tunable[float | None] = Field(
         None, ge=0, lt=1, description="hybrid fusion weight; None: the one eval chose on the synthetic held-out "
         "queries, else eval.hybrid_bm25_weight")
-    fusion: Tunable[Literal["zscore", "rrf", "weighted"]] = Field(
+    fusion: Tunable[Fusion] = Field(
         "zscore", description="zscore: eval's fusion over candidate lists (what eval scored); rrf / weighted: "
         "Milvus's RRFRanker / WeightedRanker")
-    candidates: Tunable[int] = Field(100, ge=1, le=16384, description="dense hits per query fused in hybrid search")
+    candidates: Tunable[int] = Field(
+        DEFAULT_CANDIDATES, ge=1, le=16384, description="dense hits per query fused in hybrid search")
     lexical_candidates: Tunable[int] = Field(
-        1000, ge=1, le=16384, description="BM25 hits per query fused in hybrid search")
+        DEFAULT_LEXICAL_CANDIDATES, ge=1, le=16384, description="BM25 hits per query fused in hybrid search")
     keep_previous: Tunable[int] = Field(1, ge=0, le=1000, description="older collections kept after a swap (rollback)")
     timeout: Tunable[float] = Field(30.0, gt=0, le=86_400, description="seconds to wait for the store")
 
@@ -390,7 +400,7 @@ class ServeConfig(StrictModel):
         "2,048 inputs of a few words fit, 2,048 long passages do not")
     backend: Literal["auto", "onnx", "torch"] = Field(
         "auto", description="auto = the ONNX export when the model folder or run has one, else torch")
-    onnx_precision: Literal["auto", "int8", "fp32"] = Field(
+    onnx_precision: ServePrecision = Field(
         "auto", description="auto = int8 on CPU when exported, fp32 on GPU")
 
 

@@ -14,9 +14,9 @@ from typing import Any
 from embedtune.artifacts import Manifest, RunDir, write_json
 from embedtune.config import ModelConfig, Recipe
 from embedtune.console import log
-from embedtune.export import parity
-from embedtune.export.formats import FORMATS, is_built
-from embedtune.export.onnx_export import ExportResult, export_onnx
+from embedtune.convert import parity
+from embedtune.convert.formats import FORMATS, is_built
+from embedtune.convert.onnx_export import ExportResult, export_onnx
 from embedtune.retrieval.formats import model_file
 from embedtune.retrieval.metadata import METADATA_FILE
 from embedtune.retrieval.onnx import OnnxEncoder

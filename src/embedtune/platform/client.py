@@ -1,6 +1,6 @@
 """A small Python client for the embedtune platform service (``embedtune platform``).
 
-    from embedtune.client import PlatformClient
+    from embedtune.platform.client import PlatformClient
 
     pc = PlatformClient("http://127.0.0.1:8080", workspace="team")   # key: api_key=... or $EMBEDTUNE_API_KEY
     pc.ensure_workspace()

@@ -206,7 +206,7 @@ def _base_embeddings(recipe: Recipe, queries: list[str], chunks: list[str],
         if cfg.query_max_length or cfg.passage_max_length:
             log.info("prep: query/passage_max_length set, which the ONNX export cannot change: mining with torch")
         else:
-            from embedtune.export.cached import cached_int8_encoder
+            from embedtune.convert.cached import cached_int8_encoder
             from embedtune.retrieval.cache import encode_cached
 
             if (onnx := cached_int8_encoder(recipe.model)) is not None:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
 
 from embedtune.artifacts import ArtifactError, read_json
 from embedtune.retrieval import milvus
@@ -25,7 +24,9 @@ INFO_FILE = "index.json"
 STATS_FILE = "dense_stats.npz"
 
 
-class IndexInfo(BaseModel):
+class IndexInfo(milvus.SearchSettings):
+    """``deploy/index.json``: what was indexed, by which model, and how searches fuse (the inherited fields)."""
+
     collection: str  # the physical collection this build wrote
     alias: str  # the name searches use; swapped to a new collection by the next build
     uri: str  # Milvus Lite file (relative to the index folder when inside it) or a server URI
@@ -38,10 +39,6 @@ class IndexInfo(BaseModel):
     model_label: str = ""
     model_fingerprint: str = ""
     bm25: bool = True
-    bm25_weight: float = 0.2
-    fusion: str = "zscore"
-    candidates: int = 100
-    lexical_candidates: int = 1000
     analyzer: dict[str, Any] = {}
     mode: str = "hybrid"  # the search mode the release gate deployed: what a request gets by default
 
@@ -99,8 +96,7 @@ def deployed_model(run_root: str | Path):
 
 
 def settings_of(info: IndexInfo) -> milvus.SearchSettings:
-    return milvus.SearchSettings(bm25_weight=info.bm25_weight, fusion=info.fusion,  # type: ignore[arg-type]
-                                 candidates=info.candidates, lexical_candidates=info.lexical_candidates)
+    return milvus.SearchSettings.model_validate(info.model_dump(include=set(milvus.SearchSettings.model_fields)))
 
 
 def connect_index(run_or_index: str | Path, timeout: float = 30.0) -> tuple[IndexInfo, object]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 
 from embedtune.console import log, progress
-from embedtune.retrieval.formats import ONNX_FILES, model_file, pick_precision
+from embedtune.retrieval.formats import ONNX_FILES, OnnxPrecision, model_file, pick_precision
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -210,7 +210,7 @@ class OnnxModelEncoder:
     """An ONNX export (what `embedtune serve` deploys on a CPU: int8 when exported) as an :class:`Encoder`."""
 
     folder: Path
-    precision: Literal["fp32", "int8", "fp16"] = "int8"
+    precision: OnnxPrecision = "int8"
     label: str = "onnx"
     batch_size: int = 32
     block_size: int = 128  # texts per progress step (see LocalEncoder)

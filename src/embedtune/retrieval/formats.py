@@ -1,7 +1,7 @@
 """The files of an export folder, one row per precision: the contract the export stage writes and the
 server, the index stage, the retrieval encoders and the platform read.
 
-How each file is built lives with the export stage (:mod:`embedtune.export.formats`, keyed by the same
+How each file is built lives with the converter (:mod:`embedtune.convert.formats`, keyed by the same
 names); this table is what every reader needs: the file name, the device it is for, and whether
 onnxruntime loads it.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from embedtune.console import log
 
@@ -32,6 +32,9 @@ MODEL_FORMATS: dict[str, ModelFile] = {f.precision: f for f in (
 
 # precision -> file name of the formats onnxruntime runs.
 ONNX_FILES: dict[str, str] = {p: f.file for p, f in MODEL_FORMATS.items() if f.onnxruntime}
+#: The same precisions as a type (OnnxEncoder, the retrieval encoders); a row added above must be named here.
+OnnxPrecision = Literal["fp32", "int8", "fp16"]
+assert set(get_args(OnnxPrecision)) == set(ONNX_FILES), "OnnxPrecision and MODEL_FORMATS disagree"
 
 
 def model_file(folder: Path, precision: str) -> Path:

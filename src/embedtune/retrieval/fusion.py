@@ -18,10 +18,17 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
+    import torch
+
     from embedtune.retrieval.bm25 import BM25Index
+
+
+def blend(dense, z, bm25_weight: float, dense_mean, dense_std):  # noqa: ANN001, ANN201 - tensors or floats
+    """The z-score fusion, one formula for eval (tensors) and the deployed index (floats per candidate):
+    BM25's z-score mapped into the dense scores' units (their mean and spread), mixed with this weight."""
+    return (1 - bm25_weight) * dense + bm25_weight * (dense_mean + dense_std * z)
 
 
 def fuse(dense: torch.Tensor, lexical: torch.Tensor, bm25_weight: float) -> torch.Tensor:
@@ -29,11 +36,13 @@ def fuse(dense: torch.Tensor, lexical: torch.Tensor, bm25_weight: float) -> torc
 
     A query sharing no term with any candidate (a constant BM25 row) keeps its dense scores.
     """
+    import torch  # here, not at the top: the deployed index's fusion (floats) uses blend() without torch
+
     mean, std = dense.mean(1, keepdim=True), dense.std(1, keepdim=True)
     lex_std = lexical.std(1, keepdim=True)
     informative = lex_std > 0
     z = (lexical - lexical.mean(1, keepdim=True)) / torch.where(informative, lex_std, torch.ones_like(lex_std))
-    mixed = (1 - bm25_weight) * dense + bm25_weight * (mean + std * z)
+    mixed = blend(dense, z, bm25_weight, mean, std)
     return torch.where(informative, mixed, dense)
 
 
@@ -46,6 +55,8 @@ def hybrid_search(query_texts: Sequence[str], query_emb: np.ndarray, doc_emb: np
     """
     if len(query_texts) != len(query_emb) or index.n_passages != len(doc_emb):
         raise ValueError("hybrid_search: query texts/embeddings or BM25 index/document embeddings differ in length")
+    import torch
+
     k = min(top_k, len(doc_emb))
     docs = torch.from_numpy(np.ascontiguousarray(doc_emb, dtype=np.float32))
     out_scores = np.empty((len(query_emb), k), dtype=np.float32)

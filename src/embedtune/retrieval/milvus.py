@@ -36,9 +36,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel
+
+from embedtune.config import DEFAULT_BM25_WEIGHT, DEFAULT_CANDIDATES, DEFAULT_LEXICAL_CANDIDATES, Fusion
+from embedtune.retrieval.fusion import blend
 
 Mode = Literal["hybrid", "dense", "bm25"]
-Fusion = Literal["zscore", "rrf", "weighted"]
 MODES: tuple[str, ...] = ("hybrid", "dense", "bm25")
 OUTPUT_FIELDS = ["doc_id", "title", "source", "text"]
 MAX_VARCHAR = 65_535  # Milvus's VARCHAR limit, in bytes
@@ -249,19 +252,18 @@ def zscore_fuse(dense: dict[str, float], lexical: dict[str, float], bm25_weight:
     sigma = math.sqrt(max((scores**2).sum() / n - mu * mu, 0.0))
     if sigma == 0:
         return dict(dense)
-    w = bm25_weight
-    return {cid: (1 - w) * d + w * (dense_mu + dense_sigma * (lexical.get(cid, 0.0) - mu) / sigma)
+    return {cid: blend(d, (lexical.get(cid, 0.0) - mu) / sigma, bm25_weight, dense_mu, dense_sigma)
             for cid, d in dense.items()}
 
 
-@dataclass
-class SearchSettings:
-    """How hybrid search fuses, stored with the index so every reader fuses the same way."""
+class SearchSettings(BaseModel):
+    """How hybrid search fuses, stored with the index (:class:`~embedtune.retrieval.deployment.IndexInfo`
+    extends it) so every reader fuses the same way."""
 
-    bm25_weight: float = 0.2
+    bm25_weight: float = DEFAULT_BM25_WEIGHT
     fusion: Fusion = "zscore"
-    candidates: int = 100  # dense hits fetched per query for fusion
-    lexical_candidates: int = 1000  # BM25 hits per query: the spread estimate wants most of the nonzero ones
+    candidates: int = DEFAULT_CANDIDATES
+    lexical_candidates: int = DEFAULT_LEXICAL_CANDIDATES
     rrf_k: int = 60
 
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from embedtune.artifacts import ArtifactError
 from embedtune.retrieval.formats import ONNX_FILES as MODEL_FILES
+from embedtune.retrieval.formats import OnnxPrecision
 from embedtune.retrieval.metadata import METADATA_FILE, read_metadata
-
-Precision = Literal["fp32", "int8", "fp16"]
 
 
 def default_threads() -> int:
@@ -44,7 +43,7 @@ def session_options(threads: int | None = None) -> Any:
 class OnnxEncoder:
     """An exported embedding model: tokenizer + ONNX session + the metadata in ``embedtune.json``."""
 
-    def __init__(self, folder: str | Path, precision: Precision = "int8", threads: int | None = None,
+    def __init__(self, folder: str | Path, precision: OnnxPrecision = "int8", threads: int | None = None,
                  providers: Sequence[str] | None = None):
         import onnxruntime as ort
         from transformers import AutoTokenizer

@@ -250,7 +250,7 @@ class QueryFilter:
         if self._onnx is None:
             self._onnx = False
             if self.cfg.backend == "onnx-int8":
-                from embedtune.export.cached import cached_int8_encoder
+                from embedtune.convert.cached import cached_int8_encoder
 
                 self._onnx = cached_int8_encoder(self.recipe.model) or False
         return self._onnx or None

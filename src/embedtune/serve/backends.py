@@ -14,12 +14,12 @@ from typing import Literal
 
 import numpy as np
 
+from embedtune.config import ServePrecision
 from embedtune.retrieval.formats import model_file, pick_precision
 from embedtune.retrieval.metadata import read_metadata
 from embedtune.serve.tokens import InputType, Tokenization, Truncate
 
 BackendKind = Literal["auto", "onnx", "torch"]
-OnnxPrecision = Literal["auto", "int8", "fp32"]
 
 
 class DimensionsError(ValueError):
@@ -161,7 +161,7 @@ class OnnxBackend(Backend):
 
     kind = "onnx"
 
-    def __init__(self, folder: str | Path, precision: OnnxPrecision = "auto", micro_batch: int = 32,
+    def __init__(self, folder: str | Path, precision: ServePrecision = "auto", micro_batch: int = 32,
                  threads: int | None = None):
         import onnxruntime as ort
         from transformers import AutoTokenizer

@@ -7,10 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from embedtune.config import ServePrecision
 from embedtune.retrieval.deployment import deployed_model
 from embedtune.retrieval.encoders import export_folder, served_model
 from embedtune.retrieval.metadata import METADATA_FILE, matryoshka_dims
-from embedtune.serve.backends import Backend, BackendKind, OnnxBackend, OnnxPrecision, TorchBackend
+from embedtune.serve.backends import Backend, BackendKind, OnnxBackend, TorchBackend
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def default_name(spec: str) -> str:
     return path.name
 
 
-def model_entry(arg: str, backend: BackendKind = "auto", precision: OnnxPrecision = "auto",
+def model_entry(arg: str, backend: BackendKind = "auto", precision: ServePrecision = "auto",
                 index: Path | None = None) -> ModelEntry:
     """Resolve a ``--model`` argument now (clear errors at start-up); load the weights later.
 
@@ -63,7 +64,7 @@ def _index_folder(path: Path, quiet: bool = False) -> Path | None:
     raise FileNotFoundError(f"--index {path}: no {INFO_FILE} there or in its deploy/ folder; run `embedtune deploy`")
 
 
-def _model_entry(arg: str, backend: BackendKind, precision: OnnxPrecision) -> ModelEntry:
+def _model_entry(arg: str, backend: BackendKind, precision: ServePrecision) -> ModelEntry:
     name, spec = split_model_arg(arg)
     name = name or default_name(spec)
     path = Path(spec).expanduser()

@@ -92,8 +92,8 @@ def _load(spec: ModelSpec, folder: Path, marker: dict[str, object], label: str) 
 def _export_checked(spec: ModelSpec, out: Path) -> None:
     """Export into ``out`` and prove the int8 graph reproduces the torch model on the probe texts."""
     from embedtune.config import ExportConfig
-    from embedtune.export.onnx_export import export_onnx
-    from embedtune.export.parity import PROBE_QUERIES, probe_passages
+    from embedtune.convert.onnx_export import export_onnx
+    from embedtune.convert.parity import PROBE_QUERIES, probe_passages
     from embedtune.models import encode_passages, encode_queries, load_model
     from embedtune.retrieval.onnx import OnnxEncoder
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from embedtune.config import ExportConfig
 from embedtune.console import log
-from embedtune.export.graph import backbone, model_type
-from embedtune.export.quantize import FUSABLE_TYPES, build_gpu_precisions, quantize_int8
+from embedtune.convert.graph import backbone, model_type
+from embedtune.convert.quantize import FUSABLE_TYPES, build_gpu_precisions, quantize_int8
 from embedtune.retrieval.formats import MODEL_FORMATS
 
 

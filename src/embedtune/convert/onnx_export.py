@@ -4,7 +4,7 @@ Folder contract (the serving side codes against it)::
 
     model.onnx          fp32, inputs input_ids, attention_mask[, token_type_ids], dimensions -> embeddings
     model.int8.onnx     dynamic int8 (CPU); this and the other derived files (fp16, fp8 plan where a GPU
-                        exists) are listed in :mod:`embedtune.export.formats` / :mod:`embedtune.retrieval.formats`
+                        exists) are listed in :mod:`embedtune.convert.formats` / :mod:`embedtune.retrieval.formats`
     tokenizer/          AutoTokenizer.from_pretrained(folder / "tokenizer")
     config.json, tokenizer files   the backbone's config and the tokenizer again at the top, for Hugging Face
                         loaders: ``AutoConfig``/``AutoTokenizer.from_pretrained(folder)``, Optimum's
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from embedtune.config import ExportConfig
 from embedtune.console import log
-from embedtune.export.formats import BuildContext, build_formats
-from embedtune.export.graph import OUTPUT_NAME, backbone, describe, trace_to_onnx
+from embedtune.convert.formats import BuildContext, build_formats
+from embedtune.convert.graph import OUTPUT_NAME, backbone, describe, trace_to_onnx
 from embedtune.retrieval.formats import MODEL_FORMATS, model_file
 from embedtune.retrieval.metadata import write_metadata
 
@@ -54,7 +54,7 @@ def export_onnx(model_or_path: SentenceTransformer | str | Path, out_dir: str | 
                 cfg: ExportConfig | None = None, *, matryoshka_dims: Sequence[int] | None = None,
                 bidirectional: bool | None = None, source: str | None = None) -> ExportResult:
     """Export a model to ``out_dir`` (files are built aside and moved in, so a crash leaves no half-file):
-    the fp32 graph, then every format of :data:`~embedtune.export.formats.FORMATS` that ``cfg`` asks for.
+    the fp32 graph, then every format of :data:`~embedtune.convert.formats.FORMATS` that ``cfg`` asks for.
 
     ``matryoshka_dims`` are the sizes the model was trained for (recorded in embedtune.json).
     ``bidirectional=True`` gives a decoder backbone (Llama & co.) a full attention mask inside the graph,
