@@ -70,7 +70,7 @@ def test_no_stage_imports_another_and_nothing_below_the_stages_imports_one():
 def test_every_top_level_part_has_a_floor():
     parts = {p.name.removesuffix(".py") for p in PACKAGE.iterdir()
              if p.suffix == ".py" or (p / "__init__.py").is_file()}
-    assert {p for p in parts if floor_of(p) == "other"} <= {"__init__", "client"}
+    assert {p for p in parts if floor_of(p) == "other"} <= {"__init__"}
 
 
 @pytest.mark.parametrize(("own", "source", "expected"), [

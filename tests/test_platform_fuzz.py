@@ -28,7 +28,7 @@ APP = create_app(PlatformSettings(data_dir=DATA_DIR, max_upload_bytes=1 << 20))
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
-def _start_without_launching(executor=None, start=APP.state.platform.start) -> None:  # noqa: ANN001
+def _start_without_launching(executor, start=APP.state.platform.start) -> None:  # noqa: ANN001
     start(executor)
     state = APP.state.platform
     state.scheduler.shutdown()

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from embedtune.platform import auth, db
 from embedtune.platform.deployments import DeploymentManager
-from embedtune.platform.executors import Executor, make_executor
+from embedtune.platform.executors import Executor
 from embedtune.platform.scheduler import Scheduler
 from embedtune.platform.settings import PlatformSettings
 
@@ -23,7 +23,7 @@ class Platform:
         self.scheduler: Scheduler | None = None
         self.http: httpx.AsyncClient | None = None
 
-    def start(self, executor: Executor | None = None) -> None:
+    def start(self, executor: Executor) -> None:
         """``executor``: made by the caller on a thread that outlives the service (see ``create_app``)."""
         with self.sessions() as s:
             ensure_workspace(s, DEFAULT_WORKSPACE, "created by the service")
@@ -31,8 +31,7 @@ class Platform:
             token = auth.ensure_admin_key(self.sessions, self.settings.data_dir)
             if token:
                 auth.announce_admin_key(token, self.settings.data_dir / auth.ADMIN_KEY_FILE)
-        self.scheduler = Scheduler(self.settings, self.sessions, executor or make_executor(self.settings),
-                                   self.deployments)
+        self.scheduler = Scheduler(self.settings, self.sessions, executor, self.deployments)
         self.scheduler.start()
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(300, connect=10))
 
