@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from embedtune.config import load_recipe  # noqa: E402
 from embedtune.console import setup_logging  # noqa: E402
+from embedtune.cpu import isa_summary  # noqa: E402
 from embedtune.demo import build  # noqa: E402
 from embedtune.pipeline import run_pipeline  # noqa: E402
 
@@ -47,7 +48,7 @@ def main() -> None:
     load_after = os.getloadavg()
     print(f"\n## demo pipeline ({args.recipe.name}{', ' + ', '.join(args.override) if args.override else ''})\n")
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} / {load_after[1]:.1f} / "
-          f"{load_after[2]:.1f} on {os.cpu_count()} cores\n")
+          f"{load_after[2]:.1f} on {os.cpu_count()} cores\n\ncpu: {isa_summary()}\n")
     print("| stage | seconds | peak RSS (MB) | counts |\n|---|---|---|---|")
     print(f"| build demo corpus | {corpus_s:.1f} | | |")
     for r in results:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from embedtune.cpu import isa_summary
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -43,19 +45,6 @@ def texts(n_queries: int, n_passages: int) -> tuple[list[str], list[str]]:
     words = " ".join(probe_passages()).split()
     queries = [" ".join(rng.sample(words, 8)) for _ in range(n_queries)]
     return queries, [" ".join(rng.choices(words, k=300)) for _ in range(n_passages)]
-
-
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_isa() -> str:
-    """The x86 flags that decide onnxruntime's int8 kernels (AVX2 u8s8 vs VNNI dot products vs AMX)."""
-    try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return "unknown (no /proc/cpuinfo flags)"
-    return " ".join(f if f in flags else f"no-{f}" for f in ISA_FLAGS)
 
 
 def timed(encode: Callable[[list[str]], np.ndarray], items: list[str]) -> tuple[float, np.ndarray]:
@@ -236,7 +225,7 @@ def main() -> None:
 
     print(f"\nthreads={args.threads}, batch={bs}, best of {args.rounds} interleaved rounds, "
           f"{len(queries)} queries, {len(passages)} passages, "
-          f"model=all-MiniLM-L6-v2, cpu cores visible={os.cpu_count()}, cpu: {cpu_isa()}\n")
+          f"model=all-MiniLM-L6-v2, cpu cores visible={os.cpu_count()}, cpu: {isa_summary()}\n")
     print("| texts | backend | texts/s | × torch |\n|---|---|---:|---:|")
     for kind, name, rate, ratio in rows:
         print(f"| {kind} | {name} | {rate:.1f} | {ratio:.2f} |")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import tempfile
 import time
@@ -29,6 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from embedtune.artifacts import PeakRss  # noqa: E402
 from embedtune.config import load_recipe  # noqa: E402
+from embedtune.cpu import isa_summary  # noqa: E402
 from embedtune.schemas import Chunk  # noqa: E402
 from embedtune.sdg.cache import ResponseCache  # noqa: E402
 from embedtune.sdg.filters import QueryFilter  # noqa: E402
@@ -37,7 +37,9 @@ from embedtune.sdg.local import LocalGenerator  # noqa: E402
 SCIFACT = Path("shared", "data", "scifact", "corpus.jsonl")
 DEFAULT_DATA = next((p / SCIFACT for p in Path(__file__).resolve().parents if (p / SCIFACT).is_file()),
                     Path("..") / SCIFACT)
-PATHS = {"today": {"engine": "plain", "int8": False}, "fast": {"engine": "fast", "int8": True}}
+ENGINES = {"today": {"engine": "plain", "int8": False}, "fast": {"engine": "fast", "int8": True},
+           "fast-fp32": {"engine": "fast", "int8": False}}
+PATHS: dict[str, dict] = {}
 
 
 def main() -> None:
@@ -46,13 +48,14 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16, help="chunks both paths generate for")
     ap.add_argument("--rounds", type=int, default=2, help="the chunks are split into this many rounds")
     ap.add_argument("--corpus-docs", type=int, default=200, help="abstracts in the round-trip pool")
-    ap.add_argument("--fast-int8", choices=("on", "off"), default="on", help="off: the fast engine in fp32")
+    ap.add_argument("--paths", default="today,fast",
+                    help=f"comma-separated, from {', '.join(ENGINES)} (fast-fp32: the fast engine without int8)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--override", action="append", default=[],
                     help="recipe override, e.g. sdg.local.batch_size=8")
     args = ap.parse_args()
-    PATHS["fast"]["int8"] = args.fast_int8 == "on"
+    PATHS.update({name: ENGINES[name] for name in args.paths.split(",")})
 
     docs = [json.loads(line) for line in args.data.open(encoding="utf-8")]
     random.Random(args.seed).shuffle(docs)
@@ -115,7 +118,7 @@ def report(args, recipe, chunks, loads, seconds, peaks, candidates, accepted) ->
         f"samples/chunk, batch_size {cfg.batch_size}, max_passage_tokens {cfg.max_passage_tokens}, "
         f"{args.rounds} alternating rounds)",
         "",
-        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+        f"CPU: {isa_summary()}, {os.cpu_count()} cores, load average "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end (others' jobs share the cores)",
         "",
         "| path | load s | RSS added by load (MB) | generate s | samples/s | usable | acceptance | "
@@ -127,13 +130,14 @@ def report(args, recipe, chunks, loads, seconds, peaks, candidates, accepted) ->
         lines.append(f"| {name} | {loads[name]['seconds']:.1f} | {loads[name]['rss_added_mb']:.0f} | {s:.1f} | "
                      f"{n / s:.2f} | {kept} | {kept / max(n, 1):.0%} | {kept / s:.3f} | "
                      f"{accepted[name]['chunks_with_query']}/{len(chunks)} | {peaks[name]:.0f} |")
-    ratio = seconds["today"] / seconds["fast"]
-    usable_ratio = (accepted["fast"]["kept"] / seconds["fast"]) / max(accepted["today"]["kept"] / seconds["today"],
-                                                                      1e-9)
-    lines += ["", f"**samples/s ratio fast/today: {ratio:.2f}x; usable queries/s ratio: {usable_ratio:.2f}x**", "",
-              "| rejected because | today | fast |", "|---|---|---|"]
-    reasons = sorted(set(accepted["today"]["reasons"]) | set(accepted["fast"]["reasons"]))
-    lines += [f"| {r} | {accepted['today']['reasons'].get(r, 0)} | {accepted['fast']['reasons'].get(r, 0)} |"
+    base, *others = PATHS  # ratios against the first path named
+    for name in others:
+        ratio = seconds[base] / seconds[name]
+        usable_ratio = (accepted[name]["kept"] / seconds[name]) / max(accepted[base]["kept"] / seconds[base], 1e-9)
+        lines += ["", f"**samples/s ratio {name}/{base}: {ratio:.2f}x; usable queries/s ratio: {usable_ratio:.2f}x**"]
+    reasons = sorted(set().union(*(accepted[name]["reasons"] for name in PATHS)))
+    lines += ["", f"| rejected because | {' | '.join(PATHS)} |", "|---" * (len(PATHS) + 1) + "|"]
+    lines += [f"| {r} | " + " | ".join(str(accepted[name]["reasons"].get(r, 0)) for name in PATHS) + " |"
               for r in reasons]
     for name in PATHS:
         lines += ["", f"{name}, first samples:", *(f"- {c.text}" for c in candidates[name][:6])]

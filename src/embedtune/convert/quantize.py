@@ -17,16 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from embedtune.console import log
-
-
-def cpu_has_vnni() -> bool:
-    """x86 VNNI makes u8*s8 integer dot products exact; without it (plain AVX2) MLAS can saturate."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # unknown platform (e.g. ARM): full range is the usual choice there
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8")) or "avx2" not in flags
-
+from embedtune.cpu import has_int8_dot_product
 
 # Producers of the FFN down-projection's input: GELU (BERT: exported as ...Erf->Mul) and SwiGLU's gate*up.
 _ACTIVATION_OUTPUTS = {"Mul", "Gelu", "FastGelu", "BiasGelu", "QuickGelu"}
@@ -151,7 +142,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, per_channel: bool = True, red
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if reduce_range is None:
-        reduce_range = not cpu_has_vnni()
+        reduce_range = not has_int8_dot_product()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     fused_path = out_path.with_name(f".{out_path.name}.fused.tmp")

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from embedtune.console import track
+from embedtune.cpu import has_int8_dot_product, isa_summary
 from embedtune.schemas import Chunk
 from embedtune.sdg.base import Candidate, Generator, SdgError
 from embedtune.sdg.cache import request_key
@@ -101,7 +102,7 @@ class LocalGenerator(Generator):
         #: "fast" (module docstring) or "plain": the previous path, kept as the benchmark's baseline.
         self.engine = "fast"
         #: int8 dynamic quantisation of the linear layers (fast engine only).
-        self.int8 = True
+        self.int8, self.precision = local_int8(self.cfg.int8)
         #: plain engine: run the prompt once per chunk and copy its cache for the samples (off: the
         #: ``num_return_sequences`` way).
         self.share_prompt_cache = True
@@ -347,6 +348,23 @@ class LocalGenerator(Generator):
 # the LM head picks the token: quantised per-tensor, those turned SmolLM2's queries into repeated phrases
 # and passage copies (acceptance 88 % -> 33 % in bench/sdg_throughput.py), so they stay fp32.
 INT8_LAYERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+def local_int8(setting: str) -> tuple[bool, str]:
+    """Whether the fast engine quantises, and why (recorded in the sdg manifest).
+
+    ``auto`` follows the CPU. bench/sdg_throughput.py on an AVX2-only AMD EPYC (2 cores, 24 SciFact chunks,
+    ``--paths fast,fast-fp32``): int8 sampled 1.14x faster but its queries passed the filters less often
+    (64 % vs 78 %), so fp32 gave 1.08x the usable queries per second, loaded 13 s faster and took 730 MB less
+    (torch's dynamic quantisation keeps the fp32 weights it replaced until they are collected). With VNNI
+    (AVX-512 EPYC) the int8 matmuls are exact and faster: int8 stays on there.
+    """
+    if setting != "auto":
+        on = setting == "on"
+        return on, f"int8 {'on' if on else 'off'} (sdg.local.int8={setting})"
+    on = has_int8_dot_product()
+    return on, (f"int8 {'on' if on else 'off'} (auto: this CPU {'has' if on else 'has no'} int8 dot products, "
+                f"{isa_summary()})")
 
 
 def _one_sentence(text: str) -> bool:

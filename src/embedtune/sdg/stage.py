@@ -96,6 +96,8 @@ def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
                "seconds_generate": round(t_filter - t_gen, 2), "seconds_filter": round(t_done - t_filter, 2)}
     if result.backend:
         metrics["filter_backend"] = result.backend
+    if generator.precision:
+        metrics["generator_precision"] = generator.precision
     if rows and result.ranks:
         metrics["roundtrip_rank_median"] = float(np.median(result.ranks))
     log.info("sdg: kept %d of %d candidates from %d chunks", len(rows), len(candidates), len(sample))
