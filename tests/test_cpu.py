@@ -28,15 +28,11 @@ def test_int8_dot_products_follow_the_flags(flags, cpuinfo, dot):
     assert cpu.has_int8_dot_product() is dot
 
 
-def test_sdg_int8_auto_is_off_on_plain_avx2_and_on_with_vnni(flags):
+def test_sdg_records_which_precision_wrote_its_queries(flags):
     flags("fma avx2")
-    on, why = local.local_int8("auto")
-    assert not on and "auto" in why and "no int8 dot products" in why
-    flags("avx2 avx512f avx512_vnni")
-    assert local.local_int8("auto")[0]
-    assert local.local_int8("off") == (False, "int8 off (sdg.local.int8=off)")
-    flags("fma avx2")
-    assert local.local_int8("on")[0]  # asked for by name: the user's call, whatever the CPU
+    assert local.local_int8(True) == (True, "int8 on (" + cpu.isa_summary() + ")")
+    on, why = local.local_int8(False)
+    assert not on and why.startswith("int8 off (fp32 projections; ") and "no-avx512_vnni" in why
 
 
 def test_isa_summary_names_every_flag(flags):

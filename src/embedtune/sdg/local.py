@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from embedtune.console import track
-from embedtune.cpu import has_int8_dot_product, isa_summary
+from embedtune.cpu import isa_summary
 from embedtune.schemas import Chunk
 from embedtune.sdg.base import Candidate, Generator, SdgError
 from embedtune.sdg.cache import request_key
@@ -350,21 +350,16 @@ class LocalGenerator(Generator):
 INT8_LAYERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
-def local_int8(setting: str) -> tuple[bool, str]:
-    """Whether the fast engine quantises, and why (recorded in the sdg manifest).
+def local_int8(on: bool) -> tuple[bool, str]:
+    """Whether the fast engine quantises, and the line the sdg manifest records about it.
 
-    ``auto`` follows the CPU. bench/sdg_throughput.py on an AVX2-only AMD EPYC (2 cores, 24 SciFact chunks,
-    ``--paths fast,fast-fp32``): int8 sampled 1.14x faster but its queries passed the filters less often
-    (64 % vs 78 %), so fp32 gave 1.08x the usable queries per second, loaded 13 s faster and took 730 MB less
-    (torch's dynamic quantisation keeps the fp32 weights it replaced until they are collected). With VNNI
-    (AVX-512 EPYC) the int8 matmuls are exact and faster: int8 stays on there.
+    On by default on every CPU, measured both ways on an AVX2-only AMD EPYC (no VNNI, 2 cores), where int8
+    matmuls might have lost to fp32: the demo's sdg (240 chunks, 5 examples) took 354 s with int8 and 548 s
+    in fp32 (usable queries/s 0.56 vs 0.41, peak RSS 4.8 vs 4.2 GB); bench/sdg_throughput.py ``--paths
+    fast,fast-fp32`` on 24 SciFact chunks: int8 sampled 1.14x faster, its acceptance 64 % vs 78 % (96 samples
+    each: within the noise). With VNNI int8 is faster still.
     """
-    if setting != "auto":
-        on = setting == "on"
-        return on, f"int8 {'on' if on else 'off'} (sdg.local.int8={setting})"
-    on = has_int8_dot_product()
-    return on, (f"int8 {'on' if on else 'off'} (auto: this CPU {'has' if on else 'has no'} int8 dot products, "
-                f"{isa_summary()})")
+    return on, f"int8 {'on' if on else 'off'} ({'' if on else 'fp32 projections; '}{isa_summary()})"
 
 
 def _one_sentence(text: str) -> bool:
