@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("-o", "--override", action="append", default=[],
                     help="recipe override, e.g. sdg.local.batch_size=8")
     args = ap.parse_args()
+    unknown = [name for name in args.paths.split(",") if name not in ENGINES]
+    if unknown:
+        ap.error(f"--paths: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
     PATHS.update({name: ENGINES[name] for name in args.paths.split(",")})
 
     docs = [json.loads(line) for line in args.data.open(encoding="utf-8")]

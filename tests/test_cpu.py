@@ -30,9 +30,9 @@ def test_int8_dot_products_follow_the_flags(flags, cpuinfo, dot):
 
 def test_sdg_records_which_precision_wrote_its_queries(flags):
     flags("fma avx2")
-    assert local.local_int8(True) == (True, "int8 on (" + cpu.isa_summary() + ")")
-    on, why = local.local_int8(False)
-    assert not on and why.startswith("int8 off (fp32 projections; ") and "no-avx512_vnni" in why
+    assert local.precision_line(True) == "int8 on (" + cpu.isa_summary() + ")"
+    why = local.precision_line(False)
+    assert why.startswith("int8 off (fp32 projections; ") and "no-avx512_vnni" in why
 
 
 def test_isa_summary_names_every_flag(flags):

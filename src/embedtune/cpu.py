@@ -1,5 +1,6 @@
-"""What this CPU can do, from its ``/proc/cpuinfo`` flags: the one place the engines' CPU-dependent defaults
-(int8 reduce-range, bf16 training) and the benchmarks' printed machine line read them from.
+"""What this CPU can do, from ``/proc/cpuinfo``: the one place that reads it, for the int8 reduce-range default,
+the sdg manifest's precision line and the benchmarks' printed machine line. (bf16 training asks torch's own
+probes, ``train/plan.cpu_has_native_bf16``: what oneDNN will really use.)
 
 The same 2-core machine type comes with AVX-512 (BF16, VNNI) or with AVX2 only, 3-4x apart in speed: every
 figure has to say which one it came from.
@@ -15,22 +16,26 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_i
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str] | None:
-    """The first processor's flags, or None where there is no ``/proc/cpuinfo`` (not Linux, or not x86)."""
+def _cpuinfo() -> tuple[str, ...] | None:
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
     except OSError:
         return None
-    line = next((x for x in lines if x.startswith("flags")), None)
-    return frozenset(line.split(":", 1)[1].split()) if line else None
+
+
+def _field(name: str) -> str | None:
+    """The first processor's ``name`` field."""
+    return next((x.split(":", 1)[1].strip() for x in _cpuinfo() or () if x.startswith(name)), None)
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The first processor's flags, or None where there is no ``/proc/cpuinfo`` (not Linux, or not x86)."""
+    line = _field("flags")
+    return frozenset(line.split()) if line is not None else None
 
 
 def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown CPU"
-    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "unknown CPU")
+    return _field("model name") or "unknown CPU"
 
 
 def isa_summary() -> str:

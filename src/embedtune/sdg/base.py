@@ -88,8 +88,8 @@ class Generator(ABC):
         #: The examples the generator really showed its model (a prompt budget may fit fewer); the stage
         #: records them in ``sdg/examples.json``.
         self.examples_used: list[Example] = []
-        #: How the generator computes, where the machine decided it (e.g. "fast engine, fp32: ..."): the
-        #: stage records it in the manifest, so a run says which engine made its queries.
+        #: How the generator computes and on which CPU (e.g. "int8 on (AMD EPYC: avx2 no-avx512f ...)"): the
+        #: stage records it in the manifest, so a run says what made its queries.
         self.precision: str | None = None
 
     def _settings(self, recipe: Recipe) -> BaseModel | None:

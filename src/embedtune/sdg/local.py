@@ -102,7 +102,8 @@ class LocalGenerator(Generator):
         #: "fast" (module docstring) or "plain": the previous path, kept as the benchmark's baseline.
         self.engine = "fast"
         #: int8 dynamic quantisation of the linear layers (fast engine only).
-        self.int8, self.precision = local_int8(self.cfg.int8)
+        self.int8 = self.cfg.int8
+        self.precision = precision_line(self.int8)
         #: plain engine: run the prompt once per chunk and copy its cache for the samples (off: the
         #: ``num_return_sequences`` way).
         self.share_prompt_cache = True
@@ -350,16 +351,16 @@ class LocalGenerator(Generator):
 INT8_LAYERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
-def local_int8(on: bool) -> tuple[bool, str]:
-    """Whether the fast engine quantises, and the line the sdg manifest records about it.
+def precision_line(int8: bool) -> str:
+    """What the sdg manifest records about how the fast engine computed, with the CPU it ran on.
 
-    On by default on every CPU, measured both ways on an AVX2-only AMD EPYC (no VNNI, 2 cores), where int8
-    matmuls might have lost to fp32: the demo's sdg (240 chunks, 5 examples) took 354 s with int8 and 548 s
-    in fp32 (usable queries/s 0.56 vs 0.41, peak RSS 4.8 vs 4.2 GB); bench/sdg_throughput.py ``--paths
+    int8 is on by default on every CPU, measured both ways on an AVX2-only AMD EPYC (no VNNI, 2 cores), where
+    int8 matmuls might have lost to fp32: the demo's sdg (240 chunks, 5 examples) took 354 s with int8 and
+    548 s in fp32 (usable queries/s 0.56 vs 0.41, peak RSS 4.8 vs 4.2 GB); bench/sdg_throughput.py ``--paths
     fast,fast-fp32`` on 24 SciFact chunks: int8 sampled 1.14x faster, its acceptance 64 % vs 78 % (96 samples
     each: within the noise). With VNNI int8 is faster still.
     """
-    return on, f"int8 {'on' if on else 'off'} ({'' if on else 'fp32 projections; '}{isa_summary()})"
+    return f"int8 {'on' if int8 else 'off'} ({'' if int8 else 'fp32 projections; '}{isa_summary()})"
 
 
 def _one_sentence(text: str) -> bool:
