@@ -8,6 +8,10 @@ duplicates, round trip against a pool of ``--corpus-docs`` abstracts with the ba
 the acceptance rate: usable queries (passed every filter, before the per-chunk cap) per sample.
 
     PYTHONPATH=src python bench/sdg_throughput.py --chunks 16 --rounds 2 --corpus-docs 200
+    PYTHONPATH=src python bench/sdg_throughput.py --examples ../shared/data/scifact/examples.jsonl
+
+``--examples`` gives the prompt the user's few-shot examples (``sdg.examples``): a prefix of up to
+``sdg.local.max_prefix_tokens`` tokens instead of the generic 115, the case the shared-prefix attention is for.
 
 Only ratios measured in one run mean something on a busy machine; the load average is printed.
 """
@@ -31,6 +35,7 @@ from embedtune.config import load_recipe  # noqa: E402
 from embedtune.cpu import isa_summary  # noqa: E402
 from embedtune.schemas import Chunk  # noqa: E402
 from embedtune.sdg.cache import ResponseCache  # noqa: E402
+from embedtune.sdg.examples import load_examples  # noqa: E402
 from embedtune.sdg.filters import QueryFilter  # noqa: E402
 from embedtune.sdg.local import LocalGenerator  # noqa: E402
 
@@ -50,6 +55,8 @@ def main() -> None:
     ap.add_argument("--corpus-docs", type=int, default=200, help="abstracts in the round-trip pool")
     ap.add_argument("--paths", default="today,fast",
                     help=f"comma-separated, from {', '.join(ENGINES)} (fast-fp32: the fast engine without int8)")
+    ap.add_argument("--examples", type=Path, default=None,
+                    help="a JSONL of example queries (sdg.examples) for the few-shot prompt")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--override", action="append", default=[],
@@ -62,23 +69,31 @@ def main() -> None:
 
     docs = [json.loads(line) for line in args.data.open(encoding="utf-8")]
     random.Random(args.seed).shuffle(docs)
-    pool = [Chunk(_id=f"{d['_id']}#0", doc_id=str(d["_id"]), title=d.get("title", ""), text=d["text"])
-            for d in docs[: args.corpus_docs]]
+    pool = [chunk_of(d) for d in docs[: args.corpus_docs]]
     chunks = pool[: args.chunks]
     recipe = load_recipe(None, [f"sdg.seed={args.seed}", *([f"sdg.local.threads={args.threads}"] if args.threads
                                                              else []), *args.override])
+    examples = load_examples(args.examples, [chunk_of(d) for d in docs]) if args.examples else []
     with tempfile.TemporaryDirectory() as tmp:
-        gens, loads = load_generators(recipe, Path(tmp))
+        gens, loads = load_generators(recipe, Path(tmp), examples)
         seconds, peaks, candidates = generate_in_rounds(gens, chunks, args.rounds)
+        first = next(iter(gens.values()))
+        args.examples_used = first.examples_used
+        args.prefix_tokens = len(first._load()[1].encode(first.prompt_prefix(), add_special_tokens=False))
         accepted = {name: usable(recipe, gens[name], pool, candidates[name], Path(tmp) / "emb") for name in gens}
     print(report(args, recipe, chunks, loads, seconds, peaks, candidates, accepted))
 
 
-def load_generators(recipe, tmp: Path):
+def chunk_of(doc: dict) -> Chunk:
+    return Chunk(_id=f"{doc['_id']}#0", doc_id=str(doc["_id"]), title=doc.get("title", ""), text=doc["text"])
+
+
+def load_generators(recipe, tmp: Path, examples):
     gens, loads = {}, {}
     for name, opts in PATHS.items():
         gen = LocalGenerator(recipe, ResponseCache(tmp / f"{name}.sqlite"), tmp)
         gen.engine, gen.int8 = opts["engine"], opts["int8"]
+        gen.examples = examples
         before = PeakRss().start().stop()
         t0 = time.perf_counter()
         gen._load()
@@ -119,7 +134,9 @@ def report(args, recipe, chunks, loads, seconds, peaks, candidates, accepted) ->
     lines = [
         f"## sdg `local`: today's path vs the fast engine ({len(chunks)} SciFact chunks, {cfg.samples_per_chunk} "
         f"samples/chunk, batch_size {cfg.batch_size}, max_passage_tokens {cfg.max_passage_tokens}, "
-        f"{args.rounds} alternating rounds)",
+        f"{args.rounds} alternating rounds; few-shot prefix: "
+        f"{f'{len(args.examples_used)} examples from {args.examples}' if args.examples else 'the generic examples'}, "
+        f"{args.prefix_tokens} tokens)",
         "",
         f"CPU: {isa_summary()}, {os.cpu_count()} cores, load average "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end (others' jobs share the cores)",

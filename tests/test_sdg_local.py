@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from embedtune.artifacts import RunDir, read_jsonl, write_jsonl
 from embedtune.config import load_recipe
+from embedtune.cpu import isa_summary
 from embedtune.models import encode_passages, encode_queries, load_model
 from embedtune.schemas import Chunk, SyntheticQuery, read_rows
 from embedtune.sdg import Candidate, Generator, generator_names, register_generator, run_sdg
@@ -98,6 +99,46 @@ def test_shipped_model_is_found_without_importing_its_package():
 
 
 @pytest.mark.slow
+def test_shipped_gguf_is_converted_once_into_a_folder_that_predicts_the_same():
+    """The local generator loads the GGUF as a plain folder in the conversion cache (the user's, as every
+    sdg run: converted once per machine), reused while the file is unchanged, and the folder's model gives
+    the GGUF-loaded model's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from embedtune.models.cache import models_dir
+    from embedtune.models.gguf import causal_lm_folder
+
+    gguf = shipped_model_file()
+    folder = causal_lm_folder(gguf)
+    assert folder.parent == models_dir() and not list(folder.glob("*.gguf"))
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert causal_lm_folder(gguf) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+    text = "Passage: Tides rise twice a day in most harbours.\nQuery:"
+    ref_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.encode(text) == ref_tok.encode(text)
+    ids = torch.tensor([tok.encode(text)])
+    with torch.inference_mode():
+        expected = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(folder)(ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_a_model_path_that_is_neither_gguf_nor_a_folder_is_refused(tmp_path):
+    from embedtune.sdg.cache import ResponseCache
+    from embedtune.sdg.local import LocalGenerator
+
+    bogus = tmp_path / "model.bin"
+    bogus.write_bytes(b"not a model")
+    gen = LocalGenerator(load_recipe(None, [f"sdg.local.model_path={bogus}"]), ResponseCache(tmp_path / "c.sqlite"),
+                         tmp_path)
+    with pytest.raises(SdgError, match=r"sdg\.local\.model_path: .*model\.bin is neither a GGUF file nor a model"):
+        gen._load()
+
+
+@pytest.mark.slow
 def test_local_generator_writes_usable_queries(tmp_path, default_model_dir):
     texts = [
         ("Sailing", "Sailors trim the mainsail and turn the rudder to hold their course when the wind rises. "
@@ -119,6 +160,7 @@ def test_local_generator_writes_usable_queries(tmp_path, default_model_dir):
     assert manifest.counts["generated"] == 12
     assert manifest.counts["kept"] == len(rows) > 0
     assert manifest.counts["kept"] + manifest.counts["rejected_total"] == 12
+    assert manifest.metrics["generator_precision"] == f"int8 on ({isa_summary()})"  # what ran, on which CPU
     for q in rows:
         assert q.generator.kind == "local" and q.generator.model.endswith(".gguf")
         assert 1 <= q.roundtrip_rank <= 4 and len(q.positive_ids) == 1
@@ -370,3 +412,49 @@ def test_local_generator_prompts_with_the_users_examples(tmp_path, tiny_causal_l
     dot = tok.convert_tokens_to_ids(".")
     assert dot in gen._stop_ids(tok)
     assert len(gen.generate([chunk], Counter())) == 1
+
+
+def test_shared_prefix_attention_equals_attention_over_the_whole_prompt(tiny_causal_lm):
+    """Rows that keep only their own tokens in the cache and read the prefix's keys and values once (shared)
+    get the logits of a plain forward over [prefix][padding][row], at the prompt and at the next decode step;
+    the cache holds no copy of the prefix."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from embedtune.sdg import shared_prefix
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm).eval()
+    assert model.config.num_attention_heads != model.config.num_key_value_heads  # grouped queries covered
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(5, 100, (1, 9), generator=gen)
+    rows = [torch.randint(5, 100, (n,), generator=gen) for n in (6, 2, 4)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    own = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], own[i, width - len(r):] = r, 1
+    nxt = torch.randint(5, 100, (len(rows), 1), generator=gen)
+    full_mask = torch.cat([torch.ones((len(rows), prefix.shape[1]), dtype=torch.long), own], dim=1)
+    with torch.inference_mode():
+        whole = torch.cat([prefix.expand(len(rows), -1), ids], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        expected = model(input_ids=whole, attention_mask=full_mask, position_ids=positions).logits[:, -1]
+        grown = torch.cat([full_mask, torch.ones_like(nxt)], dim=1)
+        expected_next = model(input_ids=torch.cat([whole, nxt], 1), attention_mask=grown,
+                              position_ids=(grown.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+
+        shared_prefix.install(model)
+        prefix_cache = DynamicCache(config=model.config)
+        model(input_ids=prefix, past_key_values=prefix_cache, use_cache=True)
+        shared = shared_prefix.prefix_states(prefix_cache)
+        cache = DynamicCache(config=model.config)
+        got = model(input_ids=ids, attention_mask=shared_prefix.row_mask(own, width, model.dtype),
+                    position_ids=prefix.shape[1] + (own.cumsum(-1) - 1).clamp(min=0), past_key_values=cache,
+                    use_cache=True, shared_prefix=shared).logits[:, -1]
+        assert cache.get_seq_length() == width  # the rows' own tokens only
+        own = torch.cat([own, torch.ones_like(nxt)], dim=1)
+        got_next = model(input_ids=nxt, attention_mask=shared_prefix.row_mask(own, 1, model.dtype),
+                         position_ids=prefix.shape[1] + own.sum(-1, keepdim=True) - 1, past_key_values=cache,
+                         use_cache=True, shared_prefix=shared).logits[:, -1]
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert torch.allclose(got_next, expected_next, atol=1e-4)

@@ -22,6 +22,8 @@ from embedtune.models.bidirectional import PASSAGE_PROMPT, QUERY_PROMPT
 
 # Bump when the converted folder changes, so that old caches are rebuilt instead of reused.
 CONVERTER_VERSION = 2  # 2: no chat template (texts are embedded as they are, not as chat turns)
+# The same for the causal LM (with its head) that sdg's local generator writes queries with.
+CAUSAL_LM_VERSION = 1
 # The checkpoint's own context (8k for SmolLM2) is far beyond what a CPU trains or serves; a recipe's
 # model.max_seq_length overrides it.
 MAX_SEQ_LENGTH = 512
@@ -72,8 +74,8 @@ def default_folder(source: Path) -> Path:
     return cache.models_dir() / f"gguf-{source.stem}-{digest}"
 
 
-def _marker(source: Path) -> dict:
-    return cache.source_marker(source, CONVERTER_VERSION) | {"source_mtime_ns": source.stat().st_mtime_ns}
+def _marker(source: Path, version: int = CONVERTER_VERSION) -> dict:
+    return cache.source_marker(source, version) | {"source_mtime_ns": source.stat().st_mtime_ns}
 
 
 def ensure_converted(source: Path, folder: Path | None = None) -> Path:
@@ -84,6 +86,24 @@ def ensure_converted(source: Path, folder: Path | None = None) -> Path:
     if not cache.is_converted(folder, marker):
         check_supported(source)  # a clear refusal before the slow load
     return cache.ensure_converted(folder, marker, lambda build: convert(source, build), f"{source.name} (GGUF)")
+
+
+def causal_lm_folder(source: Path) -> Path:
+    """GGUF ``source`` as a plain transformers causal LM folder (float32 safetensors, LM head and tokenizer),
+    converted on first use: loading the folder takes well under a second, the GGUF ~17 s on 2 cores (tokenizer
+    conversion and dequantisation), paid by every sdg run and every process that writes queries."""
+    source = source.expanduser().resolve()
+    digest = hashlib.sha256(str(source).encode()).hexdigest()[:8]
+    folder = cache.models_dir() / f"gguf-lm-{source.stem}-{digest}"
+    marker = _marker(source, CAUSAL_LM_VERSION) | {"kind": "causal-lm"}
+
+    def convert_lm(build: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        save_dequantized(source, build, AutoModelForCausalLM)
+        cache.write_marker(build, marker)
+
+    return cache.ensure_converted(folder, marker, convert_lm, f"{source.name} (GGUF)", into="a transformers causal LM")
 
 
 def convert(source: Path, out: Path) -> None:
@@ -99,14 +119,16 @@ def convert(source: Path, out: Path) -> None:
     cache.write_marker(out, _marker(source))
 
 
-def save_dequantized(source: Path, out: Path) -> None:
-    """The backbone (no LM head: an embedder pools hidden states) as float32 safetensors + tokenizer."""
+def save_dequantized(source: Path, out: Path, auto_class=None) -> None:
+    """The model as float32 safetensors + tokenizer: by default the backbone (no LM head: an embedder pools
+    hidden states); ``auto_class`` (e.g. ``AutoModelForCausalLM``) chooses another head."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    auto_class = auto_class or AutoModel
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-        model = AutoModel.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+        model = auto_class.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise UnsupportedArchitectureError(f"{source.name}: transformers cannot load this GGUF file: {exc}") from None
     if model.config.model_type not in DECODER_TYPES:

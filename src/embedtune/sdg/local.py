@@ -7,8 +7,9 @@ is located). Chat prompts gave useless output with a model this small; a few-sho
 
 Speed (profiled: prefill of ~380-token prompts and 40 decode steps of fp32 matmuls are the whole cost):
 
-- the few-shot prefix (115 tokens, ~30 % of a prompt) is run through the model once per run; each batch
-  starts from copies of its key/value cache and prefills only "Passage: ... Query:";
+- the few-shot prefix (115 tokens with the generic examples, up to 512 with the user's) is run through the
+  model once per run; each batch prefills only "Passage: ... Query:", and every row reads the prefix's keys
+  and values from that one copy (``sdg/shared_prefix.py``) instead of holding its own;
 - the LM's q/k/v and gate/up projections run as int8 (``torch.ao`` dynamic quantisation: int8 weights,
   activations quantised per call); the layers fed by outlier activations stay fp32 (see INT8_LAYERS);
 - chunks are batched by token count (sorted by length, so little padding), and a sampled query leaves
@@ -32,7 +33,9 @@ from pathlib import Path
 
 from embedtune.console import track
 from embedtune.cpu import isa_summary
+from embedtune.models.gguf import causal_lm_folder, is_gguf
 from embedtune.schemas import Chunk
+from embedtune.sdg import shared_prefix
 from embedtune.sdg.base import Candidate, Generator, SdgError
 from embedtune.sdg.cache import request_key
 from embedtune.sdg.examples import Example, focused_passage, titled
@@ -147,18 +150,28 @@ class LocalGenerator(Generator):
         if self._model is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            folder, extra = (self.path.parent, {"gguf_file": self.path.name}) if self.path.is_file() \
-                else (self.path, {})
-            tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+            folder = self._model_folder()
+            tokenizer = AutoTokenizer.from_pretrained(folder)
             tokenizer.padding_side = "left"  # generation continues at the right edge of every row
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            model = AutoModelForCausalLM.from_pretrained(folder, **extra)
+            model = AutoModelForCausalLM.from_pretrained(folder)
             model.eval()
-            if self.engine == "fast" and self.int8:
-                model = _quantize_int8(model)
+            if self.engine == "fast":
+                shared_prefix.install(model)
+                if self.int8:
+                    model = _quantize_int8(model)
             self._model, self._tokenizer = model, tokenizer
         return self._model, self._tokenizer
+
+    def _model_folder(self) -> Path:
+        """The model as a transformers folder: a GGUF file is converted once into the conversion cache (loading
+        a GGUF takes ~17 s on 2 cores, the converted folder well under one)."""
+        if self.path.is_dir():
+            return self.path
+        if not is_gguf(self.path):
+            raise SdgError(f"sdg.local.model_path: {self.path} is neither a GGUF file nor a model folder")
+        return causal_lm_folder(self.path)
 
     def generate(self, chunks: Sequence[Chunk], counts: Counter[str]) -> list[Candidate]:
         settings = self.cfg.model_dump(mode="json") | {"model": str(self.path), "seed": self.seed}
@@ -193,10 +206,9 @@ class LocalGenerator(Generator):
             return [todo[i:i + size] for i in range(0, len(todo), size)], self._sample
         _, tok = self._load()
         suffixes = {c.id: self._suffix_ids(c, tok) for c in todo}
-        # Every sampled row holds its own copy of the prefix's key/value cache once it decodes: a long
-        # few-shot prefix (the user's examples) takes fewer rows per batch, so memory stays bounded.
-        prefix = len(self._prefix_cache()[0])
-        rows = max(1, int(4 * self.cfg.batch_size * min(1.0, 512 / (prefix + self.cfg.max_passage_tokens))))
+        # Rows share the few-shot prefix's keys and values (sdg/shared_prefix.py), so a long prefix (the
+        # user's examples) costs no memory per row: the token budget and the row cap bound a batch.
+        rows = 4 * self.cfg.batch_size
         return _token_batches(todo, suffixes, self.cfg.batch_size * self.cfg.max_passage_tokens,
                               rows), lambda b: self._sample_fast(b, suffixes)
 
@@ -258,6 +270,7 @@ class LocalGenerator(Generator):
 
     def _sample_fast(self, batch: Sequence[Chunk], suffixes: dict[str, list[int]]) -> list[list[str]]:
         import torch
+        from transformers import DynamicCache
 
         model, tok = self._load()
         prefix, prefix_cache = self._prefix_cache()
@@ -266,25 +279,30 @@ class LocalGenerator(Generator):
         # [prefix][padding][suffix]: the padding sits between the shared prefix and each row's suffix,
         # masked out; positions count real tokens only, so every row sees the layout of its own prompt.
         ids = torch.full((rows, width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((rows, len(prefix) + width), dtype=torch.long)
-        mask[:, :len(prefix)] = 1
+        mask = torch.zeros((rows, width), dtype=torch.long)
         for r, c in enumerate(batch):
             s = suffixes[c.id]
             ids[r, width - len(s):] = torch.tensor(s)
-            mask[r, mask.shape[1] - len(s):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix):]
-        cache = _expanded(prefix_cache, rows, model.config)
+            mask[r, width - len(s):] = 1
+        positions = len(prefix) + (mask.cumsum(-1) - 1).clamp(min=0)
+        # The cache holds each row's own tokens only; the prefix's keys and values are shared by all rows.
+        shared = shared_prefix.prefix_states(prefix_cache)
+        cache = DynamicCache(config=model.config)
         with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = model(input_ids=ids, attention_mask=shared_prefix.row_mask(mask, width, model.dtype),
+                           position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                           shared_prefix=shared).logits[:, -1]
             cache.batch_repeat_interleave(n)
             tokens = self._decode(model, tok, cache, logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0),
-                                  [_chunk_rng(self.seed, c.id, i) for c in batch for i in range(n)])
+                                  [_chunk_rng(self.seed, c.id, i) for c in batch for i in range(n)],
+                                  len(prefix), shared)
         lines = [tok.decode(t, skip_special_tokens=True).strip().split("\n")[0].strip() for t in tokens]
         return [lines[i * n:(i + 1) * n] for i in range(rows)]
 
-    def _decode(self, model, tok, cache, logits, mask, rngs) -> list[list[int]]:
-        """Sample up to ``max_new_tokens`` per row; a row leaves the batch at its first stop token."""
+    def _decode(self, model, tok, cache, logits, mask, rngs, prefix_len: int, shared) -> list[list[int]]:
+        """Sample up to ``max_new_tokens`` per row; a row leaves the batch at its first stop token.
+
+        ``mask`` marks each row's own real tokens (the shared prefix of ``prefix_len`` tokens is not in it)."""
         import torch
 
         stop = torch.tensor(self._stop_ids(tok))
@@ -306,9 +324,9 @@ class LocalGenerator(Generator):
             if step + 1 == self.cfg.max_new_tokens:
                 break
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            logits = model(input_ids=picked[:, None], attention_mask=mask,
-                           position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache,
-                           use_cache=True).logits[:, -1]
+            logits = model(input_ids=picked[:, None], attention_mask=shared_prefix.row_mask(mask, 1, model.dtype),
+                           position_ids=prefix_len + mask.sum(-1, keepdim=True) - 1, past_key_values=cache,
+                           use_cache=True, shared_prefix=shared).logits[:, -1]
         return out
 
     # ------------------------------------------------------------------------------------ plain engine
@@ -399,16 +417,6 @@ def _chunk_rng(seed: int, chunk_id: str, sample: int):
     import torch
 
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}\x00{chunk_id}\x00{sample}".encode()))
-
-
-def _expanded(cache, rows: int, config):
-    """A new cache holding ``rows`` copies of a batch-of-one cache."""
-    from transformers import DynamicCache
-
-    out = DynamicCache(config=config)
-    for i, layer in enumerate(cache.layers):
-        out.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
-    return out
 
 
 def _pick(logits, rngs, temperature: float, top_p: float, head: int = 256):
