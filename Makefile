@@ -33,18 +33,13 @@ demo: install
 # Quick loop: everything not marked slow. CI runs test-all: the whole suite, slow tests included, with the
 # 20 slowest durations listed so a test that grows slow is visible; a test stuck for 30 min fails (with its
 # stack) instead of hanging CI.
-# Both run one pytest-xdist worker per core, a test file per worker at a time (module fixtures are built
-# once), each worker on one thread (tests/conftest.py): a serial run kept 2 cores ~60 % busy, its time going
-# to process start-ups, servers and subprocesses. XDIST=0 runs serially (PYTEST_ARGS=-n0 does too).
 PYTEST_ARGS ?=
-XDIST ?= auto
-PARALLEL := $(if $(filter 0,$(XDIST)),,-n $(XDIST) --dist loadfile)
 
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q $(PARALLEL) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 test-all: install
-	$(BIN)/python -m pytest -q --durations=20 --timeout=1800 $(PARALLEL) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=20 --timeout=1800 $(PYTEST_ARGS)
 
 # How many tests there are and how many are slow, as pytest collects them now (the README quotes no count).
 test-count: install

@@ -13,12 +13,6 @@ import pytest
 from ci_policy import pytest_configure, pytest_runtest_makereport, pytest_sessionfinish  # noqa: F401 (hooks: no quiet skips in CI)
 from pg_fixture import db_url, module_db_url, postgres_server, postgres_url  # noqa: F401 (PostgreSQL fixtures)
 
-# Under pytest-xdist (`make test`, `make test-all`: one worker per core) each worker, and every process a test
-# starts, computes on one thread: a worker per core each spinning a thread per core would oversubscribe the
-# cores (OpenMP threads spin-wait: two 2-thread jobs on 2 cores ran 17x slower in sdg).
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_var, "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A key-less `embedtune serve` creates its key file; tests keep it out of the developer's ~/.config.
