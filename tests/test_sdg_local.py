@@ -99,31 +99,33 @@ def test_shipped_model_is_found_without_importing_its_package():
 
 
 @pytest.mark.slow
-def test_shipped_gguf_is_converted_once_into_a_folder_that_predicts_the_same():
+def test_shipped_gguf_is_converted_once_into_a_causal_lm_with_the_checkpoints_weights():
     """The local generator loads the GGUF as a plain folder in the conversion cache (the user's, as every
-    sdg run: converted once per machine), reused while the file is unchanged, and the folder's model gives
-    the GGUF-loaded model's logits."""
+    sdg run: converted once per machine), reused while the file is unchanged. Its weights are those of the
+    embedder conversion of the same file (whose dequantisation test_bidirectional checks against a source
+    model; the Llama tests convert it anyway), its head is the tied embedding, and it tokenises alike."""
     import torch
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from embedtune.models import gguf as gguf_models
     from embedtune.models.cache import models_dir
-    from embedtune.models.gguf import causal_lm_folder
 
     gguf = shipped_model_file()
-    folder = causal_lm_folder(gguf)
+    folder = gguf_models.causal_lm_folder(gguf)
     assert folder.parent == models_dir() and not list(folder.glob("*.gguf"))
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    assert causal_lm_folder(gguf) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert gguf_models.causal_lm_folder(gguf) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
 
+    embedder = gguf_models.ensure_converted(gguf)
+    backbone = load_file(embedder / "model.safetensors")
+    lm = load_file(folder / "model.safetensors")
+    assert sorted(lm) == sorted(f"model.{k}" for k in backbone)
+    assert all(torch.equal(lm[f"model.{k}"], v) for k, v in backbone.items())
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert torch.equal(model.lm_head.weight, backbone["embed_tokens.weight"])  # SmolLM2 ties its head
     text = "Passage: Tides rise twice a day in most harbours.\nQuery:"
-    ref_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tok = AutoTokenizer.from_pretrained(folder)
-    assert tok.encode(text) == ref_tok.encode(text)
-    ids = torch.tensor([tok.encode(text)])
-    with torch.inference_mode():
-        expected = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)(ids).logits
-        got = AutoModelForCausalLM.from_pretrained(folder)(ids).logits
-    assert torch.allclose(got, expected, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(folder).encode(text) == AutoTokenizer.from_pretrained(embedder).encode(text)
 
 
 def test_a_model_path_that_is_neither_gguf_nor_a_folder_is_refused(tmp_path):
