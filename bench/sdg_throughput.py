@@ -77,11 +77,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         gens, loads = load_generators(recipe, Path(tmp), examples)
         seconds, peaks, candidates = generate_in_rounds(gens, chunks, args.rounds)
-        first = next(iter(gens.values()))
-        args.examples_used = first.examples_used
-        args.prefix_tokens = len(first._load()[1].encode(first.prompt_prefix(), add_special_tokens=False))
+        prefix = prefix_line(next(iter(gens.values())), args.examples)
         accepted = {name: usable(recipe, gens[name], pool, candidates[name], Path(tmp) / "emb") for name in gens}
-    print(report(args, recipe, chunks, loads, seconds, peaks, candidates, accepted))
+    print(report(args, recipe, chunks, prefix, loads, seconds, peaks, candidates, accepted))
+
+
+def prefix_line(gen, examples_file) -> str:
+    """Which few-shot prefix the prompts started with, and its length in tokens."""
+    tokens = len(gen._load()[1].encode(gen.prompt_prefix(), add_special_tokens=False))
+    shown = f"{len(gen.examples_used)} examples from {examples_file}" if examples_file else "the generic examples"
+    return f"{shown}, {tokens} tokens"
 
 
 def chunk_of(doc: dict) -> Chunk:
@@ -128,15 +133,13 @@ def usable(recipe, gen, pool, candidates, cache_dir: Path) -> dict[str, object]:
             "chunks_with_query": len({c.source for c in result.kept})}
 
 
-def report(args, recipe, chunks, loads, seconds, peaks, candidates, accepted) -> str:
+def report(args, recipe, chunks, prefix, loads, seconds, peaks, candidates, accepted) -> str:
     cfg = recipe.sdg.local
     load = os.getloadavg()
     lines = [
         f"## sdg `local`: today's path vs the fast engine ({len(chunks)} SciFact chunks, {cfg.samples_per_chunk} "
         f"samples/chunk, batch_size {cfg.batch_size}, max_passage_tokens {cfg.max_passage_tokens}, "
-        f"{args.rounds} alternating rounds; few-shot prefix: "
-        f"{f'{len(args.examples_used)} examples from {args.examples}' if args.examples else 'the generic examples'}, "
-        f"{args.prefix_tokens} tokens)",
+        f"{args.rounds} alternating rounds; few-shot prefix: {prefix})",
         "",
         f"CPU: {isa_summary()}, {os.cpu_count()} cores, load average "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end (others' jobs share the cores)",

@@ -68,10 +68,10 @@ def check_supported(path: Path) -> str:
     return arch
 
 
-def default_folder(source: Path) -> Path:
+def default_folder(source: Path, kind: str = "gguf") -> Path:
     # The path's hash keeps two files with the same name (different folders) apart.
     digest = hashlib.sha256(str(source).encode()).hexdigest()[:8]
-    return cache.models_dir() / f"gguf-{source.stem}-{digest}"
+    return cache.models_dir() / f"{kind}-{source.stem}-{digest}"
 
 
 def _marker(source: Path, version: int = CONVERTER_VERSION) -> dict:
@@ -93,8 +93,7 @@ def causal_lm_folder(source: Path) -> Path:
     converted on first use: loading the folder takes well under a second, the GGUF ~17 s on 2 cores (tokenizer
     conversion and dequantisation), paid by every sdg run and every process that writes queries."""
     source = source.expanduser().resolve()
-    digest = hashlib.sha256(str(source).encode()).hexdigest()[:8]
-    folder = cache.models_dir() / f"gguf-lm-{source.stem}-{digest}"
+    folder = default_folder(source, kind="gguf-lm")
     marker = _marker(source, CAUSAL_LM_VERSION) | {"kind": "causal-lm"}
 
     def convert_lm(build: Path) -> None:

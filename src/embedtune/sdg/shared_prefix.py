@@ -26,11 +26,10 @@ def install(model) -> None:
     """Route ``model``'s attention through the shared-prefix function (SDPA when no prefix is passed)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, _attention(sdpa_attention_forward))
-    if NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:  # 2-D masks become SDPA's boolean masks
-        AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # 2-D masks (the prefix's own pass) become SDPA's masks
     model.config._attn_implementation = NAME
 
 
@@ -69,13 +68,13 @@ def _cascade(query, key, value, mask, prefix_keys, prefix_values, scaling: float
     rows, heads, length, dim = query.shape
     kv_heads, prefix_len = prefix_keys.shape[0], prefix_keys.shape[1]
     group = heads // kv_heads
-    # Queries grouped by the key/value head they read: (kv heads, rows * group * q, d), one product per head.
-    grouped = query.reshape(rows, kv_heads, group, length, dim).permute(1, 0, 2, 3, 4).reshape(kv_heads, -1, dim)
-    on_prefix = torch.bmm(grouped, prefix_keys.transpose(1, 2)) * scaling
+    grouped_q = query.reshape(rows, kv_heads, group, length, dim)  # queries by the key/value head they read
+    # On the prefix: (kv heads, rows * group * q, d) against (kv heads, p, d), one product per head.
+    flat = grouped_q.permute(1, 0, 2, 3, 4).reshape(kv_heads, -1, dim)
+    on_prefix = torch.bmm(flat, prefix_keys.transpose(1, 2)) * scaling
     on_prefix = on_prefix.reshape(kv_heads, rows, group, length, prefix_len).permute(1, 0, 2, 3, 4)
     own_keys = key[:, :, None].expand(rows, kv_heads, group, *key.shape[2:])
     own_values = value[:, :, None].expand(rows, kv_heads, group, *value.shape[2:])
-    grouped_q = query.reshape(rows, kv_heads, group, length, dim)
     on_own = torch.matmul(grouped_q, own_keys.transpose(-1, -2)) * scaling + mask[:, :, None]
     weights = torch.cat([on_prefix, on_own], dim=-1).softmax(dim=-1, dtype=torch.float32).to(query.dtype)
     w_prefix, w_own = weights.split([prefix_len, key.shape[2]], dim=-1)
