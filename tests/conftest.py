@@ -15,6 +15,9 @@ from pg_fixture import db_url, module_db_url, postgres_server, postgres_url  # n
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `auto` times int8 against fp32 on CPUs without int8 dot products (retrieval/speed_probe.py); the tiny test
+# graphs' timings are noise, so tests get the rule without the probe, and test_speed_probe.py turns it on.
+os.environ.setdefault("EMBEDTUNE_INT8_PROBE", "0")
 # A key-less `embedtune serve` creates its key file; tests keep it out of the developer's ~/.config.
 os.environ.setdefault("EMBEDTUNE_SERVE_KEY_FILE",
                       os.path.join(tempfile.mkdtemp(prefix="embedtune-test-keys-"), "serve.key"))

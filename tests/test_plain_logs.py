@@ -56,3 +56,26 @@ def test_encoding_reports_progress_in_a_few_batches_not_blocks_of_1024(monkeypat
     assert encoder.encode([f"text {i}" for i in range(3001)], "passage").shape == (3001, 4)
     assert sum(sizes) == 3001 and max(sizes) <= 4 * 64  # the bar moves every few batches
 
+
+
+def test_plain_tqdm_bars_are_off_in_a_log_file_even_when_tqdm_was_imported_first(tmp_path):
+    """Bars drawn with plain tqdm (transformers' GGUF de-quantisation, sentence-transformers' model card) are
+    not reached by the Hugging Face switches; tqdm reads TQDM_DISABLE only at import."""
+    script = ("from tqdm.auto import tqdm as early\n"
+              "from embedtune.console import setup_logging\n"
+              "setup_logging()\n"
+              "from tqdm.autonotebook import tqdm as late\n"
+              "for bar in (early, late):\n"
+              "    for _ in bar(range(3), desc='Converting tensors'):\n"
+              "        pass\n"
+              "for _ in early(range(3), desc='asked for', disable=False):\n"
+              "    pass\n")
+    env = {k: v for k, v in _env(tmp_path).items() if k != "TQDM_DISABLE"}
+    log_file = tmp_path / "out.log"
+    with log_file.open("wb") as out:
+        proc = subprocess.run([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT, env=env,
+                              timeout=120)
+    text = log_file.read_text()
+    assert proc.returncode == 0, text
+    assert "Converting tensors" not in text, text
+    assert "asked for" in text  # a caller's explicit disable=False still draws its bar

@@ -9,6 +9,7 @@ start, at most every :data:`PLAIN_INTERVAL` seconds and at the end::
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -58,13 +59,18 @@ def setup_logging(verbose: bool = False) -> None:
 
 # Hugging Face libraries draw tqdm bars (model loading, dataset maps, downloads); in a log file each is a run
 # of `\r`-separated redraws. Their own switches turn them off; a user's explicit setting wins.
-_BAR_SWITCHES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+_BAR_SWITCHES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+                 # Bars drawn with plain tqdm, which no HF switch reaches: transformers' GGUF de-quantisation,
+                 # sentence-transformers' model card ("Computing widget examples").
+                 "TQDM_DISABLE": "1"}
 
 
 def quiet_library_bars() -> None:
-    """Turn off the progress bars of huggingface_hub, transformers and datasets (before or after import)."""
+    """Turn off the progress bars of huggingface_hub, transformers, datasets and plain tqdm (before or after
+    import)."""
     for name, value in _BAR_SWITCHES.items():
         os.environ.setdefault(name, value)
+    _quiet_tqdm()
     if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "huggingface_hub" in sys.modules:
         sys.modules["huggingface_hub"].utils.disable_progress_bars()
     if "transformers" in sys.modules:
@@ -73,6 +79,16 @@ def quiet_library_bars() -> None:
         hf_logging.disable_progress_bar()
     if os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1" and "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
+
+
+def _quiet_tqdm() -> None:
+    """tqdm reads ``TQDM_DISABLE`` once, when it is imported (``tqdm.utils.envwrap``); an already imported tqdm
+    gets the same default the way envwrap sets it: a caller's explicit ``disable=`` still wins."""
+    std = sys.modules.get("tqdm.std")
+    if os.environ["TQDM_DISABLE"] != "1" or std is None or getattr(std.tqdm, "_embedtune_quiet", False):
+        return
+    std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)
+    std.tqdm._embedtune_quiet = True
 
 
 class PlainLogProgress(Progress):

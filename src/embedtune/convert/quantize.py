@@ -168,14 +168,19 @@ def quantize_int8(fp32_path: Path, out_path: Path, per_channel: bool = True, red
 @contextlib.contextmanager
 def _quiet_quantizer() -> Iterator[None]:
     # onnxruntime logs "consider pre-processing" on the root logger: shape inference changes nothing for
-    # dynamic MatMul quantisation, so the hint is noise here.
+    # dynamic MatMul quantisation, so the hint is noise here. Its C++ logger warns that the `dimensions`
+    # input has an initializer: that is the input's default value (Matryoshka), on purpose.
+    import onnxruntime as ort
+
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
     try:
         yield
     finally:
         root.setLevel(level)
+        ort.set_default_logger_severity(2)
 
 
 @dataclass

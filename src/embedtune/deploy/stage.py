@@ -6,7 +6,8 @@ deployed search checked against eval before anyone is served by it.
    model's best retrieval) only if the paired interval of their nDCG@10 difference lies above
    ``deploy.min_gain``; ``deploy.force`` deploys it anyway. No eval results: the base model stays.
 2. **Precision**: a fine-tuned winner is served from its ONNX export, int8 on a CPU unless int8 failed the
-   export's parity gate (then fp32), else from ``finetune/model``; the base model from its own folder.
+   export's parity gate or, on a CPU without int8 dot products, is not faster there than fp32
+   (:mod:`embedtune.retrieval.speed_probe`), else from ``finetune/model``; the base model from its own folder.
 3. **Reindex** into a new collection (:mod:`embedtune.deploy.index`).
 4. **Check**: the deciding query set run through the store, beside the same vectors in-process and beside
    eval's own figure for the deployed retrieval (when eval scored the same chunks). Only a passing check
