@@ -86,6 +86,7 @@ def test_finetuned_model_is_preferred_and_int8_checked_on_the_eval_set(tiny_bert
     report = json.loads(run.path("export", "parity.json").read_text())
     retrieval = report["int8_vs_fp32"]["retrieval"]
     assert retrieval["tolerances"] == {"k<5": 0.03, "k>=5": 0.01}
+    assert retrieval["fp32_vectors"] == "fp32 graph"  # no eval stage ran: nothing cached to stand in
     assert retrieval["queries"] == len(topical_docs) and retrieval["documents"] == len(topical_docs)
     assert set(retrieval["delta"]) == {"ndcg@1", "recall@1", "ndcg@5", "recall@5"}
     assert report["passed"] and retrieval["passed"] and retrieval["failures"] == []
@@ -99,6 +100,37 @@ def test_finetuned_model_is_preferred_and_int8_checked_on_the_eval_set(tiny_bert
         assert retrieval["int8"][key] - fp32 >= -tolerance - 1e-9, (key, retrieval["int8"][key], fp32)
         assert retrieval["delta"][key] == pytest.approx(retrieval["int8"][key] - retrieval["fp32"][key], abs=1e-4)
     assert manifest.metrics["int8_delta"] == retrieval["delta"]
+
+
+def test_int8_parity_takes_the_fp32_side_from_the_eval_stages_cached_vectors(tiny_bert_dir, tmp_path, topical_docs,
+                                                                           monkeypatch):
+    """After eval, the fp32 graph does not encode the eval set again: the eval stage's cached PyTorch vectors
+    of the same model stand in for it, and the figures are the same as PyTorch's, computed independently."""
+    from embedtune.evaluate import evaluate_encoder, load_beir, load_encoder
+    from embedtune.retrieval.cache import run_embedding_cache
+    from embedtune.retrieval.onnx import OnnxEncoder
+
+    run = RunDir(tmp_path / "run")
+    finetuned = _fake_finetune(run, tiny_bert_dir)
+    _fake_eval_set(run, topical_docs)
+    recipe = _recipe(tiny_bert_dir)
+    # What the eval stage does for the fine-tuned model: its vectors go into the run's embedding cache.
+    evaluate_encoder(load_encoder(recipe.model, "fine-tuned", path=finetuned), load_beir(run.path("prep", "eval")),
+                     cache=run_embedding_cache(run.root))
+    encoded: list[tuple[str, int]] = []
+    real_encode = OnnxEncoder.encode
+
+    def counting(self, texts, *args, **kwargs):
+        encoded.append((self.precision, len(texts)))
+        return real_encode(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(OnnxEncoder, "encode", counting)
+    run_export(recipe, run)
+    retrieval = json.loads(run.path("export", "parity.json").read_text())["int8_vs_fp32"]["retrieval"]
+    assert retrieval["fp32_vectors"] == "eval's cached PyTorch vectors"
+    assert ("int8", len(topical_docs)) in encoded and ("fp32", len(topical_docs)) not in encoded
+    for key, fp32 in _torch_fp32_metrics(finetuned, topical_docs, [1, 5]).items():
+        assert retrieval["fp32"][key] == pytest.approx(fp32, abs=1e-4), key
 
 
 def test_parity_failure_fails_the_stage_unless_allowed(tiny_bert_dir, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ truncation is exercised) and is encoded in batches of mixed lengths, so padding 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,14 +104,23 @@ def cosines_vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, probe: Probe) -> di
     return out
 
 
+#: Looks up the fp32 side's (query, passage) vectors for texts; None: encode them.
+Reference = Callable[[list[str], list[str]], "tuple[np.ndarray, np.ndarray] | None"]
+
+
 def retrieval_vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, eval_dir: Path, k_values: Sequence[int],
-                      tolerance_low_k: float, tolerance_high_k: float, batch_size: int = 32) -> dict[str, Any]:
+                      tolerance_low_k: float, tolerance_high_k: float, batch_size: int = 32,
+                      reference: Reference | None = None) -> dict[str, Any]:
     """nDCG@k and Recall@k of a derived format (int8...) vs fp32 on a BEIR folder; a *loss* beyond the
     tolerance (and beyond one query's worth, 1/queries) fails. A gain is reported, not failed: on an eval set
     of a hundred queries one query moves Recall@10 by 0.01, so a two-sided gate at that size fails a good
     graph whenever the noise favours it (int8 graphs with more layers quantised did exactly that on SciFact),
     while broken graphs are caught by the cosine probe and by the loss side. The report keys the metrics by
-    precision (``"fp32"``, ``"int8"``)."""
+    precision (``"fp32"``, ``"int8"``).
+
+    ``reference(queries, passages)`` may return the fp32 side's vectors without encoding: the eval stage's
+    cached PyTorch vectors of the same texts, which the fp32 graph reproduces (:func:`onnx_vs_torch` checked
+    that first, to cosine 0.9999). None from it: the fp32 graph encodes them."""
     from embedtune.retrieval import RankingSpec, evaluate_embeddings, load_beir
 
     data = load_beir(eval_dir)
@@ -119,11 +128,15 @@ def retrieval_vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, eval_dir: Path, k
     queries, passages = [data.queries[q] for q in qids], data.passages(dids)
     metrics = {}
     new = derived.precision
+    cached = reference(queries, passages) if reference is not None else None
     for enc in (fp32, derived):
-        q_name = "query" if "query" in enc.prompts else None
-        d_name = "document" if "document" in enc.prompts else None
-        q = enc.encode(queries, prompt_name=q_name, batch_size=batch_size)
-        d = enc.encode(passages, prompt_name=d_name, batch_size=batch_size)
+        if enc is fp32 and cached is not None:
+            q, d = cached
+        else:
+            q_name = "query" if "query" in enc.prompts else None
+            d_name = "document" if "document" in enc.prompts else None
+            q = enc.encode(queries, prompt_name=q_name, batch_size=batch_size)
+            d = enc.encode(passages, prompt_name=d_name, batch_size=batch_size)
         metrics[enc.precision] = evaluate_embeddings(data, qids, q, dids, d, RankingSpec(tuple(k_values)))
     failures, deltas = [], {}
     # What one query can move a mean metric by. A loss that small is one rank flip, not a finding: on an eval
@@ -140,6 +153,7 @@ def retrieval_vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, eval_dir: Path, k
                 failures.append(f"{key}: {new} {metrics[new][key]:.4f} vs fp32 {metrics['fp32'][key]:.4f} "
                                 f"(loss {-delta:.4f} > {tol:.4g})")
     return {"eval_set": str(eval_dir), "queries": len(qids), "documents": len(dids),
+            "fp32_vectors": "eval's cached PyTorch vectors" if cached is not None else "fp32 graph",
             "tolerances": {"k<5": tolerance_low_k, "k>=5": tolerance_high_k}, "one_query": round(one_query, 5),
             "fp32": _round(metrics["fp32"]), new: _round(metrics[new]), "delta": deltas,
             "failures": failures, "passed": not failures}

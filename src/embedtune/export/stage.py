@@ -17,6 +17,7 @@ from embedtune.console import log
 from embedtune.convert import parity
 from embedtune.convert.formats import FORMATS, is_built
 from embedtune.convert.onnx_export import ExportResult, export_onnx
+from embedtune.retrieval.cache import EmbeddingCache, run_embedding_cache
 from embedtune.retrieval.formats import model_file
 from embedtune.retrieval.metadata import METADATA_FILE
 from embedtune.retrieval.onnx import OnnxEncoder
@@ -40,7 +41,8 @@ def run_export(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     if (done := st.up_to_date(force)) is not None:
         return done
 
-    result, report = export_and_check(recipe, model_cfg, st.dir, source, eval_dir, _matryoshka_dims(recipe, run))
+    result, report = export_and_check(recipe, model_cfg, st.dir, source, eval_dir, _matryoshka_dims(recipe, run),
+                                      cache=_eval_cache(recipe, run))
     outputs = [model_file(st.dir, "fp32"), st.dir / "tokenizer", st.dir / METADATA_FILE, st.dir / "parity.json"]
     outputs += [model_file(st.dir, name) for name, record in result.formats.items() if is_built(record)]
     return st.finish(outputs=outputs, counts=_counts(result, report), metrics=_metrics(result, report))
@@ -48,21 +50,24 @@ def run_export(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
 
 def export_and_check(recipe: Recipe, model_cfg: ModelConfig, out_dir: Path, source: str,
                      eval_dir: Path | None = None, matryoshka_dims: list[int] | None = None,
-                     ) -> tuple[ExportResult, dict[str, Any]]:
+                     cache: EmbeddingCache | None = None) -> tuple[ExportResult, dict[str, Any]]:
     """Export ``model_cfg`` into ``out_dir`` with the recipe's export settings, write parity.json, and
-    raise :class:`ParityError` when parity fails (unless allowed)."""
+    raise :class:`ParityError` when parity fails (unless allowed). ``cache``: the eval stage's embeddings,
+    whose vectors of the same model on the same eval set stand in for the fp32 graph's."""
     from embedtune.models import load_model
 
     cfg = recipe.export
     model = load_model(model_cfg, device="cpu")
     result = export_onnx(model, out_dir, cfg, matryoshka_dims=matryoshka_dims, source=source)
-    report = check_parity(model, result, recipe, eval_dir)
+    reference = _cached_vectors(model, source, cache) if cache is not None else None
+    report = check_parity(model, result, recipe, eval_dir, reference)
     write_json(out_dir / "parity.json", report)
     raise_unless_passed(report, cfg.allow_parity_failure, out_dir / "parity.json")
     return result, report
 
 
-def check_parity(model: Any, result: ExportResult, recipe: Recipe, eval_dir: Path | None) -> dict[str, Any]:
+def check_parity(model: Any, result: ExportResult, recipe: Recipe, eval_dir: Path | None,
+                 reference: parity.Reference | None = None) -> dict[str, Any]:
     """fp32 vs PyTorch on the probe set (always); each derived format that parity covers (int8) vs fp32, by
     cosine on the probe set and by retrieval metrics on the eval set (when there is one)."""
     cfg = recipe.export
@@ -74,19 +79,21 @@ def check_parity(model: Any, result: ExportResult, recipe: Recipe, eval_dir: Pat
     report: dict[str, Any] = {"fp32_vs_torch": parity.onnx_vs_torch(model, fp32, probe, cfg.parity_min_cosine, dims)}
     for name, record in result.formats.items():
         if FORMATS[name].parity_vs_fp32 and is_built(record):
-            report[f"{name}_vs_fp32"] = _vs_fp32(fp32, OnnxEncoder(result.folder, name), probe, recipe, eval_dir)
+            report[f"{name}_vs_fp32"] = _vs_fp32(fp32, OnnxEncoder(result.folder, name), probe, recipe, eval_dir,
+                                                 reference if report["fp32_vs_torch"]["passed"] else None)
     report["passed"] = report["fp32_vs_torch"]["passed"] and all(
         (r.get("retrieval") or {"passed": True})["passed"] for r in _derived(report).values())
     return report
 
 
 def _vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, probe: parity.Probe, recipe: Recipe,
-             eval_dir: Path | None) -> dict[str, Any]:
+             eval_dir: Path | None, reference: parity.Reference | None = None) -> dict[str, Any]:
     cfg = recipe.export
     out: dict[str, Any] = {"cosine": parity.cosines_vs_fp32(fp32, derived, probe)}
     if eval_dir is not None:
         out["retrieval"] = parity.retrieval_vs_fp32(fp32, derived, eval_dir, recipe.eval.k_values,
-                                                    cfg.tolerance_low_k, cfg.tolerance_high_k, recipe.eval.batch_size)
+                                                    cfg.tolerance_low_k, cfg.tolerance_high_k, recipe.eval.batch_size,
+                                                    reference)
     else:
         out["retrieval"] = None
         out["note"] = "no eval set (prep/eval): only cosine checks were run"
@@ -116,6 +123,36 @@ def raise_unless_passed(report: dict[str, Any], allowed: bool, path: Path) -> No
     if not allowed:
         raise ParityError(message + "\n  set export.allow_parity_failure=true to keep the export anyway")
     log.warning(message + "\n  kept because export.allow_parity_failure is set")
+
+
+def _eval_cache(recipe: Recipe, run: RunDir) -> EmbeddingCache:
+    """Where the eval stage keeps its embeddings (the same rule as evaluate/stage.py)."""
+    return EmbeddingCache(Path(recipe.eval.cache_dir)) if recipe.eval.cache_dir else run_embedding_cache(run.root)
+
+
+def _cached_vectors(model: Any, source: str, cache: EmbeddingCache) -> parity.Reference:
+    """The eval stage's vectors of this model for given queries and passages, if it cached exactly those (same
+    weights by content hash, prompts, max length and texts in order); else None. Never encodes: on a miss the
+    fp32 graph does, faster than PyTorch."""
+    from embedtune.retrieval.encoders import LocalEncoder, model_fingerprint
+
+    if not Path(source).is_dir():
+        return lambda queries, passages: None
+    encoder = LocalEncoder(model, model_fingerprint(source))
+
+    def lookup(queries: list[str], passages: list[str]):
+        found = []
+        for kind, texts in (("query", queries), ("passage", passages)):
+            parts = encoder.cache_key(kind)
+            emb = cache.load(cache.key(parts, kind, texts), len(texts)) if parts is not None else None
+            if emb is None:
+                return None
+            found.append(emb)
+        log.info("parity: the fp32 side's %d query and %d passage vectors are the eval stage's (cached)",
+                 len(queries), len(passages))
+        return found[0], found[1]
+
+    return lookup
 
 
 def _model_to_export(recipe: Recipe, run: RunDir) -> tuple[Any, str]:

@@ -423,21 +423,33 @@ def _pick(logits, rngs, temperature: float, top_p: float, head: int = 256):
     """One token per row: greedy at temperature 0, else nucleus sampling with each row's own generator.
 
     The nucleus is searched among the ``head`` most likely tokens (a full sort of a 49k vocabulary per step
-    was a fifth of the decode time); a row whose nucleus is wider than that falls back to the full sort,
-    so the result is exactly nucleus sampling."""
+    was a fifth of the decode time); only a row whose nucleus is wider than that is sorted in full, so the
+    result is exactly nucleus sampling. (Sorting the whole batch whenever one row was wide made the sampler
+    6.7 % of the sdg time on an AVX2-only EPYC: a full sort costs 20x the top-256.)"""
     import torch
 
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    draws = torch.cat([torch.rand(1, generator=g) for g in rngs])
     top, order = probs.topk(min(head, probs.shape[-1]), dim=-1)
-    if (top.sum(-1) < top_p).any():
-        top, order = probs.topk(probs.shape[-1], dim=-1)
+    picked = _nucleus_draw(top, order, draws, top_p)
+    wide = top.sum(-1) < top_p
+    if wide.any():
+        top, order = probs[wide].sort(dim=-1, descending=True)
+        picked[wide] = _nucleus_draw(top, order, draws[wide], top_p)
+    return picked
+
+
+def _nucleus_draw(top, order, draws, top_p: float):
+    """The token each row's draw (uniform in [0, 1)) lands on within its nucleus: the most likely tokens, in
+    ``top`` (descending probabilities, token ids in ``order``), until their mass reaches ``top_p``."""
+    import torch
+
     before = top.cumsum(-1) - top
     top = top.masked_fill(before > top_p, 0.0)  # the nucleus, always >= 1 token
     cumulative = top.cumsum(-1)
-    draws = torch.cat([torch.rand(1, generator=g) for g in rngs]) * cumulative[:, -1]
-    choice = torch.searchsorted(cumulative, draws[:, None]).clamp(max=top.shape[-1] - 1)
+    choice = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None]).clamp(max=top.shape[-1] - 1)
     return order.gather(1, choice).squeeze(1)
 
 

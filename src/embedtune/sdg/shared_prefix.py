@@ -73,12 +73,16 @@ def _cascade(query, key, value, mask, prefix_keys, prefix_values, scaling: float
     flat = grouped_q.permute(1, 0, 2, 3, 4).reshape(kv_heads, -1, dim)
     on_prefix = torch.bmm(flat, prefix_keys.transpose(1, 2)) * scaling
     on_prefix = on_prefix.reshape(kv_heads, rows, group, length, prefix_len).permute(1, 0, 2, 3, 4)
-    own_keys = key[:, :, None].expand(rows, kv_heads, group, *key.shape[2:])
-    own_values = value[:, :, None].expand(rows, kv_heads, group, *value.shape[2:])
-    on_own = torch.matmul(grouped_q, own_keys.transpose(-1, -2)) * scaling + mask[:, :, None]
+    # On the rows' own keys: a head group's queries stacked as (group * q) rows against its one key/value head,
+    # so the keys and values are read in place. (Expanding them to every query head copied each row's whole
+    # cache in every layer at every step: a tenth of the sdg time on an AVX2-only EPYC.)
+    own = key.shape[2]
+    stacked_q = grouped_q.reshape(rows, kv_heads, group * length, dim)
+    on_own = torch.matmul(stacked_q, key.transpose(-1, -2)).reshape(rows, kv_heads, group, length, own)
+    on_own = on_own * scaling + mask[:, :, None]
     weights = torch.cat([on_prefix, on_own], dim=-1).softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-    w_prefix, w_own = weights.split([prefix_len, key.shape[2]], dim=-1)
+    w_prefix, w_own = weights.split([prefix_len, own], dim=-1)
     out = torch.bmm(w_prefix.permute(1, 0, 2, 3, 4).reshape(kv_heads, -1, prefix_len), prefix_values)
     out = out.reshape(kv_heads, rows, group, length, dim).permute(1, 0, 2, 3, 4)
-    out = out + torch.matmul(w_own, own_values)
+    out = out + torch.matmul(w_own.reshape(rows, kv_heads, group * length, own), value).reshape(out.shape)
     return out.reshape(rows, heads, length, dim).transpose(1, 2).contiguous()
