@@ -292,3 +292,15 @@ def test_export_folder_loads_the_way_optimum_loads_it(bert_export, precision):
     out = session.run(None, {n: batch[n].astype(np.int64) for n in names})[0]
     ours = OnnxEncoder(bert_export, precision).encode(TEXTS)
     assert out.shape == (len(TEXTS), 32) and np.allclose(out, ours, atol=1e-5)
+
+
+def test_served_int8_vectors_do_not_depend_on_the_batch(bert_export):
+    """Dynamic int8 quantises each MatMul's input with one scale per batch (padding included). The server runs
+    each int8 text alone, so a client's vector is the same whatever other clients' texts share its batch."""
+    from embedtune.serve import OnnxBackend
+
+    backend = OnnxBackend(bert_export, precision="int8")
+    query = "how do vaccines work"
+    alone = backend.encode([query], "query")
+    for crowd in (TEXTS, TEXTS[2:3] * 4, ["y"] * 7):
+        np.testing.assert_allclose(backend.encode([*crowd, query], "query")[-1:], alone, atol=1e-6, rtol=0)

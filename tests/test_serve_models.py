@@ -316,3 +316,20 @@ def test_ready_is_503_while_loading_and_after_a_failed_load_while_live_stays_200
         assert failed.status_code == 503 and "weights are corrupt" in failed.json()["error"]["message"]
         late = httpx.post(f"{srv.url}/v1/embeddings", json={"model": "broken", "input": "x"})
         assert late.status_code == 503 and "weights are corrupt" in late.json()["error"]["message"]
+
+
+def test_micro_batches_hold_similar_lengths_within_the_padding_bound():
+    """A server's queries (5 to 46 tokens) are not padded to the longest of 32: each micro-batch pads at most
+    MAX_PADDING of its tokens, holds at most `size` inputs, and every input runs exactly once."""
+    from embedtune.serve.backends import MAX_PADDING, micro_batches
+
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(5, 47, size=200)] + [0, 0]
+    batches = micro_batches(lengths, 32)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert len(b) <= 32
+        assert len(b) == 1 or len(b) * longest - sum(lengths[i] for i in b) <= MAX_PADDING * len(b) * longest
+    assert max(len(b) for b in batches) == 32  # similar lengths still share a batch
+    assert len(micro_batches([16] * 70, 32)) == 3

@@ -7,7 +7,8 @@ AVX2-only AMD EPYC (Zen 1, family 23, 128-bit AVX2 units) it ran at 1.0x: 31.2 v
 and costs quality (and int8 is not batch-invariant: one dynamic activation scale per batch).
 
 So where the flags promise no int8 dot products, ``auto`` times both graphs here, on a batch of short queries
-and a batch of passages, and serves int8 only when it is at least :data:`MIN_SPEEDUP` faster. The figure is
+and a batch of passages (int8 row by row, as the server runs it), and serves int8 only when it is at least
+:data:`MIN_SPEEDUP` faster. The figure is
 cached under ``$EMBEDTUNE_CACHE/probes/``, keyed by the CPU, the thread count and both files (path, size,
 modification time), so a server restart does not measure again; a new export or another machine does.
 ``EMBEDTUNE_INT8_PROBE=0`` turns the probe off (int8 is then served wherever it passed parity).
@@ -80,8 +81,8 @@ def int8_speed(folder: Path, threads: int | None = None) -> SpeedProbe:
         except (ValueError, TypeError):
             log.warning("%s is unreadable; measuring again", path)
     log.info("timing %s against %s on this CPU (once per machine and export)", int8_file.name, fp32_file.name)
-    probe = SpeedProbe(_best_ms(fp32_file, threads, dimension), _best_ms(int8_file, threads, dimension),
-                       isa_summary(), threads)
+    probe = SpeedProbe(_best_ms(fp32_file, threads, dimension),
+                       _best_ms(int8_file, threads, dimension, rows_alone=True), isa_summary(), threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(asdict(probe)))
@@ -97,21 +98,25 @@ def _key(fp32_file: Path, int8_file: Path, threads: int) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
-def _best_ms(model_file: Path, threads: int, dimension: int) -> float:
-    """Best of :data:`ROUNDS` total milliseconds over :data:`SHAPES`, after one warm-up run of each."""
+def _best_ms(model_file: Path, threads: int, dimension: int, rows_alone: bool = False) -> float:
+    """Best of :data:`ROUNDS` total milliseconds over :data:`SHAPES`, after one warm-up run of each.
+    ``rows_alone``: each row is its own run, as the server runs int8 (its vectors then do not depend on the
+    batch: serve/backends.py)."""
     import onnxruntime as ort
 
     from embedtune.retrieval.onnx import session_options
 
     session = ort.InferenceSession(str(model_file), sess_options=session_options(threads),
                                    providers=["CPUExecutionProvider"])
-    feeds = [_feeds(session, rows, tokens, dimension) for rows, tokens in SHAPES]
-    for feed in feeds:
+    runs = [feed for rows, tokens in SHAPES
+            for feed in ([_feeds(session, 1, tokens, dimension)] * rows if rows_alone
+                         else [_feeds(session, rows, tokens, dimension)])]
+    for feed in runs:
         session.run(None, feed)
     best = float("inf")
     for _ in range(ROUNDS):
         start = time.perf_counter()
-        for feed in feeds:
+        for feed in runs:
             session.run(None, feed)
         best = min(best, time.perf_counter() - start)
     return best * 1000
