@@ -1,6 +1,6 @@
 """OpenAI- and NIM-compatible embedding server with dynamic batching.
 
-    embedtune serve --model runs/myrun            # its export/ (ONNX, int8 on CPU) when present, else torch
+    embedtune serve --model runs/myrun           # its export/ (ONNX; int8 on CPU where faster) when present, else torch
     embedtune serve --model prod=runs/a --model base=default --api-key-env EMBEDTUNE_KEY
 
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
