@@ -15,7 +15,7 @@ from embedtune.evaluate.core import evaluate_encoder
 from embedtune.evaluate.report import HEADLINE, write_reports
 from embedtune.retrieval.beir import BeirDataset, load_beir
 from embedtune.retrieval.bm25 import BM25Index
-from embedtune.retrieval.cache import EmbeddingCache, run_embedding_cache
+from embedtune.retrieval.cache import EmbeddingCache, stage_cache
 from embedtune.retrieval.encoders import Encoder, load_encoder
 from embedtune.retrieval.metrics import PER_QUERY, PerQuery, RankingSpec
 from embedtune.retrieval.release import decide, paired_vs
@@ -47,7 +47,7 @@ def run_eval(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
     if (done := stage.up_to_date(force)) is not None:
         return done
 
-    cache = EmbeddingCache(Path(cfg.cache_dir)) if cfg.cache_dir else run_embedding_cache(run.root)
+    cache = stage_cache(cfg.cache_dir, run.root)
     models: dict[str, Callable[[], Encoder]] = {
         "base": lambda: load_encoder(recipe.model, "base", cfg.batch_size)}
     if ft_dir is not None:

@@ -17,7 +17,7 @@ from embedtune.console import log
 from embedtune.convert import parity
 from embedtune.convert.formats import FORMATS, is_built
 from embedtune.convert.onnx_export import ExportResult, export_onnx
-from embedtune.retrieval.cache import EmbeddingCache, run_embedding_cache
+from embedtune.retrieval.cache import EmbeddingCache, stage_cache
 from embedtune.retrieval.formats import model_file
 from embedtune.retrieval.metadata import METADATA_FILE
 from embedtune.retrieval.onnx import OnnxEncoder
@@ -42,7 +42,7 @@ def run_export(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
         return done
 
     result, report = export_and_check(recipe, model_cfg, st.dir, source, eval_dir, _matryoshka_dims(recipe, run),
-                                      cache=_eval_cache(recipe, run))
+                                      cache=stage_cache(recipe.eval.cache_dir, run.root))
     outputs = [model_file(st.dir, "fp32"), st.dir / "tokenizer", st.dir / METADATA_FILE, st.dir / "parity.json"]
     outputs += [model_file(st.dir, name) for name, record in result.formats.items() if is_built(record)]
     return st.finish(outputs=outputs, counts=_counts(result, report), metrics=_metrics(result, report))
@@ -125,11 +125,6 @@ def raise_unless_passed(report: dict[str, Any], allowed: bool, path: Path) -> No
     log.warning(message + "\n  kept because export.allow_parity_failure is set")
 
 
-def _eval_cache(recipe: Recipe, run: RunDir) -> EmbeddingCache:
-    """Where the eval stage keeps its embeddings (the same rule as evaluate/stage.py)."""
-    return EmbeddingCache(Path(recipe.eval.cache_dir)) if recipe.eval.cache_dir else run_embedding_cache(run.root)
-
-
 def _cached_vectors(model: Any, source: str, cache: EmbeddingCache) -> parity.Reference:
     """The eval stage's vectors of this model for given queries and passages, if it cached exactly those (same
     weights by content hash, prompts, max length and texts in order); else None. Never encodes: on a miss the
@@ -141,16 +136,13 @@ def _cached_vectors(model: Any, source: str, cache: EmbeddingCache) -> parity.Re
     encoder = LocalEncoder(model, model_fingerprint(source))
 
     def lookup(queries: list[str], passages: list[str]):
-        found = []
-        for kind, texts in (("query", queries), ("passage", passages)):
-            parts = encoder.cache_key(kind)
-            emb = cache.load(cache.key(parts, kind, texts), len(texts)) if parts is not None else None
-            if emb is None:
-                return None
-            found.append(emb)
+        q = cache.lookup(encoder, queries, "query")
+        d = cache.lookup(encoder, passages, "passage") if q is not None else None
+        if d is None:
+            return None
         log.info("parity: the fp32 side's %d query and %d passage vectors are the eval stage's (cached)",
                  len(queries), len(passages))
-        return found[0], found[1]
+        return q, d
 
     return lookup
 

@@ -64,17 +64,28 @@ class EmbeddingCache:
         write_json(self.root / f"{key}.json", {**meta, "rows": int(emb.shape[0]), "dim": int(emb.shape[1])})
 
 
+    def lookup(self, encoder: Encoder, texts: Sequence[str], kind: Kind) -> np.ndarray | None:
+        """``encoder``'s cached vectors of exactly ``texts``, or None (never encodes)."""
+        parts = encoder.cache_key(kind)
+        return None if parts is None else self.load(self.key(parts, kind, texts), len(texts))
+
+
+def stage_cache(cache_dir: str | None, run_root: str | Path) -> EmbeddingCache:
+    """The cache a stage of a run reads and fills: ``eval.cache_dir`` when set, else the run's own."""
+    return EmbeddingCache(Path(cache_dir)) if cache_dir else run_embedding_cache(run_root)
+
+
 def encode_cached(encoder: Encoder, texts: Sequence[str], kind: Kind,
                   cache: EmbeddingCache | None = None, what: str = "") -> np.ndarray:
     """``encoder.encode(texts, kind)``, served from / stored in ``cache`` when the encoder allows it."""
     parts = encoder.cache_key(kind) if cache is not None else None
     if cache is None or parts is None:
         return encoder.encode(texts, kind)
-    key = cache.key(parts, kind, texts)
-    if (emb := cache.load(key, len(texts))) is not None:
+    if (emb := cache.lookup(encoder, texts, kind)) is not None:
         cache.hits += 1
         log.info("%s: %d %s embeddings from the cache", encoder.label, len(texts), kind)
         return emb
+    key = cache.key(parts, kind, texts)
     cache.misses += 1
     emb = encoder.encode(texts, kind)
     cache.save(key, emb, {**parts, "kind": kind, "what": what, "label": encoder.label})

@@ -17,7 +17,6 @@ modification time), so a server restart does not measure again; a new export or 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedtune.artifacts import ArtifactError, read_json, write_json
 from embedtune.console import log
 from embedtune.cpu import has_int8_dot_product, isa_summary
 
@@ -77,16 +77,13 @@ def int8_speed(folder: Path, threads: int | None = None) -> SpeedProbe:
     path = cache_root() / "probes" / f"int8-{_key(fp32_file, int8_file, threads)}.json"
     if path.is_file():
         try:
-            return SpeedProbe(**json.loads(path.read_text()))
-        except (ValueError, TypeError):
+            return SpeedProbe(**read_json(path))
+        except (ArtifactError, TypeError):
             log.warning("%s is unreadable; measuring again", path)
     log.info("timing %s against %s on this CPU (once per machine and export)", int8_file.name, fp32_file.name)
     probe = SpeedProbe(_best_ms(fp32_file, threads, dimension),
                        _best_ms(int8_file, threads, dimension, rows_alone=True), isa_summary(), threads)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(probe)))
-    tmp.replace(path)
+    write_json(path, asdict(probe))
     return probe
 
 
