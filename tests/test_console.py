@@ -69,7 +69,6 @@ def test_unknown_total_still_reports_counts(clock):
 
 def test_setup_logging_off_a_terminal_writes_plain_unwrapped_lines(monkeypatch):
     import io
-    import logging
 
     stream = io.StringIO()
     monkeypatch.setattr(con.log, "handlers", [])
@@ -81,9 +80,29 @@ def test_setup_logging_off_a_terminal_writes_plain_unwrapped_lines(monkeypatch):
     finally:
         handlers = list(con.log.handlers)
         con.log.handlers.clear()
-    assert [type(h) for h in handlers] == [logging.StreamHandler]
+    assert [type(h) for h in handlers] == [con.ConsoleStreamHandler]
     line = stream.getvalue()
     assert line.count("\n") == 1 and line.rstrip().endswith("INFO " + "x" * 150)
+
+
+def test_log_lines_follow_stderr_when_it_is_replaced_after_setup(monkeypatch, capsys):
+    """A scheduler thread that logs after a test's captured stderr was closed wrote "--- Logging error ---
+    ValueError: I/O operation on closed file": the handler must write to the stream of the moment."""
+    import io
+    import sys
+
+    monkeypatch.setattr(con.log, "handlers", [])
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    con.setup_logging()
+    try:
+        con.log.info("to the first stream")
+        first.close()
+        monkeypatch.setattr(sys, "stderr", second)
+        con.log.info("to the second stream")
+    finally:
+        con.log.handlers.clear()
+    assert "to the second stream" in second.getvalue() and "Logging error" not in second.getvalue()
 
 
 def test_a_slow_step_still_gets_a_line_every_interval():

@@ -339,8 +339,8 @@ def test_full_run_mines_the_best_candidates_below_the_margin(prepared, chunks):
 def test_hybrid_teacher_mines_and_scores_with_the_fused_scores(tmp_path, tiny_bert_dir, chunks):
     """teacher=hybrid: recorded scores are fuse(dense, BM25) over the pool, negatives its top survivors."""
     from embedtune.models import encode_passages, encode_queries, load_model
-    from embedtune.prep.teacher import fuse
     from embedtune.retrieval.bm25 import BM25Index
+    from embedtune.retrieval.fusion import fuse
 
     run = make_run(tmp_path, chunks, make_queries(chunks))
     recipe = recipe_for(tiny_bert_dir, test_ratio=0.25, fill_missing="drop", negatives_used=1, bm25_weight=0.5)
@@ -367,7 +367,7 @@ def test_hybrid_teacher_mines_and_scores_with_the_fused_scores(tmp_path, tiny_be
 
 
 def test_fuse_ranks_like_z_score_fusion_in_dense_units():
-    from embedtune.prep.teacher import fuse
+    from embedtune.retrieval.fusion import fuse
 
     rng = np.random.default_rng(0)
     dense = torch.from_numpy(rng.uniform(0.1, 0.8, size=(3, 50)).astype(np.float32))
@@ -385,12 +385,13 @@ def test_fuse_ranks_like_z_score_fusion_in_dense_units():
 
 
 def test_hybrid_teacher_falls_back_to_dense_for_unspaced_languages(caplog):
-    from embedtune.prep.teacher import HybridTeacher, make_teacher
+    from embedtune.prep.teacher import make_teacher
+    from embedtune.retrieval.fusion import HybridRescorer
 
     assert make_teacher("hybrid", ["查询"], ["段落一", "段落二"], 0.5, "zh") is None
     assert "BM25 cannot split" in caplog.text
     assert make_teacher("dense", ["q"], ["p"], 0.5, "en") is None
-    assert isinstance(make_teacher("hybrid", ["Hafen"], ["der Hafen von Hamburg"], 0.5, "de"), HybridTeacher)
+    assert isinstance(make_teacher("hybrid", ["Hafen"], ["der Hafen von Hamburg"], 0.5, "de"), HybridRescorer)
 
 
 # ------------------------------------------------------------------------------------------ errors, resume

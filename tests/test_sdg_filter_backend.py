@@ -141,3 +141,41 @@ def test_the_shipped_default_models_cached_export_passes_its_probe_check(export_
     got = encoder.encode(texts, "passage")
     want = encode_passages(load_model("default", device="cpu"), texts)
     assert float((got * want).sum(axis=1).min()) > 0.99
+
+
+def _tagged_chunks_and_queries(n: int = 12) -> tuple[list[Chunk], list[Candidate]]:
+    """Chunks of shared words, each with one word of its own, and a query per chunk naming that word: BM25
+    ranks every query's chunk first, a tiny random model mostly does not."""
+    filler = ["cells", "membranes", "proteins", "signalling", "pathways", "receptors", "enzymes"]
+    chunks = [Chunk(_id=f"d{i}#0", doc_id=f"d{i}", title="", text=" ".join(filler[i % 7:] + filler[:i % 7])
+                    + f" zqx{i}word appears here") for i in range(n)]
+    queries = [Candidate(text=f"what is known about zqx{i}word in {filler[(i * 3) % 7]}", positive_ids=[c.id],
+                         doc_id=c.doc_id, source=c.id) for i, c in enumerate(chunks)]
+    return chunks, queries
+
+
+def _roundtrip(model_dir, tmp_path, by: str, language: str = "en"):
+    recipe = load_recipe(None, [f"model.name={model_dir}", "sdg.filters.roundtrip=true",
+                                "sdg.filters.roundtrip_top_k=1", f"sdg.filters.roundtrip_by={by}",
+                                "prep.bm25_weight=1.0", "sdg.dedup_threshold=1.0", f"corpus.language={language}"])
+    chunks, queries = _tagged_chunks_and_queries()
+    qf = QueryFilter(recipe, NoGeneration(recipe, None, tmp_path), chunks, Counter(), tmp_path / f"emb-{by}")
+    return qf.apply(queries)
+
+
+def test_hybrid_roundtrip_keeps_queries_bm25_confirms_and_counts_those_the_base_model_missed(tmp_path,
+                                                                                           tiny_bert_dir):
+    dense = _roundtrip(tiny_bert_dir, tmp_path, "dense")
+    hybrid = _roundtrip(tiny_bert_dir, tmp_path, "hybrid")
+    assert 0 < len(dense.kept) < 12, "the tiny model must miss some queries, or the test proves nothing"
+    assert dense.reasons["roundtrip_miss"] == 12 - len(dense.kept) and dense.rescued_by_bm25 is None
+    assert len(hybrid.kept) == 12 and all(c.roundtrip_rank == 1 for c in hybrid.kept)
+    assert hybrid.rescued_by_bm25 == 12 - len(dense.kept)
+
+
+def test_hybrid_roundtrip_falls_back_to_dense_for_unspaced_languages(tmp_path, tiny_bert_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="embedtune"):
+        result = _roundtrip(tiny_bert_dir, tmp_path, "hybrid", language="zh")
+    assert "sdg.filters.roundtrip_by=hybrid: BM25 cannot split 'zh'" in caplog.text
+    assert result.rescued_by_bm25 is None
+    assert [c.text for c in result.kept] == [c.text for c in _roundtrip(tiny_bert_dir, tmp_path / "d", "dense").kept]

@@ -83,6 +83,22 @@ def test_roundtrip_rank_of_best_positive():
     assert filters.check_roundtrip(5, top_k=20, min_rank=2) is None
 
 
+def test_roundtrip_ranks_by_the_rescored_scores_when_given_a_rescorer():
+    import torch
+
+    queries = np.array([[1.0, 0.0], [0.0, 1.0]])
+    passages = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
+    seen = []
+
+    def lift_passage_1(start: int, end: int, dense: torch.Tensor) -> torch.Tensor:
+        seen.append((start, end))
+        return dense + torch.tensor([0.0, 0.5, 0.0, 0.0])
+
+    ranks = filters.roundtrip_ranks(queries, passages, [[1], [0, 3]], block=1, rescore=lift_passage_1)
+    assert ranks.tolist() == [1, 3]  # query 0's positive is lifted to the top; query 1's fall behind it
+    assert seen == [(0, 1), (1, 2)]  # each block is rescored with its own query rows
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ('{"a": 1}', {"a": 1}),
     ('Sure! ```json\n{"pairs": [1, 2]}\n``` hope this helps', {"pairs": [1, 2]}),

@@ -161,6 +161,11 @@ class QueryFilterConfig(StrictModel):
     roundtrip_min_rank: Tunable[int] = Field(
         1, ge=1, le=100_000,
         description="drop queries whose best positive ranks above this (2 drops rank-1 'easy' ones)")
+    roundtrip_by: Tunable[Literal["dense", "hybrid"]] = Field(
+        "dense", description="who ranks the positive in the round trip. dense: the base model (Promptagator). "
+        "hybrid: the base model fused with BM25 (prep.teacher's fusion at prep.bm25_weight), so a query the base "
+        "model misses but whose passage BM25 confirms is kept: the queries a fine-tune learns from. Falls back "
+        "to dense for languages written without spaces")
     backend: Tunable[Literal["torch", "onnx-int8"]] = Field(
         "torch", description="how the base model encodes for sdg's dedup and round-trip filters and prep's mining "
         "(which reuses sdg's chunk embeddings). onnx-int8: its ONNX int8 export, built once into the embedtune "

@@ -41,6 +41,20 @@ log = logging.getLogger("embedtune")
 PLAIN_INTERVAL = 10.0
 
 
+class ConsoleStreamHandler(logging.StreamHandler):
+    """Plain log lines to the console's stream as it is when each record is written. A handler that kept
+    the stream of the moment it was set up writes to a closed file once sys.stderr is replaced (a test's
+    capture, a worker redirecting its output): "--- Logging error --- I/O operation on closed file"."""
+
+    @property
+    def stream(self):  # noqa: ANN201 - a text stream
+        return console.file
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001 - StreamHandler's __init__ assigns one; ignored
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Rich log lines on a terminal; elsewhere plain, unwrapped lines (a log file, CI, a worker's log), and
     no library progress bars there: our own plain lines report progress instead."""
@@ -50,7 +64,7 @@ def setup_logging(verbose: bool = False) -> None:
         if console.is_terminal:
             log.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False))
         else:
-            handler = logging.StreamHandler(console.file)
+            handler = ConsoleStreamHandler()
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
             log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)

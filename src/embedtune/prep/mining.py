@@ -50,7 +50,7 @@ from embedtune.schemas import Chunk, SyntheticQuery, TrainExample
 NEG_INF = float("-inf")
 
 #: ``rescore(start, end, dense_block) -> block``: turns a block of dense scores (queries start..end against
-#: all candidates) into the judge's scores, e.g. :class:`embedtune.prep.teacher.HybridTeacher`.
+#: all candidates) into the judge's scores, e.g. :class:`embedtune.retrieval.fusion.HybridRescorer`.
 Rescore = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 

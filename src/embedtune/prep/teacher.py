@@ -7,7 +7,7 @@ both. Measured on SciFact's real test claims (``bench/domain_adaptation.py``): M
 that is not the answer) and gives the finetune stage truer score margins to distil
 (``finetune.loss: margin_mse``), which is how the model learns what BM25 knew.
 
-The fusion is :func:`embedtune.retrieval.fusion.fuse`: it stays in cosine units, so the margin rule (95 % of
+The fusion is :class:`embedtune.retrieval.fusion.HybridRescorer`: it stays in cosine units, so the margin rule (95 % of
 the weakest positive) and the margins the student is trained to reproduce mean what they mean for the
 dense judge.
 """
@@ -16,44 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
-from embedtune.console import log
-from embedtune.retrieval.fusion import fuse
-
-#: Languages written without spaces between words: bm25s's word tokenizer would take a whole clause as
-#: one term, so the hybrid judge falls back to the dense one for them.
-UNSPACED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "km", "my"})
-#: Languages with a bm25s stopword list (ISO 639-1).
-BM25S_STOPWORDS = frozenset({"en", "de", "nl", "fr", "es", "pt", "it", "ru", "sv", "no", "tr", "ko", "da"})
-
-
-class HybridTeacher:
-    """Rescores blocks of dense query x candidate scores with BM25 (a ``rescore`` hook for mining)."""
-
-    def __init__(self, queries: Sequence[str], passages: Sequence[str], bm25_weight: float,
-                 language: str = "en"):
-        from embedtune.retrieval.bm25 import BM25Index
-
-        self.queries = list(queries)
-        self.bm25_weight = bm25_weight
-        self.index = BM25Index(passages, stopwords=language if language in BM25S_STOPWORDS else None)
-
-    def __call__(self, start: int, end: int, dense: torch.Tensor) -> torch.Tensor:
-        lexical = torch.from_numpy(self.index.scores(self.queries[start:end]))
-        return fuse(dense, lexical, self.bm25_weight)
+from embedtune.retrieval.bm25 import UNSPACED_LANGUAGES
+from embedtune.retrieval.fusion import HybridRescorer, hybrid_rescorer
 
 
 def make_teacher(kind: str, queries: Sequence[str], passages: Sequence[str], bm25_weight: float,
-                 language: str) -> HybridTeacher | None:
+                 language: str) -> HybridRescorer | None:
     """The rescoring hook for ``prep.teacher`` (None: the dense scores as they are)."""
-    if kind == "dense" or bm25_weight == 0:
+    if kind == "dense":
         return None
-    if language in UNSPACED_LANGUAGES:
-        log.warning("prep.teacher=hybrid: BM25 cannot split %r text into words; judging with the dense "
-                    "model alone", language)
-        return None
-    return HybridTeacher(queries, passages, bm25_weight, language)
+    return hybrid_rescorer(queries, passages, bm25_weight, language, "prep.teacher=hybrid")
 
 
 def score_label(kind: str, bm25_weight: float, language: str) -> str:

@@ -6,6 +6,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+#: Languages written without spaces between words: bm25s's word tokenizer would take a whole clause as
+#: one term, so BM25 cannot judge them (the hybrid judges fall back to the dense model).
+UNSPACED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "km", "my"})
+#: Languages with a bm25s stopword list (ISO 639-1).
+BM25S_STOPWORDS = frozenset({"en", "de", "nl", "fr", "es", "pt", "it", "ru", "sv", "no", "tr", "ko", "da"})
+
+
+def stopwords_for(language: str) -> str | None:
+    """bm25s's stopword list for a corpus language, None where it has none."""
+    return language if language in BM25S_STOPWORDS else None
+
 
 class BM25Index:
     """A bm25s index over ``passages``: top-k search, or every passage's score (for score fusion).

@@ -46,6 +46,43 @@ def fuse(dense: torch.Tensor, lexical: torch.Tensor, bm25_weight: float) -> torc
     return torch.where(informative, mixed, dense)
 
 
+class HybridRescorer:
+    """Rescores blocks of dense query x passage scores with BM25: ``rescorer(start, end, dense)`` fuses the
+    BM25 scores of queries ``start..end`` into that block. prep's hybrid teacher judges negatives with it,
+    sdg's hybrid round trip ranks positives with it."""
+
+    def __init__(self, queries: Sequence[str], passages: Sequence[str], bm25_weight: float,
+                 language: str = "en"):
+        from embedtune.retrieval.bm25 import BM25Index, stopwords_for
+
+        self.queries = list(queries)
+        self.bm25_weight = bm25_weight
+        self.index = BM25Index(passages, stopwords=stopwords_for(language))
+
+    def __call__(self, start: int, end: int, dense: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        lexical = torch.from_numpy(self.index.scores(self.queries[start:end]))
+        return fuse(dense, lexical, self.bm25_weight)
+
+
+def hybrid_rescorer(queries: Sequence[str], passages: Sequence[str], bm25_weight: float, language: str,
+                    setting: str) -> HybridRescorer | None:
+    """A :class:`HybridRescorer`, or None (judge with the dense scores) where BM25 adds nothing: a zero
+    weight, or a language written without spaces (said in a warning naming ``setting``)."""
+    from embedtune.retrieval.bm25 import UNSPACED_LANGUAGES
+
+    if bm25_weight == 0:
+        return None
+    if language in UNSPACED_LANGUAGES:
+        from embedtune.console import log
+
+        log.warning("%s: BM25 cannot split %r text into words; judging with the dense model alone",
+                    setting, language)
+        return None
+    return HybridRescorer(queries, passages, bm25_weight, language)
+
+
 def hybrid_search(query_texts: Sequence[str], query_emb: np.ndarray, doc_emb: np.ndarray, index: BM25Index,
                   bm25_weight: float, top_k: int = 100, query_block: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Top-k by the fused score over the whole corpus. Returns (scores, indices), best first.

@@ -23,7 +23,14 @@ from embedtune.schemas import Chunk
 from embedtune.sdg.base import Candidate, Generator
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+
     from embedtune.retrieval.encoders import OnnxModelEncoder
+    from embedtune.retrieval.fusion import HybridRescorer
+
+    Rescore = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 # Han, Hiragana, Katakana, CJK punctuation-free ranges, Thai, Lao, Khmer, Myanmar: scripts written without
 # spaces between words.
@@ -158,12 +165,18 @@ def near_duplicates(embeddings: np.ndarray, threshold: float, block: int = 512) 
 
 
 def roundtrip_ranks(query_emb: np.ndarray, passage_emb: np.ndarray,
-                    positives: Sequence[Sequence[int]], block: int = 1024) -> np.ndarray:
+                    positives: Sequence[Sequence[int]], block: int = 1024,
+                    rescore: Rescore | None = None) -> np.ndarray:
     """For each query, the 1-based rank of its best-ranked positive among all passages (ties favour the
-    positive). ``positives[i]`` holds row indices into ``passage_emb``."""
+    positive). ``positives[i]`` holds row indices into ``passage_emb``. ``rescore(start, end, dense)`` turns
+    a block of dense scores into the judge's (e.g. :class:`embedtune.retrieval.fusion.HybridRescorer`)."""
     ranks = np.empty(len(query_emb), dtype=np.int64)
     for start in range(0, len(query_emb), block):
         scores = query_emb[start:start + block] @ passage_emb.T
+        if rescore is not None:
+            import torch
+
+            scores = rescore(start, start + len(scores), torch.from_numpy(np.ascontiguousarray(scores))).numpy()
         for i, row in enumerate(scores):
             best = row[list(positives[start + i])].max()
             ranks[start + i] = 1 + int((row > best).sum())
@@ -185,6 +198,8 @@ class FilterResult:
     reasons: Counter[str]
     ranks: list[int]
     backend: str | None = None  # what encoded for the dedup/round-trip filters (None: nothing was encoded)
+    #: with ``roundtrip_by: hybrid``, the kept queries the base model alone would have dropped (rank > top_k)
+    rescued_by_bm25: int | None = None
 
 
 class QueryFilter:
@@ -201,6 +216,7 @@ class QueryFilter:
         self._model = None
         self._onnx: OnnxModelEncoder | None | bool = None  # False: asked for and unavailable (torch instead)
         self._query_emb: np.ndarray | None = None
+        self._rescued: int | None = None
 
     def apply(self, candidates: list[Candidate]) -> FilterResult:
         kept = self._cheap(candidates)
@@ -213,7 +229,7 @@ class QueryFilter:
             kept = self._quota(kept)
         kept = self._judge(kept)
         backend = self.backend if self._onnx is not None else None
-        return FilterResult(kept, self.rejected, self.reasons, ranks, backend)
+        return FilterResult(kept, self.rejected, self.reasons, ranks, backend, self._rescued)
 
     def _reject(self, cand: Candidate, reason: str) -> None:
         self.rejected.append((cand, reason))
@@ -303,16 +319,31 @@ class QueryFilter:
             q = self._encode_queries([c.text for c in cands])
         p = self._passage_embeddings()
         row = {c.id: i for i, c in enumerate(self.chunks)}
-        ranks = roundtrip_ranks(q, p, [[row[i] for i in c.positive_ids] for c in cands])
-        kept = []
-        for cand, rank in zip(cands, ranks, strict=True):
+        positives = [[row[i] for i in c.positive_ids] for c in cands]
+        rescorer = self._hybrid_rescorer([c.text for c in cands])
+        ranks = roundtrip_ranks(q, p, positives, rescore=rescorer)
+        # What BM25 added: kept queries whose positive the base model alone ranks beyond top_k.
+        dense = roundtrip_ranks(q, p, positives) if rescorer is not None else ranks
+        kept, rescued = [], 0
+        for cand, rank, dense_rank in zip(cands, ranks, dense, strict=True):
             cand.roundtrip_rank = int(rank)
             reason = check_roundtrip(int(rank), self.cfg.roundtrip_top_k, self.cfg.roundtrip_min_rank)
             if reason:
                 self._reject(cand, reason)
             else:
                 kept.append(cand)
+                rescued += int(dense_rank > self.cfg.roundtrip_top_k)
+        self._rescued = rescued if rescorer is not None else None
         return kept
+
+    def _hybrid_rescorer(self, queries: list[str]) -> HybridRescorer | None:
+        """prep's hybrid teacher over all chunks when ``roundtrip_by: hybrid`` (None: dense ranks)."""
+        from embedtune.retrieval.fusion import hybrid_rescorer
+
+        if self.cfg.roundtrip_by == "dense":
+            return None
+        return hybrid_rescorer(queries, [c.text for c in self.chunks], self.recipe.prep.bm25_weight,
+                               self.recipe.corpus.language, "sdg.filters.roundtrip_by=hybrid")
 
     def _passage_embeddings(self) -> np.ndarray:
         """All chunks' base-model embeddings, from the run's embedding cache (prep's mining reuses the torch

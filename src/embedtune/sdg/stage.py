@@ -8,7 +8,10 @@ every generator shares, cheapest first, counting each rejection by reason in the
 2. near duplicates: cosine >= ``sdg.dedup_threshold`` between base-model query embeddings;
 3. round-trip consistency (Promptagator): the base model must rank one of the query's positives within
    ``filters.roundtrip_top_k`` of all chunks, and at or below ``filters.roundtrip_min_rank`` (set it to 2
-   to drop queries the base model already answers at rank 1, which teach it little);
+   to drop queries the base model already answers at rank 1, which teach it little). With
+   ``filters.roundtrip_by: hybrid`` the base model's scores are fused with BM25 first (prep's teacher), so
+   a query the base model misses but whose passage BM25 confirms is kept (counted in
+   ``metrics.roundtrip_rescued_by_bm25``);
 4. at most ``queries_per_chunk`` per chunk for over-sampling generators (``local``);
 5. the generator's judge, if it has one (``llm``): keep ``overall >= sdg.judge_threshold``.
 
@@ -100,6 +103,8 @@ def run_sdg(recipe: Recipe, run: RunDir, *, force: bool = False) -> Manifest:
         metrics["generator_precision"] = generator.precision
     if rows and result.ranks:
         metrics["roundtrip_rank_median"] = float(np.median(result.ranks))
+    if result.rescued_by_bm25 is not None:
+        metrics["roundtrip_rescued_by_bm25"] = result.rescued_by_bm25
     log.info("sdg: kept %d of %d candidates from %d chunks", len(rows), len(candidates), len(sample))
     return stage.finish(outputs=[out, examples_out], counts=manifest_counts, metrics=metrics)
 
