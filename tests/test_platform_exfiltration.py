@@ -19,15 +19,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from embedtune.pipeline import stage_info
 from embedtune.platform.client import PlatformAPIError
 from test_platform_jobs import Service
 
 SECRET = "s3cret-of-the-service"
 ALLOWED = "allowed-llm-key"
-
-pytestmark = pytest.mark.skipif(not all(stage_info(s).available for s in ("corpus", "sdg")),
-                                reason="the corpus and sdg stages are not in this checkout")
 
 DOCS = {
     "sailing.txt": "Sailors trim the mainsail and use the rudder to hold a course when the wind rises.",

@@ -71,19 +71,14 @@ def test_bad_values_are_422_naming_the_key():
 
 
 def test_stage_selection():
-    from embedtune.pipeline import stage_info
-
     assert choose_stages(["corpus"], "corpus", False) == ["corpus"]
     for bad, fmt, msg in ((["prep"], "corpus", "must start at 'corpus'"), (["corpus", "prep"], "corpus", "consecutive"),
                           (["corpus"], "training", "must start at 'finetune'"), (["nope"], "corpus", "unknown")):
         with pytest.raises(PlatformError, match=msg):
             choose_stages(bad, fmt, False)
-    if stage_info("finetune").available and stage_info("eval").available:
-        assert choose_stages(None, "training", False) == ["finetune"]
-        assert choose_stages(None, "training", True) == ["finetune", "eval"]
-        assert choose_stages(None, "corpus", False) == ["corpus", "sdg", "prep", "finetune", "eval"]
-    else:
-        assert choose_stages(None, "corpus", False)[0] == "corpus"
+    assert choose_stages(None, "training", False) == ["finetune"]
+    assert choose_stages(None, "training", True) == ["finetune", "eval"]
+    assert choose_stages(None, "corpus", False) == ["corpus", "sdg", "prep", "finetune", "eval"]
 
 
 def test_hyperparameters_for_lineage():

@@ -10,6 +10,7 @@ import pytest
 
 from _train_helpers import make_run, synthetic_examples, tiny_recipe
 from embedtune.artifacts import ArtifactError, read_jsonl
+from embedtune.events import listening
 from embedtune.models import ModelNotFoundError
 from embedtune.train import run_finetune
 
@@ -31,8 +32,25 @@ def trained(tmp_path_factory, tiny_bert_dir):
         matryoshka_dims=[32, 16],
     )
     t0 = time.perf_counter()
-    manifest = run_finetune(recipe, run)
+    with listening(EVENTS.append):  # what the platform worker subscribes to
+        manifest = run_finetune(recipe, run)
     return recipe, run, manifest, time.perf_counter() - t0
+
+
+EVENTS: list = []
+
+
+def test_training_publishes_steps_epochs_and_losses_to_listeners(trained):
+    from embedtune.events import TrainingEvent, publish
+
+    begin = [e for e in EVENTS if e.kind == "begin"]
+    assert len(begin) == 1 and begin[0].max_steps == 4 and begin[0].num_epochs == 2
+    assert [e.step for e in EVENTS if e.kind == "step"] == [1, 2, 3, 4]
+    assert [e.epoch for e in EVENTS if e.kind == "step"][-1] == pytest.approx(2.0)
+    assert [e.step for e in EVENTS if e.kind == "log" and "loss" in e.logs] == [1, 2, 3, 4]
+    published = len(EVENTS)
+    publish(TrainingEvent("step", 5, 4, 2.0, 2.0))  # outside the listening block: nobody hears it
+    assert len(EVENTS) == published
 
 
 def _validation_scorer(recipe, run):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +28,6 @@ class StageInfo:
     def load(self) -> StageRunner:
         module, _, func = self.target.partition(":")
         return getattr(importlib.import_module(module), func)
-
-    @property
-    def available(self) -> bool:
-        return importlib.util.find_spec(self.target.partition(":")[0]) is not None
 
 
 STAGES: tuple[StageInfo, ...] = (
@@ -54,10 +50,6 @@ def stage_info(name: str) -> StageInfo:
     raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_NAMES)}")
 
 
-def available_stages() -> list[StageInfo]:
-    return [s for s in STAGES if s.available]
-
-
 @dataclass
 class StageResult:
     name: str
@@ -70,22 +62,30 @@ def run_pipeline(
     run_dir: str | Path,
     *,
     to: str | None = None,
+    stages: Sequence[str] | None = None,
     force: bool = False,
     on_stage: Callable[[str], None] | None = None,
+    on_stage_done: Callable[[StageResult], None] | None = None,
 ) -> list[StageResult]:
-    """Run every stage up to and including ``to`` (default: the last available one)."""
+    """Run the stages in order: ``stages`` by name, else every stage up to and including ``to`` (default:
+    all). ``on_stage(name)`` is called before each, ``on_stage_done(result)`` after it (the CLI draws a rule,
+    the platform worker records the job's progress); training steps reach listeners of
+    :mod:`embedtune.events`."""
     run = RunDir(run_dir)
-    stages = available_stages()
-    if to is not None:
-        target = stage_info(to)
-        if not target.available:
-            raise ValueError(f"stage {to!r} is not available in this installation")
-        stages = stages[: [s.name for s in stages].index(to) + 1]
     results = []
-    for info in stages:
+    for info in _selected(to, stages):
         if on_stage:
             on_stage(info.name)
         t0 = time.perf_counter()
         manifest = info.load()(recipe, run, force=force)
         results.append(StageResult(info.name, manifest, time.perf_counter() - t0))
+        if on_stage_done:
+            on_stage_done(results[-1])
     return results
+
+
+def _selected(to: str | None, stages: Sequence[str] | None) -> list[StageInfo]:
+    if stages is not None:
+        return [stage_info(n) for n in stages]
+    last = STAGE_NAMES.index(stage_info(to).name) if to is not None else len(STAGE_NAMES) - 1
+    return list(STAGES[: last + 1])

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Discriminator, Field, Tag, model_validator
 
 from embedtune.config import PathName, RecipeError, validate_recipe
-from embedtune.pipeline import STAGE_NAMES, stage_info
+from embedtune.pipeline import STAGE_NAMES
 from embedtune.platform.errors import PlatformError
 from embedtune.platform.schemas import RequestModel
 
@@ -221,14 +221,7 @@ def choose_stages(requested: list[str] | None, dataset_format: str, has_validati
     start = "finetune" if dataset_format == "training" else "corpus"
     if requested is None:
         last = DEFAULT_LAST_STAGE if (start == "corpus" or has_validation) else "finetune"
-        names = STAGE_NAMES[STAGE_NAMES.index(start): STAGE_NAMES.index(last) + 1]
-        available = [n for n in names if stage_info(n).available]
-        # Stop before the first stage this installation lacks (a partial install still runs its prefix).
-        names = names[: next((i for i, n in enumerate(names) if n not in available), len(names))]
-        if not names:
-            raise PlatformError(422, f"stage '{start}' is not available in this installation",
-                                param="stages", code="stage_unavailable")
-        return list(names)
+        return list(STAGE_NAMES[STAGE_NAMES.index(start): STAGE_NAMES.index(last) + 1])
     unknown = [s for s in requested if s not in STAGE_NAMES]
     if unknown or not requested:
         raise PlatformError(422, f"unknown stage(s) {unknown or requested}; stages are: {', '.join(STAGE_NAMES)}",
@@ -241,10 +234,6 @@ def choose_stages(requested: list[str] | None, dataset_format: str, has_validati
         what = "a prepared training set" if start == "finetune" else f"a '{dataset_format}' dataset"
         raise PlatformError(422, f"with {what} the stages must start at '{start}', not '{requested[0]}'",
                             param="stages", code="invalid_value")
-    for s in requested:
-        if not stage_info(s).available:
-            raise PlatformError(422, f"stage '{s}' is not available in this installation",
-                                param="stages", code="stage_unavailable")
     return list(requested)
 
 

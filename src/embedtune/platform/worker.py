@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from embedtune.artifacts import RunDir, read_json, write_text
+from embedtune.events import Listener, TrainingEvent, listening
 from embedtune.platform import db
 from embedtune.platform.settings import PlatformSettings
 from embedtune.retrieval.formats import MODEL_FORMATS
@@ -63,35 +64,23 @@ class Progress:
                 metrics[name] = history[::2]
 
 
-def install_training_callback(progress: Progress) -> None:
-    """Every transformers Trainer created in this process reports steps, epochs and losses to ``progress``.
+def training_listener(progress: Progress) -> Listener:
+    """Records the finetune stage's :mod:`embedtune.events` on the job: steps, epochs and the loss history."""
 
-    The finetune stage builds its own trainer; adding to transformers' default callbacks reaches it
-    without the stage knowing about the platform.
-    """
-    try:
-        import transformers.trainer as hf_trainer
-        from transformers import TrainerCallback
-    except ImportError:
-        return
-
-    class PlatformProgress(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
-            epochs = max(1.0, float(args.num_train_epochs or 1))
-            progress.update(force=True, max_steps=state.max_steps, num_epochs=args.num_train_epochs,
-                            steps_per_epoch=int(round(state.max_steps / epochs)) if state.max_steps else None)
-
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
-            progress.update(step=state.global_step, epoch=round(state.epoch or 0.0, 4),
-                            epochs_completed=int(state.epoch or 0))
-
-        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+    def listen(event: TrainingEvent) -> None:
+        if event.kind == "begin":
+            epochs = max(1.0, event.num_epochs or 1.0)
+            progress.update(force=True, max_steps=event.max_steps, num_epochs=event.num_epochs,
+                            steps_per_epoch=int(round(event.max_steps / epochs)) if event.max_steps else None)
+        elif event.kind == "step":
+            progress.update(step=event.step, epoch=round(event.epoch, 4), epochs_completed=int(event.epoch))
+        else:
             for key, name in (("loss", "train_loss"), ("eval_loss", "val_loss")):
-                if logs and key in logs:
-                    progress.add_loss(name, state.global_step, logs[key], state.epoch)
-            progress.update(force=True, step=state.global_step)
+                if key in event.logs:
+                    progress.add_loss(name, event.step, event.logs[key], event.epoch)
+            progress.update(force=True, step=event.step)
 
-    hf_trainer.DEFAULT_CALLBACKS.append(PlatformProgress())
+    return listen
 
 
 def trainer_state_losses(run: RunDir) -> list[dict[str, Any]]:
@@ -226,7 +215,7 @@ def _setup_logging() -> None:
 
 def run_customization(job: db.Job, sessions: sessionmaker[Session], progress: Progress) -> tuple[dict, str | None]:
     from embedtune.config import Recipe, dump_recipe
-    from embedtune.pipeline import stage_info
+    from embedtune.pipeline import StageResult, run_pipeline
 
     recipe = Recipe.model_validate(job.recipe)
     run = RunDir(job.run_dir)
@@ -234,19 +223,22 @@ def run_customization(job: db.Job, sessions: sessionmaker[Session], progress: Pr
     write_text(run.root / "recipe.yaml", dump_recipe(recipe))
     if job.stages[0] == "finetune":
         seed_prepared_training_set(run, job.spec["_training_path"])
-    install_training_callback(progress)
     summary: dict[str, Any] = {}
     done: list[str] = list(progress.details.get("stages_completed", []))
-    for name in job.stages:
-        progress.update(force=True, stage=name, stages=job.stages, stages_completed=done)
+
+    def starting(name: str) -> None:
+        progress.update(force=True, stage=name, stages=job.stages, stages_completed=list(done))
         print(f"=== stage {name}", flush=True)
-        t0 = time.perf_counter()
-        manifest = stage_info(name).load()(recipe, run, force=False)
-        summary[name] = {"seconds": round(time.perf_counter() - t0, 2), "skipped": manifest.skipped,
-                         "counts": manifest.counts, "metrics": manifest.metrics}
-        done = [*done, name]
-        progress.update(force=True, stages_completed=done,
-                        stage_counts={**progress.details.get("stage_counts", {}), name: manifest.counts})
+
+    def finished(r: StageResult) -> None:
+        summary[r.name] = {"seconds": round(r.seconds, 2), "skipped": r.manifest.skipped,
+                           "counts": r.manifest.counts, "metrics": r.manifest.metrics}
+        done.append(r.name)
+        progress.update(force=True, stages_completed=list(done),
+                        stage_counts={**progress.details.get("stage_counts", {}), r.name: r.manifest.counts})
+
+    with listening(training_listener(progress)):
+        run_pipeline(recipe, run.root, stages=job.stages, on_stage=starting, on_stage_done=finished)
     if "finetune" in job.stages and not progress.details.get("metrics", {}).get("train_loss"):
         metrics = {**progress.details.get("metrics", {}), "train_loss": trainer_state_losses(run)}
         progress.update(force=True, metrics=metrics)

@@ -36,6 +36,7 @@ from embedtune.train.plan import (
 )
 from embedtune.train.report import plot_curves, write_log, write_summary
 from embedtune.train.trainer import (
+    PublishProgress,
     Throughput,
     build_evaluator,
     clean_checkpoints,
@@ -237,7 +238,7 @@ def _trainer(
         train_dataset=to_dataset(data.train, data.negatives, cfg.seed, scores=LOSSES[plan.loss].needs_scores),
         loss=build_loss(model, plan, cfg.temperature, dims),
         evaluator=evaluator,
-        callbacks=[throughput],
+        callbacks=[throughput, PublishProgress()],
     )
     quiet_trainer(trainer, throughput)
     if cfg.report_to == "tensorboard":

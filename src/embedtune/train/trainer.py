@@ -186,6 +186,29 @@ class StepProgress(TrainerCallback):
             self._bar = None
 
 
+class PublishProgress(TrainerCallback):
+    """Steps, epochs and logged losses as :mod:`embedtune.events` (the platform worker records them on its
+    job; nothing happens when nobody listens)."""
+
+    @staticmethod
+    def _publish(kind, args, state, logs=None) -> None:  # noqa: ANN001 - transformers' types
+        from embedtune.events import TrainingEvent, publish
+
+        if state.is_world_process_zero:
+            numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float)}
+            publish(TrainingEvent(kind, state.global_step, state.max_steps, float(state.epoch or 0.0),
+                                  float(args.num_train_epochs or 0.0), numbers))
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._publish("begin", args, state)
+
+    def on_step_end(self, args, state, control, **kw):
+        self._publish("step", args, state)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self._publish("log", args, state, logs)
+
+
 def close_progress(trainer: Any) -> None:
     """Stop the trainer's StepProgress display (after an exception, transformers calls no on_train_end)."""
     for callback in trainer.callback_handler.callbacks:
