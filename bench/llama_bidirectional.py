@@ -10,10 +10,11 @@ What it does, all on this machine:
 2. four models scored on the demo run's held-out queries (``prep/eval``) and on a SciFact subset: the causal
    model as is (same weights, causal attention, mean pooling, same prompts), the same weights bidirectional
    without training, the LoRA-merged fine-tune, and all-MiniLM-L6-v2 for reference;
-3. the memory planner (``train/plan.py``) for that fine-tune — activation bytes per passage, the per-device
-   batch, the weights/gradients/AdamW allowance, and the peak it plans (recorded by the finetune stage itself:
-   the process's resident memory when planning + gradients and AdamW state + the batch's activations) — against
-   the measured peak RSS, and examples/s as measured. ``--memory-only`` stops there (a short run for the ratio).
+3. the memory planner (``train/memory.py``, ``train/plan.py``) for that fine-tune — activation bytes per
+   passage, the per-device batch, the weights/gradients/AdamW allowance, and the peak it plans (recorded by the
+   finetune stage itself: the process's resident memory when planning + gradients and AdamW state + the
+   batch's activations) — against the measured peak RSS, and examples/s as measured. ``--memory-only`` stops
+   there (a short run for the ratio).
 
 SciFact subset: every abstract judged relevant to a test claim (all 300 test claims, or the first
 ``--scifact-claims`` by id) plus ``--scifact-extra`` other abstracts drawn at random (seed 0) from the rest.
@@ -197,12 +198,14 @@ def score_all(datasets: dict[str, object], loaders: dict[str, object]) -> dict[s
 
 
 def planner_figures(gguf: Path, args: argparse.Namespace, n_train: int) -> dict[str, object]:
-    """What train/plan.py predicts for this fine-tune, computed as the finetune stage computes it (LoRA added
-    first, so optimizer state is charged to the adapters only)."""
+    """What train/memory.py and plan.py predict for this fine-tune, computed as the finetune stage computes it
+    (LoRA added first, so optimizer state is charged to the adapters only)."""
     from embedtune.config import LoraConfig, ModelConfig, validate_recipe
     from embedtune.models import load_model
     from embedtune.train.lora import add_lora
-    from embedtune.train.plan import hardware, memory_budget, parameter_state_bytes, plan_batches
+    from embedtune.train.machine import hardware
+    from embedtune.train.memory import memory_budget, parameter_state_bytes
+    from embedtune.train.plan import plan_batches
 
     recipe = validate_recipe({"finetune": {"max_steps": args.steps, "global_batch_size": args.batch,
                                            "auto_scale_batch": False, "passages_per_query": 2}})

@@ -21,7 +21,7 @@ from embedtune.artifacts import RunDir, write_jsonl
 from embedtune.config import validate_recipe
 from embedtune.console import setup_logging
 from embedtune.train import run_finetune
-from embedtune.train.plan import cpu_has_native_bf16
+from embedtune.train.machine import cpu_has_native_bf16
 
 WORDS = [
     "protein",

@@ -5,15 +5,16 @@ from __future__ import annotations
 from embedtune.config import LoraConfig
 from embedtune.models import load_model
 from embedtune.train.lora import add_lora, target_modules
-from embedtune.train.plan import Hardware, memory_budget, parameter_state_bytes
+from embedtune.train.machine import Hardware
+from embedtune.train.memory import memory_budget, parameter_state_bytes
 
 CPU = Hardware(False, False, False, "adamw_torch")
 
 
 def test_lora_charges_optimizer_state_to_the_adapters_only(tiny_llama_dir, monkeypatch):
-    from embedtune.train import plan as plan_module
+    from embedtune.train import machine
 
-    monkeypatch.setattr(plan_module, "free_memory", lambda hw: 10_000_000_000)
+    monkeypatch.setattr(machine, "free_memory", lambda hw: 10_000_000_000)
     model = load_model(str(tiny_llama_dir))
     total = sum(p.numel() for p in model.parameters())
     assert parameter_state_bytes(model) == 16 * total  # full fine-tune: weight, gradient, two AdamW moments

@@ -11,7 +11,10 @@ from _train_helpers import synthetic_examples
 from embedtune.artifacts import ArtifactError
 from embedtune.config import FinetuneConfig
 from embedtune.train.data import load_examples, prepare, to_dataset
-from embedtune.train.plan import Hardware, MemoryBudget, activation_bytes, matryoshka_dims, memory_budget, plan_batches
+from embedtune.train.machine import Hardware
+from embedtune.train.matryoshka import matryoshka_dims
+from embedtune.train.memory import MemoryBudget, activation_bytes, memory_budget
+from embedtune.train.plan import plan_batches
 
 
 @pytest.mark.parametrize(
@@ -76,10 +79,10 @@ def test_activation_estimate_matches_what_ran_and_what_was_killed_here():
 
 def test_memory_budget_reads_the_models_shape(tiny_bert_dir, monkeypatch):
     from embedtune.models import load_model
-    from embedtune.train import plan as plan_module
+    from embedtune.train import machine
 
     model = load_model(str(tiny_bert_dir))
-    monkeypatch.setattr(plan_module, "free_memory", lambda hw: 10_000_000_000)
+    monkeypatch.setattr(machine, "free_memory", lambda hw: 10_000_000_000)
     budget = memory_budget(model, 3, Hardware(False, False, False, "adamw_torch"))
     cfg = model[0].auto_model.config
     assert budget.bytes_per_text == activation_bytes(model.max_seq_length, cfg.hidden_size,
@@ -182,7 +185,7 @@ def test_decoder_activation_estimate_matches_what_autograd_saves(tiny_llama_dir,
     from embedtune.config import LoraConfig
     from embedtune.models import load_model
     from embedtune.train.lora import add_lora
-    from embedtune.train.plan import decoder_activation_bytes
+    from embedtune.train.memory import decoder_activation_bytes
 
     model = load_model(str(tiny_llama_dir))
     auto_model = model[0].auto_model
@@ -201,7 +204,7 @@ def test_decoder_activation_estimate_matches_what_autograd_saves(tiny_llama_dir,
 def test_decoder_estimate_grows_with_what_the_config_says(tiny_llama_dir):
     """Eager attention adds the softmax's n*s per token (quadratic in the sequence); SDPA does not."""
     from embedtune.models import load_model
-    from embedtune.train.plan import decoder_activation_bytes
+    from embedtune.train.memory import decoder_activation_bytes
 
     auto_model = load_model(str(tiny_llama_dir))[0].auto_model
     auto_model.set_attn_implementation("sdpa")
@@ -212,17 +215,17 @@ def test_decoder_estimate_grows_with_what_the_config_says(tiny_llama_dir):
 
 def test_encoders_keep_the_encoder_formula(tiny_bert_dir):
     from embedtune.models import load_model
-    from embedtune.train.plan import decoder_activation_bytes
+    from embedtune.train.memory import decoder_activation_bytes
 
     assert decoder_activation_bytes(load_model(str(tiny_bert_dir))[0].auto_model, 64) is None
 
 
 def test_queries_are_counted_at_their_typical_length(tiny_llama_dir, monkeypatch):
     from embedtune.models import load_model
-    from embedtune.train import plan as plan_module
-    from embedtune.train.plan import decoder_activation_bytes, typical_query_tokens
+    from embedtune.train import machine
+    from embedtune.train.memory import decoder_activation_bytes, typical_query_tokens
 
-    monkeypatch.setattr(plan_module, "free_memory", lambda hw: 10_000_000_000)
+    monkeypatch.setattr(machine, "free_memory", lambda hw: 10_000_000_000)
     model = load_model(str(tiny_llama_dir))
     queries = ["short one"] * 19 + [" ".join(["word"] * 500)]  # one very long query: past the max length
     tokens = typical_query_tokens(model, queries)
@@ -245,11 +248,11 @@ def test_cpu_training_uses_bf16_where_the_cpu_multiplies_it_natively_unless_told
                                                                                    expected):
     import torch
 
-    from embedtune.train import plan as plan_module
+    from embedtune.train import machine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(plan_module, "cpu_has_native_bf16", lambda: native)
-    hw = plan_module.hardware(setting)
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: native)
+    hw = machine.hardware(setting)
     assert hw.bf16 is expected
     assert not hw.cuda and not hw.tf32 and hw.optim == "adamw_torch"
 
@@ -258,7 +261,8 @@ def test_attention_dropout_is_set_on_the_live_layers_and_frees_the_attention_sco
     """BERT's self-attention dropout module and Llama's attention_dropout float are both found and set; fused
     SDPA without dropout keeps no attention probabilities for backward, so the planner counts less."""
     from embedtune.models import load_model
-    from embedtune.train.plan import attention_dropout_layers, keeps_attention_scores, set_attention_dropout
+    from embedtune.train.dropout import attention_dropout_layers, set_attention_dropout
+    from embedtune.train.memory import keeps_attention_scores
 
     bert = load_model(str(tiny_bert_dir))
     layers = attention_dropout_layers(bert)

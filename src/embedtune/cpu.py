@@ -1,6 +1,6 @@
 """What this CPU can do, from ``/proc/cpuinfo``: the one place that reads it, for the int8 reduce-range default,
 the sdg manifest's precision line and the benchmarks' printed machine line. (bf16 training asks torch's own
-probes, ``train/plan.cpu_has_native_bf16``: what oneDNN will really use.)
+probes, ``train/machine.cpu_has_native_bf16``: what oneDNN will really use.)
 
 The same 2-core machine type comes with AVX-512 (BF16, VNNI) or with AVX2 only, 3-4x apart in speed: every
 figure has to say which one it came from.

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from embedtune.train.plan import BatchPlan
-
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
     from torch import nn
+
+    from embedtune.train.plan import BatchPlan
 
 
 @dataclass(frozen=True)

@@ -20,20 +20,13 @@ from embedtune.retrieval.metadata import write_metadata
 from embedtune.train.card import base_facts, model_card
 from embedtune.train.data import TrainingData, load_examples, prepare, to_dataset
 from embedtune.train.distributed import init_distributed
+from embedtune.train.dropout import set_attention_dropout
 from embedtune.train.lora import add_lora, merge_lora
 from embedtune.train.losses import LOSSES, build_loss
-from embedtune.train.plan import (
-    BatchPlan,
-    Hardware,
-    MemoryBudget,
-    hardware,
-    matryoshka_dims,
-    memory_budget,
-    plan_batches,
-    return_freed_tensors_to_the_os,
-    set_attention_dropout,
-    typical_query_tokens,
-)
+from embedtune.train.machine import Hardware, hardware, return_freed_tensors_to_the_os
+from embedtune.train.matryoshka import matryoshka_dims
+from embedtune.train.memory import MemoryBudget, memory_budget, typical_query_tokens
+from embedtune.train.plan import BatchPlan, plan_batches
 from embedtune.train.report import plot_curves, write_log, write_summary
 from embedtune.train.trainer import (
     PublishProgress,
@@ -79,91 +72,87 @@ def run_finetune(recipe: Recipe, run: RunDir, *, force: bool = False, resume: bo
     if done is not None:
         return done
 
+    model = _load_for_training(recipe, cfg)
+    data = prepare(examples, cfg.passages_per_query - 1, cfg.validation_fraction, cfg.val_corpus_size, cfg.seed)
+    _report_data(data, len(examples), cfg)
+    hw, memory, plan, dims = _plan_training(cfg, model, data, dist.world_size)
+    evaluator = build_evaluator(data.validation, model, plan.per_device) if data.validation else None
+    base_score, metric = _evaluate_base(evaluator, model)
+    checkpoints = stage.dir / "checkpoints"
+    resume_from = _resume_point(checkpoints, config_hash({"config": config, "inputs": stage.inputs}), dist,
+                                keep=resume and not force)
+    trainer, throughput = _trainer(cfg, plan, hw, model, data, evaluator, metric, checkpoints, dims)
+    seconds = _train(trainer, resume_from, plan.total_steps)
+
+    manifest = None
+    if dist.is_main:
+        metrics = {"train_seconds": round(seconds, 2),
+                   "examples_per_second": round(throughput.examples_per_second, 3),
+                   "base_val_ndcg@10": base_score, "resumed_from_step": _step_of(resume_from),
+                   "precision": "bf16-mixed" if hw.bf16 else "fp32", **_memory_plan(memory, plan)}
+        manifest = _finish(stage, model, trainer, cfg, plan, data, dims, len(examples), metrics, metric,
+                           (base_facts(resolve(recipe.model).path, recipe.model.name), config))
+    dist.barrier()
+    return manifest if manifest is not None else run.manifest(STAGE)  # type: ignore[return-value]
+
+
+def _load_for_training(recipe: Recipe, cfg: FinetuneConfig):  # noqa: ANN202 - a SentenceTransformer
     model = load_model(recipe.model)
     if cfg.finetuning_type == "lora_merged":
         # An unknown architecture fails here, before anything else happens. Added before the memory plan, which
         # then charges optimizer state to the adapters only; they start at zero (peft's LoRA B = 0), so the
-        # base evaluation below still scores the base model exactly.
+        # base evaluation still scores the base model exactly.
         add_lora(model, cfg.lora)
     if cfg.attention_dropout is not None:
         changed = set_attention_dropout(model, cfg.attention_dropout)
         log.info("attention dropout %g in %d layers while training", cfg.attention_dropout, changed)
-    data = prepare(
-        examples, cfg.passages_per_query - 1, cfg.validation_fraction, cfg.val_corpus_size, cfg.seed
-    )
-    _report_data(data, len(examples), cfg)
+    return model
+
+
+def _plan_training(cfg: FinetuneConfig, model, data: TrainingData,  # noqa: ANN001 - a SentenceTransformer
+                   world_size: int) -> tuple[Hardware, MemoryBudget | None, BatchPlan, list[int] | None]:
+    """The machine, the memory budget, the batch plan and the Matryoshka sizes, said in one log line."""
     hw = hardware(cfg.cpu_bf16)
     if not hw.cuda:
         return_freed_tensors_to_the_os()  # else glibc keeps a forward's freed temporaries: ~1.5 GB on a 135M decoder
     # Passages (positive + hard negatives) run to the model's max length; queries at their typical length.
-    memory = memory_budget(model, data.negatives + 1, hw, world_size=dist.world_size,
+    memory = memory_budget(model, data.negatives + 1, hw, world_size=world_size,
                            query_tokens=typical_query_tokens(model, [ex.query for ex in data.train]))
-    plan = plan_batches(cfg, len(data.train), dist.world_size, memory)
+    plan = plan_batches(cfg, len(data.train), world_size, memory)
     dims = matryoshka_dims(cfg.matryoshka_dims, model.get_embedding_dimension())
-    log.info(
-        "loss %s (scale %.0f%s), global batch %d = %d x %d ranks, %d steps, Matryoshka %s",
-        plan.loss,
-        1 / cfg.temperature,
-        f", mini-batch {plan.mini_batch}" if plan.mini_batch else "",
-        plan.global_batch,
-        plan.per_device,
-        plan.world_size,
-        plan.total_steps,
-        dims or "off",
-    )
+    log.info("loss %s (scale %.0f%s), global batch %d = %d x %d ranks, %d steps, Matryoshka %s", plan.loss,
+             1 / cfg.temperature, f", mini-batch {plan.mini_batch}" if plan.mini_batch else "", plan.global_batch,
+             plan.per_device, plan.world_size, plan.total_steps, dims or "off")
+    return hw, memory, plan, dims
 
-    evaluator = build_evaluator(data.validation, model, plan.per_device) if data.validation else None
-    base_score, metric = _evaluate_base(evaluator, model)
 
-    checkpoints = stage.dir / "checkpoints"
+def _resume_point(checkpoints: Path, identity: str, dist, keep: bool) -> str | None:  # noqa: ANN001
+    """The checkpoint to resume from (None: start afresh). Checkpoints of another config or input are removed
+    first, and all of them when ``keep`` is false (``--force`` or ``resume=False``)."""
     if dist.is_main:
-        clean_checkpoints(
-            checkpoints, config_hash({"config": config, "inputs": stage.inputs}), resume and not force
-        )
+        clean_checkpoints(checkpoints, identity, keep)
     dist.barrier()
     resume_from = dist.from_main(_str_or_none(last_checkpoint(checkpoints)) if dist.is_main else None)
     if resume_from:
         log.info("resuming from %s", Path(resume_from).name)
+    return resume_from
 
-    trainer, throughput = _trainer(cfg, plan, hw, model, data, evaluator, metric, checkpoints, dims)
+
+def _train(trainer, resume_from: str | None, total_steps: int) -> float:  # noqa: ANN001
+    """Train (or resume); returns the seconds it took."""
     t0 = time.perf_counter()
-    if resume_from and _holds_every_step(trainer, resume_from, plan.total_steps):
-        log.info("%s already holds all %d steps: finishing from it without training",
-                 Path(resume_from).name, plan.total_steps)
-    else:
-        try:
-            trainer.train(resume_from_checkpoint=resume_from)
-        finally:  # a failed or interrupted training gets no on_train_end: its progress heartbeat must stop too
-            close_progress(trainer)
-        # Mixed precision wraps the model's forward in bf16 autocast; what follows (LoRA merge, saving, any
-        # scoring of the in-memory model) runs the plain fp32 forward, as the saved model will.
-        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    seconds = time.perf_counter() - t0
-
-    manifest = None
-    if dist.is_main:
-        manifest = _finish(
-            stage,
-            model,
-            trainer,
-            cfg,
-            plan,
-            data,
-            dims,
-            len(examples),
-            {
-                "train_seconds": round(seconds, 2),
-                "examples_per_second": round(throughput.examples_per_second, 3),
-                "base_val_ndcg@10": base_score,
-                "resumed_from_step": _step_of(resume_from),
-                "precision": "bf16-mixed" if hw.bf16 else "fp32",
-                **_memory_plan(memory, plan),
-            },
-            metric,
-            (base_facts(resolve(recipe.model).path, recipe.model.name), config),
-        )
-    dist.barrier()
-    return manifest if manifest is not None else run.manifest(STAGE)  # type: ignore[return-value]
+    if resume_from and _holds_every_step(trainer, resume_from, total_steps):
+        log.info("%s already holds all %d steps: finishing from it without training", Path(resume_from).name,
+                 total_steps)
+        return time.perf_counter() - t0
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:  # a failed or interrupted training gets no on_train_end: its progress heartbeat must stop too
+        close_progress(trainer)
+    # Mixed precision wraps the model's forward in bf16 autocast; what follows (LoRA merge, saving, any
+    # scoring of the in-memory model) runs the plain fp32 forward, as the saved model will.
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    return time.perf_counter() - t0
 
 
 def _memory_plan(memory: MemoryBudget | None, plan: BatchPlan) -> dict[str, int | None]:

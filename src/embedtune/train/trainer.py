@@ -13,7 +13,8 @@ from transformers import TrainerCallback
 from embedtune.config import FinetuneConfig
 from embedtune.console import log
 from embedtune.train.data import Validation
-from embedtune.train.plan import BatchPlan, Hardware
+from embedtune.train.machine import Hardware
+from embedtune.train.plan import BatchPlan
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
