@@ -36,7 +36,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, poll: float = 0.
 
 
 def pid_alive(pid: int | None) -> bool:
-    from embedtune.platform.scheduler import pid_alive as alive
+    from embedtune.platform.processes import pid_alive as alive
 
     return alive(pid)
 

@@ -260,7 +260,7 @@ def test_decoder_attention_is_kept_as_the_model_runs_it_by_default(tiny_llama_di
 
 
 def test_serving_precision_is_int8_on_a_cpu_fp32_on_a_gpu_and_a_missing_file_is_named(tmp_path):
-    from embedtune.retrieval.formats import pick_precision
+    from embedtune.retrieval.precision import pick_precision
 
     (tmp_path / "model.onnx").write_bytes(b"x")
     assert pick_precision(tmp_path, on_gpu=False) == "fp32"  # no int8 exported

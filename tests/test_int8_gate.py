@@ -7,8 +7,8 @@ import json
 import pytest
 
 from embedtune.retrieval.encoders import served_model
-from embedtune.retrieval.formats import pick_precision
 from embedtune.retrieval.metadata import int8_parity_failure, write_metadata
+from embedtune.retrieval.precision import pick_precision
 
 
 def export_folder(tmp_path, int8_passed: bool | None):

@@ -86,3 +86,90 @@ def test_the_walk_catches_a_planted_import(tmp_path, monkeypatch, own, source, e
     target.write_text(source)
     monkeypatch.setattr(__import__(__name__), "PACKAGE", root)
     assert [v.split(": ", 1)[1] for v in violations()] == [expected]
+
+
+# ------------------------------------------------------------------------------------------ import circles
+
+
+def module_imports(package: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, inside functions too (an import deferred into a function
+    still closes a circle); ``if TYPE_CHECKING:`` imports are left out (they never run). ``from pkg import
+    sub`` of a submodule counts as importing ``pkg.sub``, not ``pkg``'s ``__init__``."""
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(node.test) for stmt in node.body for n in ast.walk(stmt)}
+        package_of = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package_of.split(".")[: len(package_of.split(".")) - node.level + 1] if node.level else []
+                mod = ".".join([*base, *([node.module] if node.module else [])])
+                subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in modules]
+                targets = subs if len(subs) == len(node.names) else [mod, *subs]
+            else:
+                continue
+            deps |= {o for t in targets if (o := owner(t)) and o != name}
+        graph[name] = deps
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while (w := stack.pop()) != v:
+                group.append(w)
+            if group:
+                circles.append(sorted([v, *group]))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_no_import_circle():
+    assert import_circles(module_imports(PACKAGE)) == []
+
+
+def test_the_circle_walk_catches_one_closed_inside_a_function(tmp_path):
+    root = tmp_path / "embedtune"
+    (root / "platform").mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "platform" / "__init__.py").write_text("")
+    (root / "platform" / "a.py").write_text("from embedtune.platform.b import f\n")
+    (root / "platform" / "b.py").write_text("def f():\n    from embedtune.platform import a\n")
+    (root / "platform" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                             "    from embedtune.platform import a\n")
+    (root / "platform" / "d.py").write_text("from embedtune.platform import c\n")
+    assert import_circles(module_imports(root)) == [["embedtune.platform.a", "embedtune.platform.b"]]

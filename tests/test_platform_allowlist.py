@@ -25,8 +25,8 @@ from embedtune.platform import PlatformSettings, create_app
 from embedtune.platform import db as tables
 from embedtune.platform.auth import create_key
 from embedtune.platform.errors import PlatformError
+from embedtune.platform.processes import HOST
 from embedtune.platform.sandbox import check_final, check_recipe, field_policy, leaves
-from embedtune.platform.scheduler import HOST
 from embedtune.retrieval import load_beir
 
 WS = "/v2/workspaces/default"

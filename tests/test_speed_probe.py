@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from embedtune.retrieval import speed_probe
-from embedtune.retrieval.formats import pick_precision
+from embedtune.retrieval.precision import pick_precision
 from test_serve_models import bag_of_embeddings_graph
 
 

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from embedtune.console import log
+from embedtune.models.spec import DECODER_TYPES
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 OUTPUT_NAME = "embeddings"
-DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"}
 
 
 @dataclass(frozen=True)

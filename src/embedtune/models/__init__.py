@@ -18,36 +18,22 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedtune.config import ModelConfig
+from embedtune.models.spec import DECODER_TYPES, ModelNotFoundError, ModelSpec
+
+__all__ = ["DECODER_TYPES", "DOCUMENT", "QUERY", "ModelNotFoundError", "ModelSpec", "encode_passages",
+           "encode_queries", "load_model", "max_tokens", "resolve"]
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 QUERY, DOCUMENT = "query", "document"
-
-
-class ModelNotFoundError(ValueError):
-    """The model spec names nothing that can be loaded here."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    path: str  # local folder or hub id
-    query_prompt: str = ""
-    passage_prompt: str = ""
-    pooling: str | None = None
-    max_seq_length: int | None = None
-
-    @property
-    def is_local(self) -> bool:
-        return Path(self.path).is_dir()
 
 
 def _shipped_minilm() -> ModelSpec:
@@ -158,9 +144,6 @@ def _from_transformers_folder(spec: ModelSpec, device: str | None) -> SentenceTr
     word = models.Transformer(spec.path, max_seq_length=spec.max_seq_length)
     pooling = models.Pooling(word.get_word_embedding_dimension(), pooling_mode=spec.pooling or "mean")
     return SentenceTransformer(modules=[word, pooling, models.Normalize()], device=device)
-
-
-DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"}
 
 
 def _load_from_hub(spec: ModelSpec, device: str | None) -> SentenceTransformer:

@@ -17,8 +17,9 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from embedtune.models import DECODER_TYPES, ModelNotFoundError, ModelSpec, cache
+from embedtune.models import cache
 from embedtune.models.bidirectional import PASSAGE_PROMPT, QUERY_PROMPT
+from embedtune.models.spec import DECODER_TYPES, ModelNotFoundError, ModelSpec
 
 # Bump when the converted folder changes, so that old caches are rebuilt instead of reused.
 CONVERTER_VERSION = 2  # 2: no chat template (texts are embedded as they are, not as chat turns)

@@ -11,7 +11,6 @@ evaluation jobs send it, so another local user of the host cannot use the loopba
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -27,12 +26,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from embedtune.platform import db
+from embedtune.platform.deployment_keys import auth_headers, key_path
 from embedtune.platform.executors import worker_env
-from embedtune.platform.scheduler import HOST, pid_alive
+from embedtune.platform.processes import HOST, pid_alive
 from embedtune.platform.settings import PlatformSettings
 from embedtune.serve.keys import ensure_key_file
-
-KEY_FILE = "serve.key"
 
 log = logging.getLogger("embedtune.platform")
 
@@ -47,27 +45,6 @@ def tail(path: Path, lines: int = 20) -> str:
     if not path.is_file():
         return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def key_path(data_dir: Path, dep_id: str) -> Path:
-    return data_dir / "deployments" / dep_id / KEY_FILE
-
-
-@functools.lru_cache(maxsize=1024)
-def _read_key(path: Path) -> str | None:
-    # Read once per deployment, not on every gateway request: a deployment's key never changes (ids are random).
-    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
-
-
-def deployment_key(data_dir: Path, dep_id: str) -> str | None:
-    """The deployment's API key; None for one started before deployments had keys."""
-    return _read_key(key_path(data_dir, dep_id))
-
-
-def auth_headers(data_dir: Path, dep_id: str) -> dict[str, str]:
-    """The Authorization header for a deployment's server (none for a key-less one)."""
-    key = deployment_key(data_dir, dep_id)
-    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 class DeploymentManager:

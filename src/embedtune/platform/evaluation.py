@@ -42,7 +42,7 @@ def run_evaluation(job: db.Job, sessions: sessionmaker[Session], settings: Platf
     if spec.get("_deployment_url"):
         progress.update(force=True, stage="encode (deployment)")
         qids, dids = list(dataset.queries), list(dataset.corpus)
-        from embedtune.platform.deployments import deployment_key
+        from embedtune.platform.deployment_keys import deployment_key
 
         client = EndpointEncoder(spec["_deployment_url"], spec.get("_served_model") or "model",
                                  batch_size=spec["batch_size"], label="deployment",

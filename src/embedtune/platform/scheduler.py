@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -39,28 +38,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from embedtune.platform import db
 from embedtune.platform.executors import Executor
+from embedtune.platform.processes import HOST, pid_alive
 from embedtune.platform.settings import PlatformSettings
 
 log = logging.getLogger("embedtune.platform")
-HOST = socket.gethostname()
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by a parent that is gone) is dead for our purposes.
-    with contextlib.suppress(OSError, IndexError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
 def job_log_path(settings: PlatformSettings, job_id: str) -> Path:
     return settings.data_dir / "jobs" / job_id / "job.log"
 

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 
 from embedtune.console import log, progress
-from embedtune.retrieval.formats import ONNX_FILES, OnnxPrecision, model_file, pick_precision
+from embedtune.retrieval.formats import ONNX_FILES, OnnxPrecision, model_file
+from embedtune.retrieval.precision import pick_precision
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -1,4 +1,4 @@
-"""The generator plug-in interface and registry.
+"""The generator plug-in interface (the registry that names generators is :mod:`embedtune.sdg.registry`).
 
 A generator turns chunks into candidate queries. Everything after that (filters, de-duplication,
 round-trip consistency, writing ``sdg/queries.jsonl`` and the manifest) is shared by all generators, so a
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,38 +120,3 @@ class Generator(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free models or connections."""
-
-
-GeneratorFactory = Callable[..., Generator]
-_REGISTRY: dict[str, GeneratorFactory] = {}
-
-
-def register_generator(name: str, cls: GeneratorFactory) -> None:
-    """Make ``cls`` selectable as ``sdg.generator: <name>``; called as ``cls(recipe, cache, workdir)``."""
-    _REGISTRY[name] = cls
-
-
-def generator_names() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
-def get_generator(name: str) -> GeneratorFactory:
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        names = ", ".join(sorted(_REGISTRY))
-        raise SdgError(f"unknown sdg.generator {name!r}; registered: {names}") from None
-
-
-def _load_builtins() -> None:
-    # Imported lazily: the llm generator needs `openai`, the local one `transformers`.
-    if "local" not in _REGISTRY:
-        from embedtune.sdg.local import LocalGenerator
-
-        _REGISTRY.setdefault("local", LocalGenerator)
-    if "llm" not in _REGISTRY:
-        from embedtune.sdg.llm import LLMGenerator
-
-        _REGISTRY.setdefault("llm", LLMGenerator)

@@ -33,10 +33,11 @@ from embedtune.artifacts import Manifest, RunDir, write_json, write_jsonl
 from embedtune.config import Recipe
 from embedtune.console import log
 from embedtune.schemas import Chunk, GeneratorInfo, SyntheticQuery
-from embedtune.sdg.base import Candidate, Generator, get_generator
+from embedtune.sdg.base import Candidate, Generator
 from embedtune.sdg.cache import ResponseCache
 from embedtune.sdg.examples import file_digest, load_examples
 from embedtune.sdg.filters import QueryFilter
+from embedtune.sdg.registry import get_generator
 
 QUERIES = "queries.jsonl"
 REJECTED = "rejected.jsonl"

@@ -15,8 +15,9 @@ from typing import Literal
 import numpy as np
 
 from embedtune.config import ServePrecision
-from embedtune.retrieval.formats import model_file, pick_precision
+from embedtune.retrieval.formats import model_file
 from embedtune.retrieval.metadata import read_metadata
+from embedtune.retrieval.precision import pick_precision
 from embedtune.serve.tokens import InputType, Tokenization, Truncate
 
 BackendKind = Literal["auto", "onnx", "torch"]

@@ -45,12 +45,10 @@ def revision(message: str, rev_id: str | None = None) -> Path:
     from alembic import command
     from alembic.script import ScriptDirectory
 
-    from embedtune.platform import db
-
     scripts = ScriptDirectory.from_config(config())
     rev_id = rev_id or f"{len(list(scripts.walk_revisions())) + 1:04d}"
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/draft.db"
-        db.upgrade(url)
+        command.upgrade(config(url=url), "head")  # a new, empty database: nothing to stamp or lock
         script = command.revision(config(url=url), message=message, autogenerate=True, rev_id=rev_id)
     return Path(script.path)

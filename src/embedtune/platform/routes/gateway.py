@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from embedtune.platform import db
-from embedtune.platform.deployments import auth_headers
+from embedtune.platform.deployment_keys import auth_headers
 from embedtune.platform.errors import PlatformError, error_response
 from embedtune.platform.routes.common import ERRORS, WS, P
 from embedtune.platform.state import Platform
