@@ -41,7 +41,7 @@ def main() -> None:
 
     from embedtune.convert.cached import cached_int8_encoder
     from embedtune.models import encode_passages, encode_queries, load_model
-    from embedtune.retrieval import load_beir
+    from embedtune.retrieval.beir import load_beir
     from embedtune.sdg.filters import check_roundtrip, near_duplicates, roundtrip_ranks
 
     if not (SHARED / "corpus.jsonl").is_file():

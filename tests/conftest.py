@@ -104,6 +104,12 @@ def tiny_llama_dir(tmp_path_factory, default_model_dir) -> Path:
     return out
 
 
+def is_bidirectional(st) -> bool:  # noqa: ANN001 - a SentenceTransformer
+    """True when the model's first module is a transformer whose config disables causal attention."""
+    auto_model = getattr(st[0], "auto_model", None)
+    return auto_model is not None and getattr(auto_model.config, "is_causal", True) is False
+
+
 def make_documents(n_per_topic: int = 4, seed: int = 0) -> list[dict[str, str]]:
     """Small topical documents: each a few sentences drawn from one topic's vocabulary."""
     rng = random.Random(seed)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from _train_helpers import make_run, synthetic_examples, tiny_recipe
+from conftest import is_bidirectional
 from embedtune.models import load_model
-from embedtune.models.bidirectional import is_bidirectional
 
 TEXTS = ["alpha beta gamma delta", "stars planets orbit", "a much longer sentence with padding effects here"]
 

@@ -96,8 +96,8 @@ def llama_run(tmp_path_factory):
 def test_lora_merged_llama_is_a_plain_bidirectional_folder_that_moved(llama_run):
     from sentence_transformers import SentenceTransformer
 
+    from conftest import is_bidirectional
     from embedtune.models import load_model
-    from embedtune.models.bidirectional import is_bidirectional
 
     run, gguf = llama_run
     manifest = json.loads((run / "finetune" / "manifest.json").read_text())

@@ -27,7 +27,7 @@ from embedtune.platform.auth import create_key
 from embedtune.platform.errors import PlatformError
 from embedtune.platform.processes import HOST
 from embedtune.platform.sandbox import check_final, check_recipe, field_policy, leaves
-from embedtune.retrieval import load_beir
+from embedtune.retrieval.beir import load_beir
 
 WS = "/v2/workspaces/default"
 KINDS = {"value", "allowed", "dataset", "platform", "closed"}

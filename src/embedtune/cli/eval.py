@@ -23,8 +23,6 @@ from embedtune.cli._app import (
 from embedtune.config import Recipe
 from embedtune.console import console
 
-HEADLINE = ["ndcg@1", "ndcg@10", "recall@10", "recall@100", "precision@10", "map@10", "mrr@10"]
-
 
 @app.command("eval")
 @user_errors
@@ -101,8 +99,7 @@ def _check_index(index: Path, dataset: Path | None, split: str, config: Path | N
                  verbose: bool, fail_on_drift: bool, out: Path | None) -> None:
     from rich.table import Table
 
-    from embedtune.retrieval.deployed import HEADLINE as INDEX_HEADLINE
-    from embedtune.retrieval.deployed import evaluate_run_index
+    from embedtune.retrieval.deployed import CHECKED, evaluate_run_index
 
     if dataset is None:
         raise ValueError("--index needs --dataset: the BEIR folder whose queries to run through the index")
@@ -113,12 +110,12 @@ def _check_index(index: Path, dataset: Path | None, split: str, config: Path | N
                         f"fusion {result['fusion']}, BM25 weight {result['bm25_weight']})")
     table.add_column("mode")
     table.add_column("search")
-    for key in INDEX_HEADLINE:
+    for key in CHECKED:
         table.add_column(key, justify="right")
     for mode in result["deployed"]:
         for side in ("deployed", "exact"):
             label = "Milvus (deployed)" if side == "deployed" else "in-process (exact)"
-            table.add_row(mode, label, *(f"{result[side][mode][k]:.4f}" for k in INDEX_HEADLINE))
+            table.add_row(mode, label, *(f"{result[side][mode][k]:.4f}" for k in CHECKED))
     console.print(table)
     console.print(f"[dim]{result['written_to']}[/]")
     for failure in result["failures"]:
@@ -152,8 +149,9 @@ def _stage(recipe: Recipe, run_dir: Path | None, force: bool):
 
 def _table(results: dict[str, Any]):
     from embedtune.evaluate.report import rich_table
+    from embedtune.retrieval.metrics import DETAILED
 
-    return rich_table(results, [m for m in HEADLINE if m in results[results["models"][0]]])
+    return rich_table(results, [m for m in DETAILED if m in results[results["models"][0]]])
 
 
 def _write(results: dict[str, Any], out: Path) -> None:

@@ -23,6 +23,7 @@ from embedtune.cli._app import (
 from embedtune.console import console
 from embedtune.evaluate.report import pretty
 from embedtune.pipeline import STAGE_NAMES, StageResult, run_pipeline
+from embedtune.retrieval.metrics import HEADLINE
 from embedtune.retrieval.release import Retrieval
 
 
@@ -81,7 +82,6 @@ def _read_results(path: Path) -> dict:
         return {}
 
 
-KEYS = ("ndcg@10", "recall@10", "map@10")
 
 
 def quality_table(results: dict) -> Table:
@@ -90,12 +90,12 @@ def quality_table(results: dict) -> Table:
     n, role = results.get("n_queries", 0), results.get("decided_on", "queries")
     table = Table(title=f"retrieval quality on {n} {role} ({results.get('dataset', '')})")
     table.add_column("retrieval")
-    for k in KEYS:
+    for k in HEADLINE:
         table.add_column(pretty(k), justify="right")
     table.add_column("nDCG@10 vs base [95 % paired interval]", justify="right")
     paired = (results.get("paired") or {}).get("retrievals") or {}
     for key, values in _rows(results):
-        cells = [f"{values[k]:.4f}" if k in values else "-" for k in KEYS]
+        cells = [f"{values[k]:.4f}" if k in values else "-" for k in HEADLINE]
         d = paired.get(key)
         mark = "" if d is None else " [green]better[/]" if d["low"] > 0 else " [red]worse[/]" if d["high"] < 0 else ""
         cells.append("" if d is None else f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{mark}")

@@ -121,7 +121,8 @@ def retrieval_vs_fp32(fp32: OnnxEncoder, derived: OnnxEncoder, eval_dir: Path, k
     ``reference(queries, passages)`` may return the fp32 side's vectors without encoding: the eval stage's
     cached PyTorch vectors of the same texts, which the fp32 graph reproduces (:func:`onnx_vs_torch` checked
     that first, to cosine 0.9999). None from it: the fp32 graph encodes them."""
-    from embedtune.retrieval import RankingSpec, evaluate_embeddings, load_beir
+    from embedtune.retrieval.beir import load_beir
+    from embedtune.retrieval.metrics import RankingSpec, evaluate_embeddings
 
     data = load_beir(eval_dir)
     qids, dids = list(data.queries), list(data.corpus)

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from embedtune.artifacts import atomic_open, write_text
 from embedtune.retrieval import release
+from embedtune.retrieval.metrics import HEADLINE
 
-HEADLINE = ("ndcg@10", "recall@10", "map@10")  # the bars of the plot
 NAMES = {"ndcg": "nDCG", "recall": "Recall", "precision": "Precision", "map": "MAP", "mrr": "MRR"}
 
 

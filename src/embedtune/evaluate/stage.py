@@ -12,12 +12,12 @@ from embedtune.config import EvalConfig, Recipe
 from embedtune.console import log
 from embedtune.evaluate.bm25 import evaluate_bm25
 from embedtune.evaluate.core import evaluate_encoder
-from embedtune.evaluate.report import HEADLINE, write_reports
+from embedtune.evaluate.report import write_reports
 from embedtune.retrieval.beir import BeirDataset, load_beir
 from embedtune.retrieval.bm25 import BM25Index
 from embedtune.retrieval.cache import EmbeddingCache, stage_cache
 from embedtune.retrieval.encoders import Encoder, load_encoder
-from embedtune.retrieval.metrics import PER_QUERY, PerQuery, RankingSpec
+from embedtune.retrieval.metrics import HEADLINE, PER_QUERY, PerQuery, RankingSpec
 from embedtune.retrieval.release import decide, paired_vs
 from embedtune.schemas import query_key
 

@@ -174,7 +174,7 @@ def _eval_set(recipe: Recipe, run: RunDir) -> Path | None:
 def _eval_samples(eval_dir: Path | None) -> tuple[list[str], list[str]]:
     if eval_dir is None:
         return [], []
-    from embedtune.retrieval import load_beir
+    from embedtune.retrieval.beir import load_beir
 
     data = load_beir(eval_dir)
     queries = list(data.queries.values())[:PROBE_SAMPLES_FROM_EVAL]

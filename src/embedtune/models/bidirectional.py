@@ -66,12 +66,6 @@ def make_bidirectional(model: torch.nn.Module) -> None:
             module.is_causal = False
 
 
-def is_bidirectional(st: SentenceTransformer) -> bool:
-    """True when the model's first module is a transformer whose config disables causal attention."""
-    auto_model = getattr(st[0], "auto_model", None)
-    return auto_model is not None and getattr(auto_model.config, "is_causal", True) is False
-
-
 def _ensure_pad_token(tokenizer) -> None:
     # Llama tokenizers ship without a pad token; batching needs one (mean pooling ignores padded positions).
     if tokenizer.pad_token is None:

@@ -311,7 +311,7 @@ def find_beir_folder(root: Path, label: str, limit: int = 100_000) -> Path:
 
 
 def validate_beir(folder: Path, label: str) -> dict[str, Any]:
-    from embedtune.retrieval import load_beir
+    from embedtune.retrieval.beir import load_beir
 
     splits = sorted(p.stem for p in (folder / "qrels").glob("*.tsv")) if (folder / "qrels").is_dir() else []
     if not splits:

@@ -32,7 +32,9 @@ def nvidia_names(metrics: dict[str, float]) -> dict[str, float]:
 
 def run_evaluation(job: db.Job, sessions: sessionmaker[Session], settings: PlatformSettings, progress) -> dict:  # noqa: ANN001
     from embedtune.evaluate import evaluate_model
-    from embedtune.retrieval import EndpointEncoder, RankingSpec, evaluate_embeddings, load_beir
+    from embedtune.retrieval.beir import load_beir
+    from embedtune.retrieval.encoders import EndpointEncoder
+    from embedtune.retrieval.metrics import RankingSpec, evaluate_embeddings
 
     spec = job.spec
     progress.update(force=True, stage="load")

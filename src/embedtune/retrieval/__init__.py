@@ -9,29 +9,6 @@
 - :mod:`~embedtune.retrieval.metrics` — pytrec_eval metrics of a run;
 - :mod:`~embedtune.retrieval.ids`, :mod:`~embedtune.retrieval.metadata` — passage ids, ``embedtune.json``.
 
-Names are imported lazily so that importing one light piece (ids, metadata) never pulls in torch.
+Import from the module that defines a name (``from embedtune.retrieval.beir import load_beir``): importing
+the package itself loads nothing, so a light piece (ids, metadata) never pulls in torch.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_LOCATIONS = {
-    "BeirDataset": "beir", "load_beir": "beir",
-    "EmbeddingCache": "cache", "default_cache_dir": "cache", "encode_cached": "cache",
-    "Encoder": "encoders", "LocalEncoder": "encoders", "EndpointEncoder": "encoders", "OnnxModelEncoder": "encoders",
-    "load_encoder": "encoders", "model_fingerprint": "encoders", "normalize": "encoders",
-    "OnnxEncoder": "onnx",
-    "dense_search": "search", "search": "search", "to_run": "search",
-    "BM25Index": "bm25", "fuse": "fusion", "hybrid_search": "fusion",
-    "compute_metrics": "metrics", "evaluate_embeddings": "metrics", "RankingSpec": "metrics",
-    "passage_id": "ids", "METADATA_FILE": "metadata", "read_metadata": "metadata", "matryoshka_dims": "metadata",
-}
-__all__ = sorted(_LOCATIONS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LOCATIONS:
-        raise AttributeError(f"module 'embedtune.retrieval' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"embedtune.retrieval.{_LOCATIONS[name]}"), name)

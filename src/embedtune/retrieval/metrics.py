@@ -7,9 +7,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pytrec_eval
-
-from embedtune.retrieval.search import search, to_run
 
 if TYPE_CHECKING:
     from embedtune.retrieval.beir import BeirDataset
@@ -17,6 +14,10 @@ if TYPE_CHECKING:
 METRIC_NAMES = ("ndcg", "recall", "precision", "map")
 # Kept per query for every retrieval (``eval/results.json`` ``per_query``): what paired tests run on.
 PER_QUERY = ("ndcg@10", "recall@10")
+#: The figures a summary shows (eval's report, plot and manifest, the run summary, the deployed check).
+HEADLINE = ("ndcg@10", "recall@10", "map@10")
+#: The wider table ``embedtune eval`` prints.
+DETAILED = ("ndcg@1", "ndcg@10", "recall@10", "recall@100", "precision@10", "map@10", "mrr@10")
 
 PerQuery = dict[str, dict[str, float]]  # query id -> {metric: value}
 
@@ -51,6 +52,8 @@ class RankingSpec:
 
     def to_run(self, query_ids: list[str], doc_ids: list[str], scores: np.ndarray,
                idx: np.ndarray) -> dict[str, dict[str, float]]:
+        from embedtune.retrieval.search import to_run  # torch: loaded only when a run is built
+
         return to_run(query_ids, doc_ids, scores, idx, self.ignore_identical_ids)
 
 
@@ -72,6 +75,8 @@ def compute_metrics(
     """
     ks = ",".join(map(str, k_values))
     measures = {f"ndcg_cut.{ks}", f"recall.{ks}", f"P.{ks}", f"map_cut.{ks}"}
+    import pytrec_eval
+
     evaluator = pytrec_eval.RelevanceEvaluator(qrels, measures)
     # Queries absent from the run would be skipped by pytrec_eval; BEIR counts them as zeros.
     per_query_all = evaluator.evaluate({q: run.get(q, {}) or {"__none__": 0.0} for q in qrels})
@@ -113,6 +118,8 @@ def evaluate_embeddings(
     ``per_query`` as in :func:`compute_metrics`."""
     if dimensions is not None:
         query_emb, doc_emb = truncate(query_emb, dimensions), truncate(doc_emb, dimensions)
+    from embedtune.retrieval.search import search
+
     scores, idx = search(query_emb, doc_emb, top_k=ranking.depth, backend=backend)
     return compute_metrics(dataset.qrels, ranking.to_run(query_ids, doc_ids, scores, idx), ranking.k_values,
                            per_query=per_query)

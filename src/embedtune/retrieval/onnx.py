@@ -99,9 +99,6 @@ class OnnxEncoder:
     def encode_queries(self, texts: Sequence[str], **kw: Any) -> np.ndarray:
         return self.encode(texts, prompt_name="query", **kw)
 
-    def encode_documents(self, texts: Sequence[str], **kw: Any) -> np.ndarray:
-        return self.encode(texts, prompt_name="document", **kw)
-
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         enc = self.tokenizer(list(texts), padding=True, truncation="longest_first", max_length=self.max_seq_length,
                              return_tensors="np")

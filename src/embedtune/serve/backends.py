@@ -97,10 +97,6 @@ class Backend(ABC):
             return self.tokenization.encode_token_ids(inputs, input_type, truncate)  # type: ignore[arg-type]
         return self.tokenization.encode_texts(inputs, input_type, truncate)  # type: ignore[arg-type]
 
-    def count_tokens(self, inputs: Sequence[str] | Sequence[Sequence[int]],
-                     input_type: InputType | None = None, truncate: Truncate = "END") -> int:
-        return sum(len(ids) for ids in self.tokenize(inputs, input_type, truncate))
-
     def embed_tokens(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         """Full-width, L2-normalised float32 embeddings of token-id lists, in the given order.
 
