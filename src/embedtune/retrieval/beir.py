@@ -21,11 +21,12 @@ class BeirDataset:
 
     def passages(self, ids: list[str]) -> list[str]:
         """Title and text joined as BEIR's dense retrievers do."""
-        return [_join(self.corpus[i]) for i in ids]
+        return [passage_text(self.corpus[i].get("title") or "", self.corpus[i].get("text") or "") for i in ids]
 
 
-def _join(doc: dict[str, str]) -> str:
-    title, text = doc.get("title") or "", doc.get("text") or ""
+def passage_text(title: str, text: str) -> str:
+    """What a dense retriever embeds for a titled passage: the title and the text joined as BEIR's dense
+    retrievers do (eval's corpus, the deployed index's chunks)."""
     return f"{title} {text}".strip() if title else text
 
 
