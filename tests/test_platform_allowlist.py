@@ -447,3 +447,11 @@ def test_a_deployment_deleted_during_a_health_check_stays_deleted(api, monkeypat
         assert row.status == "deleted", row.error
     shaped(api.get(f"{WS}/deployments/d"), 404)
     assert api.get(f"{WS}/deployments", params={"include_deleted": True}).json()["data"][0]["status"] == "deleted"
+
+
+def test_an_undeclared_method_is_a_405_naming_the_allowed_ones(shared_api):
+    """RFC 9110: a 405 carries an Allow header (schemathesis' CLI run against the service found it missing)."""
+    resp = shared_api.request("TRACE", f"{WS}/datasets")
+    assert resp.status_code == 405
+    assert set(resp.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST"}
+    assert resp.json()["error"]["code"] == "method_not_allowed"

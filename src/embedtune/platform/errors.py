@@ -44,6 +44,22 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
     return JSONResponse(body.model_dump(), status_code=status)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the routes matching this request's path accept (routers included into the app too)."""
+    def routes(items):  # noqa: ANN001, ANN202 - Starlette routes and FastAPI's included-router entries
+        for route in items:
+            contexts = getattr(route, "effective_route_contexts", None)
+            yield from (contexts() if contexts else [route])
+
+    path = request.scope.get("path", "")
+    methods: set[str] = set()
+    for route in routes(request.app.router.routes):
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(PlatformError)
     async def _platform(_: Request, exc: PlatformError) -> JSONResponse:
@@ -53,9 +69,14 @@ def install_handlers(app: FastAPI) -> None:
         return resp
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # The detail of a framework error can quote the request (e.g. a body it could not parse): cap it.
-        return error_response(exc.status_code, str(exc.detail)[:300])
+        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        resp = error_response(exc.status_code, str(exc.detail)[:300], code=code)
+        resp.headers.update(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # RFC 9110: name every method the path takes (Starlette names one route's)
+            resp.headers["Allow"] = ", ".join(allowed_methods(request))
+        return resp
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
