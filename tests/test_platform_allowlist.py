@@ -349,8 +349,9 @@ def test_two_authorization_headers_are_refused_by_serve():
 
 
 @pytest.fixture
-def small(tmp_path):
-    yield from running_app(tmp_path / "data", quota_jobs=2, quota_deployments=1, quota_bytes=4000)
+def small(tmp_path, db_url):
+    """Quotas are counted in the database: on SQLite and on PostgreSQL."""
+    yield from running_app(tmp_path / "data", db_url=db_url, quota_jobs=2, quota_deployments=1, quota_bytes=4000)
 
 
 def over(resp, limit: str) -> dict:  # noqa: ANN001

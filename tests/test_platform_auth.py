@@ -24,8 +24,9 @@ PUBLIC = {"/v1/health/live", "/v1/health/ready"}
 
 
 @pytest.fixture
-def platform(tmp_path):
-    settings = PlatformSettings(data_dir=tmp_path / "data")
+def platform(tmp_path, db_url):
+    """The service over HTTP on SQLite, then on PostgreSQL (keys, workspaces and the audit log live there)."""
+    settings = PlatformSettings(data_dir=tmp_path / "data", db_url=db_url)
     app = create_app(settings)
     with TestClient(app) as client:
         state = app.state.platform
