@@ -8,6 +8,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from embedtune.serve.errors import FRAMEWORK_CODES
+
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
           409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error",
           429: "rate_limit_error", 502: "bad_gateway", 503: "service_unavailable"}
@@ -71,7 +73,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # The detail of a framework error can quote the request (e.g. a body it could not parse): cap it.
-        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = FRAMEWORK_CODES.get(exc.status_code)
         resp = error_response(exc.status_code, str(exc.detail)[:300], code=code)
         resp.headers.update(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:  # RFC 9110: name every method the path takes (Starlette names one route's)

@@ -87,6 +87,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     return f"{param or 'body'}: {message}{more}", param, "invalid_value"
 
 
+#: The error code of the framework's own HTTP errors (FastAPI's only 400 is a body it could not parse), for
+#: this server and the platform alike.
+FRAMEWORK_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -100,7 +105,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         # FastAPI's only 400 is a body it could not parse (not UTF-8, or JSON nested too deep to decode).
-        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = FRAMEWORK_CODES.get(exc.status_code)
         return ErrorResponse(error_body(exc.status_code, str(exc.detail), code), status_code=exc.status_code,
                              headers=getattr(exc, "headers", None))
 
