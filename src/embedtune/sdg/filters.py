@@ -170,17 +170,30 @@ def roundtrip_ranks(query_emb: np.ndarray, passage_emb: np.ndarray,
     """For each query, the 1-based rank of its best-ranked positive among all passages (ties favour the
     positive). ``positives[i]`` holds row indices into ``passage_emb``. ``rescore(start, end, dense)`` turns
     a block of dense scores into the judge's (e.g. :class:`embedtune.retrieval.fusion.HybridRescorer`)."""
-    ranks = np.empty(len(query_emb), dtype=np.int64)
+    return roundtrip_rank_pairs(query_emb, passage_emb, positives, block, rescore)[0]
+
+
+def roundtrip_rank_pairs(query_emb: np.ndarray, passage_emb: np.ndarray, positives: Sequence[Sequence[int]],
+                         block: int = 1024, rescore: Rescore | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ranks by the judge, ranks by the dense scores alone), from one pass over the dense scores; the two are
+    the same array without ``rescore``."""
+    judged = np.empty(len(query_emb), dtype=np.int64)
+    dense = np.empty(len(query_emb), dtype=np.int64) if rescore is not None else judged
     for start in range(0, len(query_emb), block):
         scores = query_emb[start:start + block] @ passage_emb.T
         if rescore is not None:
             import torch
 
+            _block_ranks(scores, positives, start, dense)
             scores = rescore(start, start + len(scores), torch.from_numpy(np.ascontiguousarray(scores))).numpy()
-        for i, row in enumerate(scores):
-            best = row[list(positives[start + i])].max()
-            ranks[start + i] = 1 + int((row > best).sum())
-    return ranks
+        _block_ranks(scores, positives, start, judged)
+    return judged, dense
+
+
+def _block_ranks(scores: np.ndarray, positives: Sequence[Sequence[int]], start: int, out: np.ndarray) -> None:
+    for i, row in enumerate(scores):
+        best = row[list(positives[start + i])].max()
+        out[start + i] = 1 + int((row > best).sum())
 
 
 def check_roundtrip(rank: int, top_k: int, min_rank: int) -> str | None:
@@ -321,9 +334,8 @@ class QueryFilter:
         row = {c.id: i for i, c in enumerate(self.chunks)}
         positives = [[row[i] for i in c.positive_ids] for c in cands]
         rescorer = self._hybrid_rescorer([c.text for c in cands])
-        ranks = roundtrip_ranks(q, p, positives, rescore=rescorer)
         # What BM25 added: kept queries whose positive the base model alone ranks beyond top_k.
-        dense = roundtrip_ranks(q, p, positives) if rescorer is not None else ranks
+        ranks, dense = roundtrip_rank_pairs(q, p, positives, rescore=rescorer)
         kept, rescued = [], 0
         for cand, rank, dense_rank in zip(cands, ranks, dense, strict=True):
             cand.roundtrip_rank = int(rank)
