@@ -261,10 +261,25 @@ def test_no_auth_flag_serves_anonymously_on_loopback(tmp_path):
     assert not (tmp_path / "d" / "admin.key").exists()
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "embedtune", "platform", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=env, timeout=120, cwd=cwd)
+
+
+def test_cli_data_dir_before_the_subcommand_is_the_one_used(tmp_path):
+    """`platform --data-dir d keys ...` acts on d, as `platform keys ... --data-dir d` does, and writes no
+    platform-data/ into the working folder (it once did, and a database file got committed)."""
+    work, data = tmp_path / "work", tmp_path / "data"
+    work.mkdir()
+    created = run_cli("--data-dir", str(data), "keys", "create", "ci-bot", "--admin", cwd=work)
+    assert created.returncode == 0, created.stderr
+    key_id = created.stdout.strip().splitlines()[-1].split("-")[1]
+    listed = run_cli("keys", "list", "--data-dir", str(data), cwd=work)  # the console writes to stderr
+    assert key_id in listed.stderr
+    upgraded = run_cli("--data-dir", str(data), "db", "upgrade", cwd=work)
+    assert upgraded.returncode == 0 and str(data / "platform.db") in upgraded.stderr.replace("\n", "")
+    assert list(work.iterdir()) == []
 
 
 def test_cli_keys_create_list_revoke(tmp_path):

@@ -22,13 +22,18 @@ app.add_typer(platform_app, name="platform")
 
 DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL \\[default: a SQLite file in --data-dir]")]
 DataDirOpt = Annotated[Path, typer.Option(help="datasets, job run dirs and logs")]
+DEFAULT_DATA_DIR = Path("platform-data")
+# The subcommands take --db/--data-dir too; None means "as given before the subcommand, else the default",
+# so `embedtune platform --data-dir d keys list` and `embedtune platform keys list --data-dir d` agree.
+SubDataDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", help="datasets, job run dirs and logs \\[default: platform-data]")]
 
 @platform_app.callback()
 @user_errors
 def platform_cmd(
     ctx: typer.Context,
     db: DbOpt = None,
-    data_dir: DataDirOpt = Path("platform-data"),
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
     executor: Annotated[str, typer.Option(help="local (worker processes) or ray")] = "local",
@@ -71,10 +76,18 @@ def platform_cmd(
     serve(settings, host=host, port=port)
 
 
-def _sessions(db: str | None, data_dir: Path):  # noqa: ANN202
+def _where(ctx: typer.Context, db: str | None, data_dir: Path | None) -> tuple[str | None, Path]:
+    """The database and data folder a subcommand acts on: its own options, else those given to `platform`."""
+    parent = ctx.obj or {}  # click hands the `platform` callback's obj down to its subcommands
+    return (db if db is not None else parent.get("db"),
+            data_dir if data_dir is not None else parent.get("data_dir", DEFAULT_DATA_DIR))
+
+
+def _sessions(ctx: typer.Context, db: str | None, data_dir: Path | None):  # noqa: ANN202
     from embedtune.platform import PlatformSettings
     from embedtune.platform import db as tables
 
+    db, data_dir = _where(ctx, db, data_dir)
     settings = PlatformSettings(db_url=db, data_dir=data_dir).prepare()
     return tables.session_factory(tables.make_engine(settings.database_url))
 
@@ -82,12 +95,13 @@ def _sessions(db: str | None, data_dir: Path):  # noqa: ANN202
 @keys_app.command("create")
 @user_errors
 def keys_create(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="who or what the key is for")],
     workspace: Annotated[list[str] | None, typer.Option(
         "--workspace", "-w", help="a workspace the key may use (repeatable; created if missing)")] = None,
     admin: Annotated[bool, typer.Option(help="every workspace, the audit log, workspace create/delete")] = False,
     db: DbOpt = None,
-    data_dir: DataDirOpt = Path("platform-data"),
+    data_dir: SubDataDirOpt = None,
 ) -> None:
     """Create a key and print its token once (only a hash is stored)."""
     from embedtune.platform import db as tables
@@ -99,7 +113,7 @@ def keys_create(
         raise ValueError("give --workspace (repeatable) or --admin: a key with no workspace can do nothing")
     for ws in workspace or []:
         WorkspaceCreate(name=ws)  # the same name rule as the API
-    with _sessions(db, data_dir)() as s:
+    with _sessions(ctx, db, data_dir)() as s:
         for ws in workspace or []:
             if s.get(tables.Workspace, ws) is None:
                 audit(s, "cli", "create", "workspace", ws, workspace=ws)
@@ -111,7 +125,7 @@ def keys_create(
 
 @keys_app.command("list")
 @user_errors
-def keys_list(db: DbOpt = None, data_dir: DataDirOpt = Path("platform-data"),
+def keys_list(ctx: typer.Context, db: DbOpt = None, data_dir: SubDataDirOpt = None,
               as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List keys (never their tokens)."""
     from sqlalchemy import select
@@ -119,7 +133,7 @@ def keys_list(db: DbOpt = None, data_dir: DataDirOpt = Path("platform-data"),
     from embedtune.platform import db as tables
     from embedtune.platform.auth import key_summary
 
-    with _sessions(db, data_dir)() as s:
+    with _sessions(ctx, db, data_dir)() as s:
         rows = [key_summary(r) for r in s.scalars(select(tables.ApiKey).order_by(tables.ApiKey.created_at))]
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -132,12 +146,12 @@ def keys_list(db: DbOpt = None, data_dir: DataDirOpt = Path("platform-data"),
 
 @keys_app.command("revoke")
 @user_errors
-def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id (keyXXXXXXXXXXXX)")],
-                db: DbOpt = None, data_dir: DataDirOpt = Path("platform-data")) -> None:
+def keys_revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(help="the key's id (keyXXXXXXXXXXXX)")],
+                db: DbOpt = None, data_dir: SubDataDirOpt = None) -> None:
     """Revoke a key: it is refused from the next request on."""
     from embedtune.platform.auth import revoke_key
 
-    with _sessions(db, data_dir)() as s:
+    with _sessions(ctx, db, data_dir)() as s:
         row = revoke_key(s, key_id)
     if row is None:
         raise ValueError(f"no key with id {key_id!r} (see `embedtune platform keys list`)")
@@ -151,9 +165,10 @@ platform_app.add_typer(db_app, name="db")
 @db_app.command("upgrade")
 @user_errors
 def db_upgrade_cmd(
+    ctx: typer.Context,
     db: Annotated[str | None, typer.Option(
         "--db", help="SQLAlchemy URL \\[default: a SQLite file in --data-dir]")] = None,
-    data_dir: Annotated[Path, typer.Option(help="the service's data folder")] = Path("platform-data"),
+    data_dir: SubDataDirOpt = None,
     revision: Annotated[str, typer.Option(help="target revision")] = "head",
 ) -> None:
     """Apply the schema migrations (the service also does this when it starts)."""
@@ -163,6 +178,7 @@ def db_upgrade_cmd(
     from embedtune.platform import PlatformSettings
     from embedtune.platform.db import upgrade
 
+    db, data_dir = _where(ctx, db, data_dir)
     settings = PlatformSettings(db_url=db, data_dir=data_dir)
     if db is None:
         settings.prepare()
