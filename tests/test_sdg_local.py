@@ -460,3 +460,20 @@ def test_shared_prefix_attention_equals_attention_over_the_whole_prompt(tiny_cau
                          use_cache=True, shared_prefix=shared).logits[:, -1]
     assert torch.allclose(got, expected, atol=1e-4)
     assert torch.allclose(got_next, expected_next, atol=1e-4)
+
+
+def test_every_candidate_field_reaches_the_written_row():
+    """Candidate and SyntheticQuery share their fields (schemas.QueryFields): none is lost on the way."""
+    from embedtune.schemas import GeneratorInfo, QueryScores
+    from embedtune.sdg.stage import to_row
+
+    c = Candidate(text="q", answer="a", positive_ids=["c1", "c2"], doc_id="d", source="c1", query_type="multi",
+                  reasoning_type="causal", complexity=4, hops=2, scores=QueryScores(overall=7.0), roundtrip_rank=3)
+    row = to_row(c, GeneratorInfo(kind="echo"))
+    assert row.model_dump(exclude={"id", "generator"}) == c.model_dump(exclude={"source"})
+    assert row.id.startswith("q_") and row.generator.kind == "echo"
+
+
+def test_a_candidate_with_a_misspelt_field_is_an_error():
+    with pytest.raises(ValueError, match="positive_id"):
+        Candidate(text="q", positive_id=["c1"])

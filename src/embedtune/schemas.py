@@ -47,10 +47,10 @@ class GeneratorInfo(Row):
     model: str = ""
 
 
-class SyntheticQuery(Row):
-    """``sdg/queries.jsonl``: a generated query and the chunk ids that answer it."""
+class QueryFields(Row):
+    """What a generated query is: shared by the generators' :class:`~embedtune.sdg.Candidate` (before the
+    filters) and :class:`SyntheticQuery` (the row written), so a new field is declared once."""
 
-    id: str = Field(alias="_id")
     text: str
     answer: str = ""
     positive_ids: list[str]
@@ -60,8 +60,14 @@ class SyntheticQuery(Row):
     complexity: int | None = None
     hops: int = 1
     scores: QueryScores = Field(default_factory=QueryScores)
-    generator: GeneratorInfo
     roundtrip_rank: int | None = Field(None, description="base model's rank of the best positive (1 = top)")
+
+
+class SyntheticQuery(QueryFields):
+    """``sdg/queries.jsonl``: a generated query and the chunk ids that answer it."""
+
+    id: str = Field(alias="_id")
+    generator: GeneratorInfo
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 

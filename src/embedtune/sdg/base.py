@@ -24,13 +24,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from embedtune.schemas import Chunk, QueryScores
+from embedtune.schemas import Chunk, QueryFields, QueryScores
 
 if TYPE_CHECKING:
     from embedtune.config import Recipe
@@ -42,21 +41,12 @@ class SdgError(ValueError):
     """A problem the user must fix (unreachable endpoint, rejected key, missing model)."""
 
 
-@dataclass
-class Candidate:
-    """A generated query before filtering."""
+class Candidate(QueryFields):
+    """A generated query before filtering (the filters fill in ``scores`` and ``roundtrip_rank``)."""
 
-    text: str
-    positive_ids: list[str]
-    doc_id: str = ""
     source: str = ""  # the chunk (or bundle) it was generated from; quotas and logs use it
-    answer: str = ""
-    query_type: str = ""
-    reasoning_type: str = ""
-    complexity: int | None = None
-    hops: int = 1
-    scores: QueryScores = field(default_factory=QueryScores)
-    roundtrip_rank: int | None = None
+
+    model_config = ConfigDict(extra="forbid")  # a plug-in's misspelt field is an error, not a lost value
 
 
 class Generator(ABC):

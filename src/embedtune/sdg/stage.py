@@ -129,9 +129,6 @@ def sample_chunks(chunks: list[Chunk], limit: int | None, seed: int) -> list[Chu
 
 def to_row(c: Candidate, info: GeneratorInfo) -> SyntheticQuery:
     digest = hashlib.sha256(f"{c.source}\x00{c.text}".encode()).hexdigest()[:16]
-    return SyntheticQuery(_id=f"q_{digest}", text=c.text, answer=c.answer, positive_ids=c.positive_ids,
-                          doc_id=c.doc_id, query_type=c.query_type, reasoning_type=c.reasoning_type,
-                          complexity=c.complexity, hops=c.hops, scores=c.scores, generator=info,
-                          roundtrip_rank=c.roundtrip_rank)
+    return SyntheticQuery(_id=f"q_{digest}", generator=info, **c.model_dump(exclude={"source"}))
 
 
