@@ -321,7 +321,7 @@ def test_full_run_mines_the_best_candidates_below_the_margin(prepared, chunks):
     train_docs = set(read_json(run.path("prep", "split.json"))["train_documents"])
     pool = [c for c in chunks if c.doc_id in train_docs]
     model = load_model(recipe.model)
-    p_emb = encode_passages(model, [c.text for c in pool])
+    p_emb = encode_passages(model, [c.passage for c in pool])  # title + text, as eval and the index embed
     examples = list(read_rows(run.path("prep", "train.jsonl"), TrainExample))
     q_emb = encode_queries(model, [e.query for e in examples])
     for ex, q in zip(examples, q_emb, strict=True):
@@ -334,6 +334,18 @@ def test_full_run_mines_the_best_candidates_below_the_margin(prepared, chunks):
         expected = [cid for _, cid in reversed(survivors)][: cfg.hard_negatives_to_mine]
         assert ex.neg_ids == expected
         assert ex.neg_scores == pytest.approx([scores[n] for n in ex.neg_ids], abs=1e-5)
+
+
+def test_training_rows_hold_the_passages_eval_and_the_index_embed(prepared, chunks):
+    """pos_doc/neg_doc are title + text (schemas.passage_text), not the bare text: a model trained on one
+    and scored (eval's BEIR corpus) and deployed (the index) on the other learns the wrong input."""
+    run, _, _ = prepared
+    by_id = {c.id: c for c in chunks}
+    assert all(c.title for c in chunks)
+    for ex in read_rows(run.path("prep", "train.jsonl"), TrainExample):
+        assert ex.pos_doc == [by_id[i].passage for i in ex.pos_ids]
+        assert ex.neg_doc == [by_id[i].passage for i in ex.neg_ids]
+        assert ex.pos_doc[0].startswith(by_id[ex.pos_ids[0]].title + " ")
 
 
 def test_hybrid_teacher_mines_and_scores_with_the_fused_scores(tmp_path, tiny_bert_dir, chunks):
@@ -351,8 +363,8 @@ def test_hybrid_teacher_mines_and_scores_with_the_fused_scores(tmp_path, tiny_be
     model = load_model(recipe.model)
     examples = list(read_rows(run.path("prep", "train.jsonl"), TrainExample))
     dense = torch.from_numpy(encode_queries(model, [e.query for e in examples])
-                             @ encode_passages(model, [c.text for c in pool]).T)
-    lexical = torch.from_numpy(BM25Index([c.text for c in pool]).scores([e.query for e in examples]))
+                             @ encode_passages(model, [c.passage for c in pool]).T)
+    lexical = torch.from_numpy(BM25Index([c.passage for c in pool]).scores([e.query for e in examples]))
     fused = fuse(dense, lexical, 0.5)
     assert not torch.allclose(fused, dense, atol=1e-3)  # BM25 really changed the scores
     ids = [c.id for c in pool]

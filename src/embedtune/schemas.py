@@ -12,6 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from embedtune.artifacts import ArtifactError, RunDir, read_jsonl_lines
 
 
+def passage_text(title: str, text: str) -> str:
+    """What a retriever embeds and BM25-indexes for a titled passage: the title and the text joined as
+    BEIR's dense retrievers do. One join for every stage: sdg's round trip, prep's mining and teacher, the
+    training rows, eval's corpus and the deployed index (a model trained on text alone and scored on
+    title + text learns one thing and is judged on another)."""
+    return f"{title} {text}".strip() if title else text
+
+
 class Row(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -29,6 +37,11 @@ class Chunk(Row):
     section: str = ""  # heading path where the chunk starts ("Guide > Install"); Markdown documents only
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @property
+    def passage(self) -> str:
+        """The text embedded and indexed for this chunk (:func:`passage_text`)."""
+        return passage_text(self.title, self.text)
 
     def beir(self) -> dict[str, str]:
         return {"_id": self.id, "title": self.title, "text": self.text}

@@ -19,7 +19,6 @@ from embedtune.artifacts import RunDir
 from embedtune.config import IndexConfig, Recipe
 from embedtune.console import log, progress
 from embedtune.retrieval import milvus
-from embedtune.retrieval.beir import passage_text
 from embedtune.retrieval.cache import encode_cached, run_embedding_cache
 from embedtune.retrieval.deployment import STATS_FILE, IndexInfo
 from embedtune.retrieval.encoders import ServedModel
@@ -63,7 +62,7 @@ def build(client, collection: str, cfg: IndexConfig, recipe: Recipe, model: Serv
     with progress() as bar:
         task = bar.add_task("index: chunks", total=n_total, rate="")
         for batch in _batches(read_rows(chunks_path, Chunk), ENCODE_BLOCK):
-            passages = [passage_text(c.title, c.text) for c in batch]  # embedded and BM25-indexed
+            passages = [c.passage for c in batch]  # embedded and BM25-indexed
             # Through the run's embedding cache, block by block: a killed build reruns without re-encoding.
             vectors = _truncate(encode_cached(encoder, passages, "passage", cache, what="index"), dimensions)
             if stats is None:

@@ -176,10 +176,10 @@ def build_examples(recipe: Recipe, split: Split, chunks: list[Chunk],
     pool = [c for c in chunks if cfg.test_chunks_as_negatives or c.doc_id in split.train_docs]
     positives, excluded = candidate_masks(split.train, pool, cfg.exclude_same_document)
 
-    q_emb, all_emb = _base_embeddings(recipe, [q.text for q in split.train], [c.text for c in chunks], cache)
+    q_emb, all_emb = _base_embeddings(recipe, [q.text for q in split.train], [c.passage for c in chunks], cache)
     row = {c.id: i for i, c in enumerate(chunks)}
     p_emb = all_emb[[row[c.id] for c in pool]]
-    teacher = make_teacher(cfg.teacher, [q.text for q in split.train], [c.text for c in pool], cfg.bm25_weight,
+    teacher = make_teacher(cfg.teacher, [q.text for q in split.train], [c.passage for c in pool], cfg.bm25_weight,
                            recipe.corpus.language)
     mined = mine_negatives(q_emb, p_emb, positives, excluded, k=cfg.hard_negatives_to_mine,
                            margin=cfg.margin, margin_type=cfg.margin_type, block=cfg.mining_query_block,
@@ -284,7 +284,7 @@ def _scores(i: int, cols: list[int], q_emb: np.ndarray, p_emb: np.ndarray,
 def _example(q: SyntheticQuery, pool: list[Chunk], pos_idx: list[int], mined: Mined, i: int) -> TrainExample:
     pos = [pool[j] for j in pos_idx]
     neg = [pool[j] for j in mined.neg_idx[i]]
-    return TrainExample(query=q.text, pos_doc=[c.text for c in pos], neg_doc=[c.text for c in neg],
+    return TrainExample(query=q.text, pos_doc=[c.passage for c in pos], neg_doc=[c.passage for c in neg],
                         query_id=q.id, pos_ids=[c.id for c in pos], neg_ids=[c.id for c in neg],
                         pos_scores=_round(mined.pos_scores[i]), neg_scores=_round(mined.neg_scores[i]))
 

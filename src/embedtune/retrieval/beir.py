@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from embedtune.artifacts import ArtifactError, check_path_name, decode_utf8, read_jsonl_lines
+from embedtune.schemas import passage_text
 
 
 @dataclass
@@ -22,12 +23,6 @@ class BeirDataset:
     def passages(self, ids: list[str]) -> list[str]:
         """Title and text joined as BEIR's dense retrievers do."""
         return [passage_text(self.corpus[i].get("title") or "", self.corpus[i].get("text") or "") for i in ids]
-
-
-def passage_text(title: str, text: str) -> str:
-    """What a dense retriever embeds for a titled passage: the title and the text joined as BEIR's dense
-    retrievers do (eval's corpus, the deployed index's chunks)."""
-    return f"{title} {text}".strip() if title else text
 
 
 def load_beir(folder: str | Path, split: str = "test", queries_folder: str | Path | None = None) -> BeirDataset:

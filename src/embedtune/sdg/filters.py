@@ -354,7 +354,7 @@ class QueryFilter:
 
         if self.cfg.roundtrip_by == "dense":
             return None
-        return hybrid_rescorer(queries, [c.text for c in self.chunks], self.recipe.prep.bm25_weight,
+        return hybrid_rescorer(queries, [c.passage for c in self.chunks], self.recipe.prep.bm25_weight,
                                self.recipe.corpus.language, "sdg.filters.roundtrip_by=hybrid")
 
     def _passage_embeddings(self) -> np.ndarray:
@@ -364,7 +364,7 @@ class QueryFilter:
         from embedtune.retrieval.cache import EmbeddingCache, encode_cached, encode_passages_cached
 
         cache = EmbeddingCache(self.cache_dir) if self.cache_dir else None
-        texts = [c.text for c in self.chunks]
+        texts = [c.passage for c in self.chunks]
         if (onnx := self._onnx_encoder()) is not None:
             return encode_cached(onnx, texts, "passage", cache, what="base model (onnx int8), chunks")
         return encode_passages_cached(self._embedder(), resolve(self.recipe.model).path, texts, cache,
