@@ -75,11 +75,29 @@ def test_manifest_records_hashes_counts_and_time(tmp_path):
     assert set(data) >= {"stage", "version", "config", "inputs", "outputs", "counts", "seconds"}
     # The hashes are the files' SHA-256 (computed here with hashlib, not the code under test).
     out = run.path("demo", "out.jsonl")
-    assert data["inputs"] == {str(src): hashlib.sha256(b"abc").hexdigest()}
-    assert data["outputs"] == {str(out): hashlib.sha256(out.read_bytes()).hexdigest()}
+    # outside the run folder by absolute path; inside it relative to it (the folder can move)
+    assert data["inputs"] == {str(src.resolve()): hashlib.sha256(b"abc").hexdigest()}
+    assert data["outputs"] == {"demo/out.jsonl": hashlib.sha256(out.read_bytes()).hexdigest()}
     assert out.read_bytes() == b'{"n": 3}\n'
     assert data["stage"] == "demo" and data["config"] == {"k": 1} and data["counts"] == {"rows": 1}
     assert 0 <= data["seconds"] < 60
+
+
+def test_a_moved_or_copied_run_folder_stays_up_to_date(tmp_path, monkeypatch):
+    """Manifests name the run's own files relative to it: a copied folder (an ablation reusing sdg), a
+    moved one, or one named by another relative path skips its finished stages; a changed output reruns."""
+    import shutil
+
+    src = tmp_path / "in.txt"
+    src.write_text("abc")
+    _run_stage(RunDir(tmp_path / "run"), src, {"k": 1})
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    copy = RunDir("copy")  # a relative name, from another folder than the one the stage ran in
+    assert copy.stage("demo", {"k": 1}, inputs=[src]).up_to_date() is not None
+    copy.path("demo", "out.jsonl").write_text("changed\n")
+    assert copy.stage("demo", {"k": 1}, inputs=[src]).up_to_date() is None
 
 
 def _dead_pid() -> int:

@@ -54,7 +54,7 @@ def test_without_finetune_the_base_model_is_exported_and_cosine_checked(tiny_ber
     assert set(report["fp32_vs_torch"]["checks"]) == {"query@32", "document@32", "query@16", "document@16"}
     assert report["int8_vs_fp32"]["retrieval"] is None and "no eval set" in report["int8_vs_fp32"]["note"]
     assert manifest.metrics["fp32_min_cosine"] >= 0.9999
-    assert str(out / "model.int8.onnx") in manifest.outputs
+    assert "export/model.int8.onnx" in manifest.outputs
     again = run_export(_recipe(tiny_bert_dir), run)
     assert again.skipped  # unchanged inputs and config: resumed, not redone
 

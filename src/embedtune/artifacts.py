@@ -323,6 +323,21 @@ class RunDir:
     def stage(self, name: str, config: Any, inputs: Iterable[str | Path] = ()) -> Stage:
         return Stage(self, name, config, list(inputs))
 
+    def file_key(self, path: str | Path) -> str:
+        """How a manifest names a file: relative to the run folder when inside it, so a run folder that is
+        moved, copied (an ablation reusing sdg) or named from another working folder stays up to date;
+        a file outside it (the user's corpus) by its absolute path."""
+        absolute = Path(path).resolve()
+        try:
+            return absolute.relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return str(absolute)
+
+    def key_path(self, key: str) -> Path:
+        """The file a manifest key names (:meth:`file_key`'s inverse)."""
+        path = Path(key)
+        return path if path.is_absolute() else self.root / path
+
 
 class Stage:
     """One execution of a stage: decides whether it is up to date, and writes its manifest last.
@@ -341,7 +356,7 @@ class Stage:
         self.name = name
         self.dir = run.stage_dir(name)
         self.config = config if isinstance(config, dict) else _to_jsonable(config)
-        self.inputs = {str(p): sha256_path(p) for p in map(Path, inputs)}
+        self.inputs = {run.file_key(p): sha256_path(p) for p in map(Path, inputs)}
         self._t0 = time.perf_counter()
         self._rss: PeakRss | None = None
 
@@ -371,7 +386,7 @@ class Stage:
             return False
         if config_hash(old.config) != config_hash(self.config):
             return False
-        return all(Path(p).exists() and sha256_path(p) == h for p, h in old.outputs.items())
+        return all((p := self.run.key_path(k)).exists() and sha256_path(p) == h for k, h in old.outputs.items())
 
     def finish(
         self,
@@ -383,7 +398,7 @@ class Stage:
             stage=self.name,
             config=self.config,
             inputs=self.inputs,
-            outputs={str(p): sha256_path(p) for p in map(Path, outputs)},
+            outputs={self.run.file_key(p): sha256_path(p) for p in map(Path, outputs)},
             counts=counts or {},
             metrics=metrics or {},
             seconds=round(time.perf_counter() - self._t0, 3),
