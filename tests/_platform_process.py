@@ -80,8 +80,8 @@ class PlatformProcess:
         """The admin key the first replica to start wrote (auth is on, as in production)."""
         return (self.data_dir / "admin.key").read_text().strip()
 
-    def client(self, workspace: str = "default") -> PlatformClient:
-        return PlatformClient(self.url, workspace=workspace, timeout=60, api_key=self.admin_key)
+    def client(self, workspace: str = "default", api_key: str | None = None) -> PlatformClient:
+        return PlatformClient(self.url, workspace=workspace, timeout=60, api_key=api_key or self.admin_key)
 
     def kill(self) -> None:
         """kill -9: the replica dies at once; its worker processes (own sessions) are not touched."""
@@ -96,6 +96,23 @@ class PlatformProcess:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class Service(PlatformProcess):
+    """One service as a team runs it: its database (a SQLite file in ``data_dir`` unless ``db_url`` names
+    one), path registration allowed under pytest's base temp folder (where the tests' model folders such as
+    tiny_bert_dir live; it is off by default). ``stop()`` ends it and every process it recorded;
+    ``stop_service_only()`` leaves its workers running, as a crash would."""
+
+    def __init__(self, data_dir: Path, *args: str, db_url: str | None = None):
+        super().__init__(data_dir, db_url or f"sqlite:///{data_dir / 'platform.db'}", "--allow-path-registration",
+                         "--path-root", str(data_dir.parents[1]), *args)
+
+    def stop_service_only(self) -> None:
+        super().stop()
+
+    def stop(self) -> None:
+        stop_all([self], self.db_url)
 
 
 class Jobs:
@@ -130,7 +147,7 @@ def claimed_by_pid(job: db.Job) -> int | None:
 def stop_all(services: list[PlatformProcess], db_url: str) -> None:
     """End the services, then every worker or deployment process the database recorded (by process group)."""
     for svc in services:
-        svc.stop()
+        PlatformProcess.stop(svc)  # the service alone (Service.stop comes back here)
     jobs = Jobs(db_url)
     try:
         for pid in jobs.recorded_pids():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ci_policy import pytest_configure, pytest_runtest_makereport, pytest_sessionfinish  # noqa: F401 (hooks: no quiet skips in CI)
-from pg_fixture import db_url, module_db_url, postgres_server, postgres_url  # noqa: F401 (PostgreSQL fixtures)
+from pg_fixture import db_url, module_databases, module_db_url, postgres_server, postgres_url  # noqa: F401 (PostgreSQL fixtures)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -167,8 +168,20 @@ def db_url(request, tmp_path) -> str:
 
 
 @pytest.fixture(scope="module", params=DATABASES)
-def module_db_url(request, tmp_path_factory) -> str:
+def module_databases(request, tmp_path_factory) -> Callable[[str], str]:
+    """Makes empty databases of one kind for a module: SQLite files, then (second run) PostgreSQL databases;
+    for modules whose services each need a database of their own."""
+    server = request.getfixturevalue("postgres_server") if request.param == "postgres" else None
+
+    def new(hint: str) -> str:
+        if server is None:
+            return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'platform.db'}"
+        return server.create_database(hint)
+
+    return new
+
+
+@pytest.fixture(scope="module")
+def module_db_url(module_databases, request) -> str:
     """As ``db_url``, one per test module (for module-scoped services)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'platform.db'}"
-    return request.getfixturevalue("postgres_server").create_database(request.module.__name__)
+    return module_databases(request.module.__name__)

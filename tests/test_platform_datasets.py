@@ -19,8 +19,10 @@ WS = "/v2/workspaces/default"
 
 
 @pytest.fixture
-def api(tmp_path):
-    settings = PlatformSettings(data_dir=tmp_path / "data", max_upload_bytes=200_000, max_extracted_bytes=400_000,
+def api(tmp_path, db_url):
+    """The service on SQLite, then on PostgreSQL (dataset rows, quotas and names live in the database)."""
+    settings = PlatformSettings(data_dir=tmp_path / "data", db_url=db_url,
+                                max_upload_bytes=200_000, max_extracted_bytes=400_000,
                                 allow_path_registration=True, path_roots=[tmp_path])
     with TestClient(create_app(settings)) as client:
         client.data_dir = settings.data_dir

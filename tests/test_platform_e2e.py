@@ -12,8 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
+from _platform_process import Service, pid_alive, wait_for
 from embedtune.platform.client import PlatformAPIError
-from test_platform_jobs import Service, pid_alive, wait_for
 
 TOPICS = {
     "astronomy": "stars planets galaxies telescopes orbit comets nebula gravity light years",
@@ -181,7 +181,7 @@ def test_cancel_mid_training_stops_the_worker(platform_e2e):
 @pytest.mark.slow
 def test_from_raw_documents_with_local_sdg(platform_e2e, tmp_path):
     """corpus -> sdg (shipped SmolLM2) -> prep -> finetune -> eval, all from an uploaded folder (~8 min here)."""
-    from test_platform_jobs import write_corpus
+    from _platform_process import write_corpus
 
     _, pc = platform_e2e
     pc.upload_dataset("docs", write_corpus(tmp_path / "docs", n_docs=24))

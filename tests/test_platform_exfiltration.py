@@ -19,8 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from _platform_process import Service
 from embedtune.platform.client import PlatformAPIError
-from test_platform_jobs import Service
 
 SECRET = "s3cret-of-the-service"
 ALLOWED = "allowed-llm-key"

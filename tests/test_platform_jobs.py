@@ -1,136 +1,25 @@
-"""The platform service as users run it: a real `embedtune platform` process on 127.0.0.1 with a SQLite file,
-jobs in worker processes. Covers a completed job, cancel, a worker killed with SIGKILL, and restarts of the
+"""The platform service as users run it: a real `embedtune platform` process on 127.0.0.1, jobs in worker
+processes, on a SQLite file and then on PostgreSQL (the job queue, the worker records and the restart recovery
+live in the database). Covers a completed job, cancel, a worker killed with SIGKILL, and restarts of the
 service with a job running (failed by default, re-queued by config, adopted when its worker survived)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from _platform_process import Service, pid_alive, wait_for, write_corpus
 from embedtune.platform.client import PlatformAPIError, PlatformClient
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-def wait_for(predicate, timeout: float = 60, poll: float = 0.2, what: str = "condition"):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"{what} not reached within {timeout} s")
-
-
-class Service:
-    """`python -m embedtune platform` in a subprocess; stop() ends it and every process it started."""
-
-    def __init__(self, data_dir: Path, *args: str):
-        self.data_dir, self.args = data_dir, args
-        # Path registration is off by default; here it is allowed under pytest's base temp folder, where the
-        # tests' model folders (tiny_bert_dir) live.
-        self.path_root = data_dir.parents[1]
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 60) -> Service:
-        env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, "-m", "embedtune", "platform", "--data-dir", str(self.data_dir), "--port",
-               str(self.port), "--heartbeat", "0.5", "--stale-after", "5", "--allow-path-registration",
-               "--path-root", str(self.path_root), *self.args]
-        log = (self.data_dir.parent / f"service-{self.port}.log").open("ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited with {self.proc.returncode}; see {log.name}")
-            with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"{self.url}/v1/health/ready", timeout=1).status_code == 200
-            return False
-
-        wait_for(ready, timeout, what="service ready")
-        return self
-
-    @property
-    def admin_key(self) -> str:
-        """Written by the service on its first start (0600), as an operator would read it."""
-        return (self.data_dir / "admin.key").read_text().strip()
-
-    def client(self, workspace: str = "default", api_key: str | None = None) -> PlatformClient:
-        return PlatformClient(self.url, workspace=workspace, timeout=60, api_key=api_key or self.admin_key)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop_service_only(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def stop(self) -> None:
-        """End the service, then any worker or serving process it recorded (by pid)."""
-        self.stop_service_only()
-        for pid in recorded_pids(self.data_dir):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-
-
-def recorded_pids(data_dir: Path) -> list[int]:
-    import sqlite3
-
-    path = data_dir / "platform.db"
-    if not path.is_file():
-        return []
-    with contextlib.closing(sqlite3.connect(path)) as con:
-        rows = con.execute("SELECT worker_pid FROM jobs WHERE worker_pid IS NOT NULL "
-                           "UNION SELECT pid FROM deployments WHERE pid IS NOT NULL").fetchall()
-    return [r[0] for r in rows if pid_alive(r[0])]
-
-
-def write_corpus(folder: Path, n_docs: int = 12) -> Path:
-    from conftest import make_documents
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for doc in make_documents(n_per_topic=max(1, n_docs // 6)):
-        (folder / f"{doc['_id']}.txt").write_text(f"{doc['title']}\n\n{doc['text']}\n")
-    return folder
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    svc = Service(tmp_path_factory.mktemp("platform") / "data").start()
+def service(tmp_path_factory, module_db_url):
+    svc = Service(tmp_path_factory.mktemp("platform") / "data", db_url=module_db_url).start()
     yield svc
     svc.stop()
 
@@ -226,11 +115,12 @@ def crash(svc: Service, kill_worker_pids: list[int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def restarted(tmp_path_factory, tiny_bert_dir):
+def restarted(tmp_path_factory, tiny_bert_dir, module_databases):
     """Service A runs two jobs and crashes; only the first job's worker dies with it. Service B starts on the
     same database and files."""
     root = tmp_path_factory.mktemp("restart")
-    first = Service(root / "data", "--max-workers", "2").start()
+    module_db_url = module_databases("restart")  # a service of its own: it writes the first admin key
+    first = Service(root / "data", "--max-workers", "2", db_url=module_db_url).start()
     try:
         pc = first.client()
         pc.register_model("tiny", tiny_bert_dir)
@@ -242,8 +132,9 @@ def restarted(tmp_path_factory, tiny_bert_dir):
         crash(first, [dead_pid])
     finally:
         first.stop_service_only()
-    second = Service(root / "data").start()
-    yield {"service": second, "dead": (dead["id"], dead_pid), "alive": (alive["id"], alive_pid), "root": root}
+    second = Service(root / "data", db_url=module_db_url).start()
+    yield {"service": second, "dead": (dead["id"], dead_pid), "alive": (alive["id"], alive_pid), "root": root,
+           "db_url": module_db_url}
     second.stop()
 
 
@@ -268,7 +159,7 @@ def test_restart_requeues_job_of_dead_worker_when_configured(restarted):
     job = pc.create_customization_job(model="tiny", dataset="docs", stages=["corpus"])
     pid = wait_running_with_pid(pc, job["id"])["worker"]["pid"]
     crash(second, [pid])
-    third = Service(restarted["root"] / "data", "--on-orphan", "requeue").start()
+    third = Service(restarted["root"] / "data", "--on-orphan", "requeue", db_url=restarted["db_url"]).start()
     try:
         done = third.client().wait_job(job["id"], timeout=120, poll=0.3)
         assert done["status"] == "completed", done["error"]

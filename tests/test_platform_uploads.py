@@ -19,8 +19,10 @@ WS = "/v2/workspaces/default"
 
 
 @pytest.fixture
-def api(tmp_path):
-    settings = PlatformSettings(data_dir=tmp_path / "data", max_upload_bytes=300_000, max_extracted_bytes=20_000_000,
+def api(tmp_path, db_url):
+    """The service on SQLite, then on PostgreSQL (dataset rows, quotas and names live in the database)."""
+    settings = PlatformSettings(data_dir=tmp_path / "data", db_url=db_url,
+                                max_upload_bytes=300_000, max_extracted_bytes=20_000_000,
                                 max_compression_ratio=20, max_json_bytes=100_000)
     with TestClient(create_app(settings)) as client:
         client.headers["Authorization"] = f"Bearer {(settings.data_dir / 'admin.key').read_text().strip()}"
