@@ -9,7 +9,8 @@ import time
 import pytest
 import ray  # noqa: F401 - required (the platform extra, in requirements.lock): missing, this module fails
 
-from _platform_process import Service, wait_running_with_pid, write_corpus
+from _platform_process import Service, write_corpus
+from test_platform_jobs import wait_running_with_pid
 
 pytestmark = pytest.mark.slow  # ray.init() + a Ray worker importing torch: 32 s with setup on a quiet 2-core box
 
