@@ -75,7 +75,7 @@ def test_plugin_generator_runs_through_the_shared_filters(tmp_path, topical_docs
     model = load_model(str(tiny_bert_dir))
     good = [f"which {c.doc_id.split('-')[0]} ideas relate to {c.text.split()[1].lower()} and "
             f"{c.text.split()[3].lower()}" for c in chunks]
-    scores = encode_queries(model, good) @ encode_passages(model, [c.text for c in chunks]).T
+    scores = encode_queries(model, good) @ encode_passages(model, [c.passage for c in chunks]).T
     ranks = 1 + (scores > np.diag(scores)[:, None]).sum(axis=1)
     expected_kept = {g for g, r in zip(good, ranks, strict=True) if 2 <= r <= top_k}
     rows = list(read_rows(run.path("sdg", "queries.jsonl"), SyntheticQuery))
