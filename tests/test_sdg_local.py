@@ -475,5 +475,6 @@ def test_every_candidate_field_reaches_the_written_row():
 
 
 def test_a_candidate_with_a_misspelt_field_is_an_error():
-    with pytest.raises(ValueError, match="positive_id"):
-        Candidate(text="q", positive_id=["c1"])
+    # every required field given: only the misspelt "sorce" can fail it (extra="forbid")
+    with pytest.raises(ValueError, match="sorce"):
+        Candidate(text="q", positive_ids=["c1"], sorce="c1")
