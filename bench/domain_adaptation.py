@@ -10,8 +10,9 @@ The multilingual check of issue 11 is the same benchmark on German:
 ``--dataset ../shared/data/xquad/de --check ../shared/data/xquad/zh --model multilingual-default
 -o corpus.language=de``.
 
-``--ablation NAME:KEY=VALUE[,KEY=VALUE]`` reruns prep -> finetune -> eval with those overrides on the same
-synthetic queries (the corpus and sdg stages are copied, not redone), and adds a row per variant.
+``--ablation NAME:KEY=VALUE[,KEY=VALUE]`` reruns the pipeline with those overrides on the same synthetic
+queries, and adds a row per variant. It starts from a copy of the whole main run, so each stage's manifest
+decides what the overrides made stale: ``finetune.epochs=3`` redoes finetune and eval but not sdg or prep.
 
 ``-o sdg.examples=../shared/data/scifact/examples.jsonl`` writes every query in the style of SciFact's own
 claims (8 taken from its *train* split, never the test claims): Promptagator's few-shot setting. The table
@@ -108,7 +109,7 @@ def recipe_for(args: argparse.Namespace, scifact: Path, overrides: list[str]):
 
 def run_variant(name: str, args: argparse.Namespace, scifact: Path, xquad: Path, overrides: list[str],
                 copy_from: Path | None = None, fresh: bool = False) -> dict | None:
-    """Run the pipeline to eval (an ablation: from a copy of the main run's corpus and sdg stages)."""
+    """Run the pipeline to eval (an ablation: from a copy of the main run, whose up-to-date stages are kept)."""
     from embedtune.console import console
     from embedtune.pipeline import run_pipeline
 
@@ -116,9 +117,9 @@ def run_variant(name: str, args: argparse.Namespace, scifact: Path, xquad: Path,
     if fresh or copy_from is not None:
         shutil.rmtree(run_dir, ignore_errors=True)
     if copy_from is not None:
-        for part in ("corpus", "sdg", "cache"):
-            if (copy_from / part).exists():
-                shutil.copytree(copy_from / part, run_dir / part)
+        # Manifests key their files relative to the run folder, so the copy's stages stay up to date
+        # until an override changes their config or inputs.
+        shutil.copytree(copy_from, run_dir, ignore=shutil.ignore_patterns("domain_adaptation.*"))
     recipe = recipe_for(args, scifact, overrides)
     console.rule(f"[bold]{name}[/] {' '.join(overrides) or '(defaults)'}")
     to = "eval" if copy_from is not None else args.to
