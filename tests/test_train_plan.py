@@ -43,6 +43,12 @@ def test_small_data_batch_scaling(n, batch):
     assert plan_batches(FinetuneConfig(), n).global_batch == batch
 
 
+def test_small_data_scaling_never_raises_a_batch_the_recipe_set_lower():
+    assert plan_batches(FinetuneConfig(global_batch_size=32), 745).global_batch == 32
+    assert plan_batches(FinetuneConfig(global_batch_size=32), 745).steps_per_epoch == 24
+    assert plan_batches(FinetuneConfig(global_batch_size=64), 745).scaled is False
+
+
 def test_batch_scaling_can_be_switched_off_and_never_exceeds_the_data():
     assert plan_batches(FinetuneConfig(auto_scale_batch=False), 500).global_batch == 128
     assert plan_batches(FinetuneConfig(auto_scale_batch=False), 20).global_batch == 20

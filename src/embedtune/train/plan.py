@@ -37,7 +37,9 @@ def plan_batches(cfg: FinetuneConfig, n_train: int, world_size: int = 1,
     """
     global_batch, scaled = cfg.global_batch_size, False
     if cfg.auto_scale_batch and n_train < SMALL_DATA:
-        global_batch, scaled = max(16, min(64, n_train // 8)), True
+        # Only ever down: a recipe that asks for a smaller batch (more steps on little data) gets it.
+        global_batch = min(global_batch, max(16, min(64, n_train // 8)))
+        scaled = global_batch != cfg.global_batch_size
     global_batch = max(world_size, min(global_batch, n_train))  # a batch larger than the data is one batch
     per_device = math.ceil(global_batch / world_size)
     global_batch = per_device * world_size
@@ -60,7 +62,7 @@ def plan_batches(cfg: FinetuneConfig, n_train: int, world_size: int = 1,
         mini = min(32, per_device)
     steps_per_epoch = math.ceil(n_train / global_batch)
     total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
-    if scaled and global_batch != cfg.global_batch_size:
+    if scaled:
         log.info(
             "small data (%d examples < %d): global batch %d -> %d",
             n_train,
