@@ -32,6 +32,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from embedtune.cpu_share import recheck as recheck_cpu_share
+
 T = TypeVar("T")
 
 console = Console(stderr=True)
@@ -133,6 +135,7 @@ class PlainLogProgress(Progress):
     def advance(self, task_id: TaskID, advance: float = 1) -> None:
         super().advance(task_id, advance)
         self._after_change(task_id)
+        recheck_cpu_share()  # a job that started or ended beside this one changes its threads within seconds
 
     def update(self, task_id: TaskID, **kwargs: Any) -> None:  # type: ignore[override]
         super().update(task_id, **kwargs)

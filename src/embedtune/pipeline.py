@@ -15,6 +15,7 @@ from pathlib import Path
 
 from embedtune.artifacts import Manifest, RunDir
 from embedtune.config import Recipe
+from embedtune.cpu_share import sharing_cores
 
 StageRunner = Callable[..., Manifest]
 
@@ -73,15 +74,21 @@ def run_pipeline(
     :mod:`embedtune.events`."""
     run = RunDir(run_dir)
     results = []
-    for info in _selected(to, stages):
-        if on_stage:
-            on_stage(info.name)
-        t0 = time.perf_counter()
-        manifest = info.load()(recipe, run, force=force)
-        results.append(StageResult(info.name, manifest, time.perf_counter() - t0))
-        if on_stage_done:
-            on_stage_done(results[-1])
+    with sharing_cores() as cores:  # other jobs on this machine get their share of the cores too
+        for info in _selected(to, stages):
+            if on_stage:
+                on_stage(info.name)
+            cores.apply()
+            results.append(_run_stage(info, recipe, run, force))
+            if on_stage_done:
+                on_stage_done(results[-1])
     return results
+
+
+def _run_stage(info: StageInfo, recipe: Recipe, run: RunDir, force: bool) -> StageResult:
+    t0 = time.perf_counter()
+    manifest = info.load()(recipe, run, force=force)
+    return StageResult(info.name, manifest, time.perf_counter() - t0)
 
 
 def _selected(to: str | None, stages: Sequence[str] | None) -> list[StageInfo]:

@@ -7,7 +7,6 @@ max length) and returns the graph's L2-normalised float32 embeddings.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,17 +14,15 @@ from typing import Any
 import numpy as np
 
 from embedtune.artifacts import ArtifactError
+from embedtune.cpu_share import current_threads
 from embedtune.retrieval.formats import ONNX_FILES as MODEL_FILES
 from embedtune.retrieval.formats import OnnxPrecision
 from embedtune.retrieval.metadata import METADATA_FILE, read_metadata
 
 
 def default_threads() -> int:
-    """Intra-op threads: the cores this process may use (sched affinity), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    """Intra-op threads: this job's share of the cores it may use (:mod:`embedtune.cpu_share`), at least 1."""
+    return current_threads()
 
 
 def session_options(threads: int | None = None) -> Any:
