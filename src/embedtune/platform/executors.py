@@ -50,7 +50,9 @@ def src_root() -> str:
 PASSED_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "VIRTUAL_ENV",
               "HF_HOME", "HF_HUB_CACHE", "SENTENCE_TRANSFORMERS_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
               "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-              "NUMEXPR_NUM_THREADS", "TORCH_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTHONPATH")
+              "NUMEXPR_NUM_THREADS", "TORCH_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTHONPATH",
+              # the operator's core sharing (embedtune.cpu_share): workers and CLI runs count each other
+              "EMBEDTUNE_THREADS", "EMBEDTUNE_CPU_SHARE_DIR", "EMBEDTUNE_OMP_FROM_CPU_SHARE")
 
 
 def worker_env(settings: PlatformSettings, source: dict[str, str] | None = None) -> dict[str, str]:
