@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "embedtune"
 STAGES = {"corpus", "sdg", "prep", "train", "evaluate", "export", "deploy"}
 APPS = {"cli", "serve", "platform", "demo", "__main__"}
 LIBRARIES = {"retrieval", "models", "convert"}
-GROUND = {"config", "artifacts", "schemas", "console", "cpu", "events", "pipeline"}
+GROUND = {"config", "artifacts", "schemas", "console", "cpu", "cpu_share", "events", "pipeline"}
 
 
 def floor_of(part: str) -> str:
